@@ -1,0 +1,171 @@
+"""Tiny, deterministic Llama families for tests, benchmarks and the offline demo.
+
+A family is a random base plus, per member, fine-tune-like changes: a low-rank
+update with a little dense noise on every decoder matrix, and small changes to
+embeddings, head and most norms. One norm is left untouched so that some tensors
+are identical across members. Checkpoints are written with the official
+safetensors library, as Hugging Face directories with a real byte-level BPE
+tokenizer and a ChatML chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+
+def write_tokenizer(out: Path) -> int:
+    """A byte-level BPE tokenizer with no merges (one token per byte) plus ChatML specials; returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return len(vocab) + len(SPECIAL_TOKENS)
+
+
+def llama_config(vocab_size: int, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, tied: bool) -> dict:
+    from transformers import LlamaConfig
+
+    eos = vocab_size - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index("<|im_end|>")
+    bos = vocab_size - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index("<|im_start|>")
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        rms_norm_eps=1e-5,
+    )
+    cfg.architectures = ["LlamaForCausalLM"]
+    return cfg.to_dict()
+
+
+def base_weights(cfg: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * hd
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen) * 0.02
+
+    w = {"model.embed_tokens.weight": rnd(v, h)}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        w[p + "self_attn.q_proj.weight"] = rnd(h, h)
+        w[p + "self_attn.k_proj.weight"] = rnd(kv, h)
+        w[p + "self_attn.v_proj.weight"] = rnd(kv, h)
+        w[p + "self_attn.o_proj.weight"] = rnd(h, h)
+        w[p + "mlp.gate_proj.weight"] = rnd(i, h)
+        w[p + "mlp.up_proj.weight"] = rnd(i, h)
+        w[p + "mlp.down_proj.weight"] = rnd(h, i)
+        w[p + "input_layernorm.weight"] = torch.ones(h)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(h)
+    w["model.norm.weight"] = torch.ones(h)
+    if not cfg["tie_word_embeddings"]:
+        w["lm_head.weight"] = rnd(v, h)
+    return w
+
+
+def fine_tune(base: dict[str, torch.Tensor], gen: torch.Generator, strength: float = 0.3, delta_rank: int = 8) -> dict:
+    """A fine-tune-like copy: low-rank updates plus slight noise; one norm stays as in the base."""
+    out = {}
+    for name, w in base.items():
+        if name == "model.layers.0.input_layernorm.weight":
+            out[name] = w.clone()
+        elif w.ndim == 2:
+            m, n = w.shape
+            r = min(delta_rank, m, n)
+            a = torch.randn(m, r, generator=gen)
+            b = torch.randn(r, n, generator=gen)
+            delta = a @ b
+            delta *= strength * w.norm() / delta.norm()
+            noise = torch.randn(m, n, generator=gen) * (0.01 * w.std())
+            out[name] = w + delta + noise
+        else:
+            out[name] = w + 0.05 * torch.randn(w.shape, generator=gen)
+    return out
+
+
+def save_checkpoint(
+    path: Path, cfg: dict, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, shards: int = 1
+) -> Path:
+    """Write an HF checkpoint directory; ``shards > 1`` splits it with model.safetensors.index.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = dict(cfg, dtype=str(dtype).removeprefix("torch."))
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
+    write_tokenizer(path)
+    weights = {k: v.to(dtype).contiguous() for k, v in weights.items()}
+    if shards == 1:
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+    names = list(weights)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for s in range(shards):
+        part = names[s * per : (s + 1) * per]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: weights[k] for k in part}, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def build_family(
+    root: Path,
+    names: list[str],
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    intermediate: int = 160,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tied: bool = False,
+    dtype: torch.dtype = torch.float32,
+    shards: dict[str, int] | None = None,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write one checkpoint per name under ``root``; returns name -> directory."""
+    root = Path(root)
+    vocab = len(SPECIAL_TOKENS) + 256
+    cfg = llama_config(vocab, hidden, layers, intermediate, heads, kv_heads, tied)
+    gen = torch.Generator().manual_seed(seed)
+    base = base_weights(cfg, gen)
+    members = {}
+    for name in names:
+        weights = fine_tune(base, gen)
+        members[name] = save_checkpoint(root / name, cfg, weights, dtype, (shards or {}).get(name, 1))
+    return members

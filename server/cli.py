@@ -1,0 +1,155 @@
+"""The ``branchserve`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from compression.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+def _members(specs: list[str]) -> dict[str, Path]:
+    members: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"member {spec!r} is not NAME=PATH")
+        if not all(c.isalnum() or c in "-_." for c in name):
+            raise UserError(f"branch name {name!r} may only hold letters, digits, '-', '_' and '.'")
+        if name in members:
+            raise UserError(f"branch name {name!r} is given twice")
+        members[name] = Path(path)
+    return members
+
+
+def cmd_compress(args) -> int:
+    from compression.compress import CompressOptions, compress
+    from compression.report import format_summary, summarize
+    from compression.safetensors_io import parse_size
+
+    opts = CompressOptions(
+        rate=args.rate,
+        rank=args.rank,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        force=args.force,
+        max_shard_bytes=parse_size(args.max_shard_size),
+        progress=not args.quiet,
+    )
+    manifest = compress(_members(args.members), Path(args.out), opts)
+    print(format_summary(summarize(manifest, args.out)))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from compression.artifact import Artifact
+    from compression.report import format_summary, format_tensors, summarize
+
+    artifact = Artifact(args.dir)
+    summary = summarize(artifact.manifest, str(artifact.path))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+        print()
+        print(format_tensors(summary))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from compression.export import export_branch
+    from compression.safetensors_io import parse_size
+
+    out = export_branch(
+        Path(args.dir), args.branch, Path(args.out), args.force, parse_size(args.max_shard_size), not args.quiet
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench_compress(args) -> int:
+    from compression.bench import bench_compress
+
+    bench_compress(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="branchserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="compress a family of fine-tunes into a trunk plus residual branches")
+    c.add_argument("members", nargs="+", metavar="NAME=PATH", help="a branch name and its HF checkpoint directory")
+    c.add_argument("--out", required=True, help="artifact directory to create")
+    c.add_argument("--rate", type=float, default=0.95, help="compression rate in [0, 1] (default 0.95)")
+    c.add_argument("--rank", type=int, default=None, help="fixed residual rank; overrides --rate")
+    c.add_argument("--backend", choices=["auto", "fbpca", "torch"], default="auto")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    c.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="stored dtype (default: the members' own)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.add_argument("--max-shard-size", default="2GB")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_compress)
+
+    i = sub.add_parser("inspect", help="show an artifact's branches, ranks, sizes and errors")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("export", help="write one branch as a standard Hugging Face checkpoint")
+    e.add_argument("dir")
+    e.add_argument("branch")
+    e.add_argument("out")
+    e.add_argument("--force", action="store_true")
+    e.add_argument("--max-shard-size", default="5GB")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="benchmarks that print a table and JSON")
+    bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    bc = bsub.add_parser("compress", help="compress -> export round trip on a synthetic family")
+    bc.add_argument("--members", type=int, default=3)
+    bc.add_argument("--hidden", type=int, default=256)
+    bc.add_argument("--layers", type=int, default=4)
+    bc.add_argument("--rates", default="0,0.5,0.9,0.95,1")
+    bc.add_argument("--backends", default="fbpca,torch")
+    bc.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    bc.set_defaults(func=cmd_bench_compress)
+    return p
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return args.func(args)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted; nothing was written\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
