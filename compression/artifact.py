@@ -31,6 +31,8 @@ class Artifact:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         manifest_path = self.path / "manifest.json"
+        if not self.path.is_dir():
+            raise UserError(f"artifact directory not found: {self.path}")
         if not manifest_path.is_file():
             raise UserError(f"{self.path}: not a branchserve artifact (no manifest.json)")
         try:
