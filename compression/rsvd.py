@@ -10,6 +10,8 @@ exact SVD is cheaper and is used instead.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -50,6 +52,22 @@ class TorchRSVD:
         return U * S[:rank], Vh[:rank].contiguous()
 
 
+def _quiet_foreign_blas():
+    """Limit every BLAS pool but numpy's own to one thread.
+
+    numpy and scipy wheels each bundle an OpenBLAS; fbpca alternates numpy
+    matmuls with scipy LU/QR, and two busy-waiting pools on the same cores made
+    it 3-10x slower on a 2-core machine. The big matmuls stay multi-threaded.
+    """
+    from threadpoolctl import ThreadpoolController
+
+    ctl = ThreadpoolController()
+    others = [lib.filepath for lib in ctl.lib_controllers if lib.user_api == "blas" and "numpy" not in lib.filepath]
+    if len(others) == len([lib for lib in ctl.lib_controllers if lib.user_api == "blas"]):
+        return contextlib.nullcontext()  # one shared BLAS, or numpy's cannot be told apart
+    return ctl.select(filepath=others).limit(limits=1)
+
+
 class FbpcaRSVD:
     """Facebook's fbpca (numpy, CPU). Seeded through numpy's global generator, which fbpca uses."""
 
@@ -57,13 +75,15 @@ class FbpcaRSVD:
 
     def factorize(self, D: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         import fbpca
+        import scipy.linalg  # noqa: F401  (loaded first, so that its BLAS pool can be limited)
 
         m, n = D.shape
         A = D.detach().to("cpu", torch.float64).numpy()
         saved = np.random.get_state()
         np.random.seed(seed % 2**32)
         try:
-            U, s, Va = fbpca.pca(A, k=rank, raw=True, n_iter=POWER_ITERS, l=_sketch_width(m, n, rank))
+            with _quiet_foreign_blas():
+                U, s, Va = fbpca.pca(A, k=rank, raw=True, n_iter=POWER_ITERS, l=_sketch_width(m, n, rank))
         finally:
             np.random.set_state(saved)
         U = torch.from_numpy(np.ascontiguousarray(U * s)).float().to(D.device)

@@ -157,6 +157,10 @@ def test_rank_override_and_determinism(family, tmp_path):
     files = lambda d: {p.name: p.read_bytes() for p in d.glob("*.safetensors")}  # noqa: E731
     assert files(a) == files(b)
     assert files(a) != files(c)
+    d, e = tmp_path / "d", tmp_path / "e"
+    compress(family, d, CompressOptions(rate=0.9, seed=3, backend="fbpca", progress=False))
+    compress(family, e, CompressOptions(rate=0.9, seed=3, backend="fbpca", progress=False))
+    assert files(d) == files(e)
 
 
 def test_bfloat16_artifact(family, tmp_path):
