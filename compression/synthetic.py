@@ -48,7 +48,8 @@ def write_tokenizer(out: Path) -> int:
     return len(vocab) + len(SPECIAL_TOKENS)
 
 
-def llama_config(vocab_size: int, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, tied: bool) -> dict:
+def llama_config(vocab_size: int, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, tied: bool,
+                 **extra) -> dict:
     from transformers import LlamaConfig
 
     eos = vocab_size - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index("<|im_end|>")
@@ -65,6 +66,7 @@ def llama_config(vocab_size: int, hidden: int, layers: int, intermediate: int, h
         bos_token_id=bos,
         eos_token_id=eos,
         rms_norm_eps=1e-5,
+        **extra,
     )
     cfg.architectures = ["LlamaForCausalLM"]
     return cfg.to_dict()
@@ -157,11 +159,12 @@ def build_family(
     dtype: torch.dtype = torch.float32,
     shards: dict[str, int] | None = None,
     seed: int = 0,
+    **config,
 ) -> dict[str, Path]:
     """Write one checkpoint per name under ``root``; returns name -> directory."""
     root = Path(root)
     vocab = len(SPECIAL_TOKENS) + 256
-    cfg = llama_config(vocab, hidden, layers, intermediate, heads, kv_heads, tied)
+    cfg = llama_config(vocab, hidden, layers, intermediate, heads, kv_heads, tied, **config)
     gen = torch.Generator().manual_seed(seed)
     base = base_weights(cfg, gen)
     members = {}

@@ -1,0 +1,326 @@
+"""The family model: one Llama-family forward that serves every branch of an artifact at once.
+
+Read it top to bottom like gpt-fast's model.py. The one new idea is the branch
+id carried by every row of the batch: each ``BranchLinear`` runs the shared
+trunk once for the whole batch, then all present branches' low-rank residuals
+in two more matmuls, with a column mask so that each row only sees its own
+branch's residual; a per-row scale s_branch multiplies both terms:
+
+    y = s[b] * (x T^T + ((x Vcat^T) * mask[b]) Ucat^T)
+
+Per-branch embeddings, norms and lm_heads are gathered per row. Residuals are
+never densified. The KV cache is preallocated per slot; a row names its slot
+and the position of its first token, so rows at different positions share one
+decode step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression.artifact import Artifact
+from compression.errors import UserError
+
+LINEARS = {
+    "self_attn.q_proj": "q",
+    "self_attn.k_proj": "k",
+    "self_attn.v_proj": "v",
+    "self_attn.o_proj": "o",
+    "mlp.gate_proj": "gate",
+    "mlp.up_proj": "up",
+    "mlp.down_proj": "down",
+}
+
+
+@dataclass
+class FamilyConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "FamilyConfig":
+        if cfg.get("model_type") != "llama":
+            raise UserError(f"the family model serves Llama checkpoints, not {cfg.get('model_type')!r}")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise UserError("the family model does not support attention or MLP biases yet")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        )
+
+
+def rope_inv_freq(cfg: FamilyConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq.float()
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled).float()
+    raise UserError(f"rope scaling {kind!r} is not supported by the family model (default, linear, llama3 are)")
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, L, heads, hd); cos/sin: (B, L, 1, hd). Half-split rotation, as HF Llama checkpoints expect.
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class Rows:
+    """Per-forward facts about the batch that every layer needs."""
+
+    branch: torch.Tensor  # (B,) branch index of each row
+    single: int | None  # the branch index when every row has the same one
+    pos: torch.Tensor  # (B, L) absolute positions
+    slots: torch.Tensor  # (B,) KV-cache slot of each row
+    mask: torch.Tensor  # (B, 1, L, Lk) attention mask over the cached keys
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+class BranchLinear(nn.Module):
+    """A linear layer whose weight for branch b is s[b] * (T + U_b V_b)."""
+
+    def __init__(self, trunk: torch.Tensor, scales: list[float], us: list[torch.Tensor | None],
+                 vs: list[torch.Tensor | None]):
+        super().__init__()
+        self.trunk = nn.Parameter(trunk, requires_grad=False)  # (out, in)
+        self.register_buffer("scales", torch.tensor(scales, dtype=trunk.dtype), persistent=False)
+        self.spans: list[tuple[int, int]] = []  # (first column, rank) of each branch in the concatenation
+        offset = 0
+        for u in us:
+            r = 0 if u is None else u.shape[1]
+            self.spans.append((offset, r))
+            offset += r
+        self.has_residual = offset > 0
+        if self.has_residual:
+            self.register_buffer("V", torch.cat([v for v in vs if v is not None]), persistent=False)  # (R, in)
+            self.register_buffer("UT", torch.cat([u.T for u in us if u is not None]).contiguous(),
+                                 persistent=False)  # (R, out)
+            owner = torch.cat([torch.full((r,), b) for b, (_, r) in enumerate(self.spans)])
+            self.register_buffer("owner", owner, persistent=False)  # (R,) branch of each column
+
+    def forward(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+        y = F.linear(x, self.trunk)
+        if rows.single is not None:
+            off, r = self.spans[rows.single]
+            if r:
+                y = y + F.linear(x, self.V[off:off + r]) @ self.UT[off:off + r]
+            return y * self.scales[rows.single]
+        if self.has_residual:
+            h = F.linear(x, self.V) * (self.owner == rows.branch[:, None, None])  # (B, L, R)
+            y = y + h @ self.UT
+        return y * self.scales[rows.branch][:, None, None]
+
+
+class PerBranch(nn.Module):
+    """A stack of per-branch tensors (norm weights, embeddings), gathered per row."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        super().__init__()
+        shared = all(t is tensors[0] or torch.equal(t, tensors[0]) for t in tensors[1:])
+        self.shared = shared
+        self.weight = nn.Parameter(torch.stack(tensors[:1] if shared else tensors), requires_grad=False)
+
+    def select(self, branch: torch.Tensor) -> torch.Tensor:
+        return self.weight[0] if self.shared else self.weight[branch]
+
+    def lookup(self, branch: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Embedding rows: tokens (B, L) of branch[b] -> (B, L, H), without copying whole tables."""
+        if self.shared:
+            return self.weight[0][tokens]
+        n, vocab, hidden = self.weight.shape
+        return self.weight.view(n * vocab, hidden)[branch[:, None] * vocab + tokens]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # weight: (H,) or (B, H) per row
+    if weight.dim() == 2:
+        weight = weight[:, None, :]
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: FamilyConfig, linears: dict[str, BranchLinear], norms: dict[str, PerBranch]):
+        super().__init__()
+        self.cfg = cfg
+        self.q, self.k, self.v, self.o = linears["q"], linears["k"], linears["v"], linears["o"]
+        self.gate, self.up, self.down = linears["gate"], linears["up"], linears["down"]
+        self.attn_norm, self.mlp_norm = norms["input_layernorm"], norms["post_attention_layernorm"]
+
+    def attention(self, x: torch.Tensor, rows: Rows, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        cfg = self.cfg
+        B, L, _ = x.shape
+        q = self.q(x, rows).view(B, L, cfg.num_heads, cfg.head_dim)
+        k = self.k(x, rows).view(B, L, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v(x, rows).view(B, L, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q, rows.cos, rows.sin), apply_rope(k, rows.cos, rows.sin)
+        k_cache[rows.slots[:, None], rows.pos] = k.to(k_cache.dtype)
+        v_cache[rows.slots[:, None], rows.pos] = v.to(v_cache.dtype)
+        Lk = rows.mask.shape[-1]
+        keys = k_cache[rows.slots, :Lk].transpose(1, 2)  # (B, kv_heads, Lk, hd)
+        values = v_cache[rows.slots, :Lk].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=rows.mask, enable_gqa=True)
+        return self.o(out.transpose(1, 2).reshape(B, L, -1), rows)
+
+    def forward(self, x, rows: Rows, k_cache, v_cache):
+        eps = self.cfg.rms_norm_eps
+        x = x + self.attention(rms_norm(x, self.attn_norm.select(rows.branch), eps), rows, k_cache, v_cache)
+        h = rms_norm(x, self.mlp_norm.select(rows.branch), eps)
+        return x + self.down(F.silu(self.gate(h, rows)) * self.up(h, rows), rows)
+
+
+class FamilyModel(nn.Module):
+    def __init__(self, cfg: FamilyConfig, branches: list[str], blocks: list[Block], embed: PerBranch,
+                 norm: PerBranch, heads: PerBranch | None):
+        super().__init__()
+        self.cfg = cfg
+        self.branches = branches
+        self.blocks = nn.ModuleList(blocks)
+        self.embed, self.norm = embed, norm
+        self.heads = heads  # None: tied to the embeddings
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def allocate_cache(self, slots: int, max_seq: int) -> None:
+        cfg = self.cfg
+        shape = (slots, max_seq, cfg.num_kv_heads, cfg.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
+        self.max_seq = max_seq
+
+    def _rows(self, branch: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, L: int) -> Rows:
+        pos = start[:, None] + torch.arange(L, device=start.device)  # (B, L)
+        Lk = int(start.max()) + L
+        mask = torch.arange(Lk, device=start.device)[None, None, :] <= pos[:, :, None]  # (B, L, Lk)
+        freqs = pos[..., None].float() * self.inv_freq  # (B, L, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        single = int(branch[0]) if bool((branch == branch[0]).all()) else None
+        return Rows(branch, single, pos, slots, mask[:, None], emb.cos().to(self.dtype), emb.sin().to(self.dtype))
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, branch: torch.Tensor,
+                last_only: bool = True) -> torch.Tensor:
+        """tokens (B, L) at positions start[b] + 0..L-1 of slot slots[b] for branch branch[b] -> logits.
+
+        Returns (B, V) logits of each row's last token, or (B, L, V) with ``last_only=False``.
+        """
+        B, L = tokens.shape
+        if int(start.max()) + L > self.max_seq:
+            raise ValueError("sequence longer than the KV cache")
+        rows = self._rows(branch, start, slots, L)
+        x = self.embed.lookup(branch, tokens)
+        for block, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
+            x = block(x, rows, kc, vc)
+        if last_only:
+            x = x[:, -1:]
+        x = rms_norm(x, self.norm.select(branch), self.cfg.rms_norm_eps)
+        return self._head(x, branch, rows.single)[:, -1] if last_only else self._head(x, branch, rows.single)
+
+    def _head(self, x: torch.Tensor, branch: torch.Tensor, single: int | None) -> torch.Tensor:
+        heads = self.heads or self.embed
+        if heads.shared:
+            return F.linear(x, heads.weight[0])
+        if single is not None:
+            return F.linear(x, heads.weight[single])
+        # Each present branch's head reads its rows only: one pass over each head's bytes.
+        out = torch.empty(*x.shape[:-1], self.cfg.vocab_size, dtype=x.dtype, device=x.device)
+        for b in branch.unique().tolist():
+            idx = (branch == b).nonzero().squeeze(1)
+            out[idx] = F.linear(x[idx], heads.weight[b])
+        return out
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact, branches: list[str] | None = None,
+                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "FamilyModel":
+        branches = branches or artifact.branches
+        for b in branches:
+            artifact.check_branch(b)
+        cfg = FamilyConfig.from_hf(artifact.config)
+        dtype = dtype or artifact.dtype
+
+        def load(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype)
+
+        def per_branch(name: str) -> PerBranch:
+            return PerBranch([load(artifact.own(b, name)) for b in branches])
+
+        blocks = []
+        for i in range(cfg.num_layers):
+            linears = {}
+            for hf_name, short in LINEARS.items():
+                name = f"model.layers.{i}.{hf_name}.weight"
+                if not artifact.is_compressed(name):
+                    raise UserError(f"{artifact.path}: {name} is not stored as trunk + residual")
+                us, vs = [], []
+                for b in branches:
+                    r = artifact.residual(b, name)
+                    if r.kind == "lowrank":
+                        us.append(load(r.U))
+                        vs.append(load(r.V))
+                    elif r.kind == "dense":  # rate 0: U = D, V = I
+                        us.append(load(r.D))
+                        vs.append(torch.eye(r.D.shape[1], device=device, dtype=dtype))
+                    else:
+                        us.append(None)
+                        vs.append(None)
+                linears[short] = BranchLinear(load(artifact.trunk(name)),
+                                              [artifact.scale(b, name) for b in branches], us, vs)
+            norms = {n: per_branch(f"model.layers.{i}.{n}.weight")
+                     for n in ("input_layernorm", "post_attention_layernorm")}
+            blocks.append(Block(cfg, linears, norms))
+        embed = per_branch("model.embed_tokens.weight")
+        heads = None if cfg.tie_word_embeddings or "lm_head.weight" not in artifact.tensor_names \
+            else per_branch("lm_head.weight")
+        return cls(cfg, list(branches), blocks, embed, per_branch("model.norm.weight"), heads).eval()
