@@ -172,3 +172,21 @@ def build_family(
         weights = fine_tune(base, gen)
         members[name] = save_checkpoint(root / name, cfg, weights, dtype, (shards or {}).get(name, 1))
     return members
+
+
+def build_standalone(path: Path, seed: int = 0, init_std: float = 0.2) -> Path:
+    """A tiny random Phi-3 checkpoint (another architecture than the family) with the same tokenizer."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    vocab = len(SPECIAL_TOKENS) + 256
+    eos = vocab - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index("<|im_end|>")
+    cfg = Phi3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                     initializer_range=init_std, bos_token_id=eos - 1, eos_token_id=eos,
+                     pad_token_id=vocab - 1)
+    model = Phi3ForCausalLM(cfg)
+    path = Path(path)
+    model.save_pretrained(path)
+    write_tokenizer(path)
+    return path

@@ -1,0 +1,263 @@
+"""Runners: continuous batching for one model, one engine step at a time.
+
+A step admits waiting sequences into free slots, runs at most one prefill chunk
+(so a newcomer's prompt never stalls the running decodes for long), then one
+decode step for every sequence that is generating. Finished and cancelled
+sequences leave between steps.
+
+``FamilyRunner`` drives the family model (a preallocated KV-cache slot per
+sequence, branches mixed in one forward). ``StandaloneRunner`` drives any
+transformers causal LM: its running sequences share one left-padded cache that
+newcomers are padded into and leavers are cut out of.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.sampling import SamplingParams, sample_rows
+from server.engine.text import IncrementalText
+
+
+@dataclass
+class Event:
+    """What a request's consumer receives: new text and tokens, and at the end a finish reason."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Sequence:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    text: IncrementalText
+    branch: int = 0  # row's branch index (family runner)
+    stop_ids: frozenset = frozenset()
+    generator: torch.Generator | None = None
+    slot: int = -1
+    prefilled: int = 0
+    output: list[int] = field(default_factory=list)
+    finished: str | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    state: object = None  # runner-specific (standalone: the newcomer's own cache while it prefills)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+
+class Runner:
+    def __init__(self, device: torch.device, max_batch: int, max_seq: int, prefill_chunk: int):
+        self.device = device
+        self.max_batch = max_batch
+        self.max_seq = max_seq
+        self.prefill_chunk = prefill_chunk
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.peak_batch = 0  # most sequences in one decode step
+        self.peak_mixed = 0  # most distinct branches in one decode step
+
+    # -- the scheduler's side
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; the engine has already checked that its prompt fits."""
+        seq.generator = seq.params.generator(self.device)
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> None:
+        self._reap()
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting.popleft()
+            if seq.cancelled.is_set():
+                self._finish(seq, "cancelled")
+                continue
+            self._admit(seq)
+            self.running.append(seq)
+        decoding = [s for s in self.running if s.output and not s.finished]
+        if decoding:
+            self.peak_batch = max(self.peak_batch, len(decoding))
+            self.peak_mixed = max(self.peak_mixed, len({s.branch for s in decoding}))
+            self._accept(decoding, self._decode(decoding))
+        prefilling = next((s for s in self.running if s.prefilled < len(s.prompt)), None)
+        if prefilling is not None:
+            chunk = prefilling.prompt[prefilling.prefilled:prefilling.prefilled + self.prefill_chunk]
+            logits = self._prefill(prefilling, chunk)
+            prefilling.prefilled += len(chunk)
+            if prefilling.prefilled == len(prefilling.prompt):
+                self._accept([prefilling], logits[None])
+        self._reap()
+
+    def fail_all(self, message: str) -> None:
+        for seq in list(self.running) + list(self.waiting):
+            seq.emit(Event("", [], "error", len(seq.prompt), len(seq.output), error=message))
+            seq.finished = "error"
+        self.running.clear()
+        self.waiting.clear()
+        self._reset()
+
+    # -- shared mechanics
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        tokens = sample_rows(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for seq, tok in zip(seqs, tokens):
+            seq.output.append(tok)
+            if tok in seq.stop_ids or tok in seq.params.stop_token_ids:
+                seq.emit(Event(seq.text.flush(), [tok]))
+                self._finish(seq, "stop")
+                continue
+            delta, stopped = seq.text.add(tok)
+            if stopped:
+                seq.emit(Event(delta, [tok]))
+                self._finish(seq, "stop")
+            elif len(seq.output) >= seq.params.max_tokens or seq.length >= self.max_seq:
+                seq.emit(Event(delta + seq.text.flush(), [tok]))
+                self._finish(seq, "length")
+            else:
+                seq.emit(Event(delta, [tok]))
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finished = reason
+        seq.emit(Event("", [], reason, len(seq.prompt), len(seq.output)))
+
+    def _reap(self) -> None:
+        for seq in self.running:
+            if not seq.finished and seq.cancelled.is_set():
+                self._finish(seq, "cancelled")
+        gone = [s for s in self.running if s.finished]
+        if gone:
+            self.running = [s for s in self.running if not s.finished]
+            self._release(gone)
+        self.waiting = collections.deque(s for s in self.waiting if not self._drop_cancelled(s))
+
+    def _drop_cancelled(self, seq: Sequence) -> bool:
+        if seq.cancelled.is_set():
+            self._finish(seq, "cancelled")
+            return True
+        return False
+
+    # -- what each model does differently
+    def _admit(self, seq: Sequence) -> None: ...
+    def _release(self, seqs: list[Sequence]) -> None: ...
+    def _reset(self) -> None: ...
+    def _prefill(self, seq: Sequence, chunk: list[int]) -> torch.Tensor: ...  # -> (V,) logits of the last token
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor: ...  # -> (B, V)
+
+
+class FamilyRunner(Runner):
+    def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256):
+        super().__init__(model.device, max_batch, max_seq, prefill_chunk)
+        self.model = model
+        model.allocate_cache(max_batch, max_seq)
+        self.free_slots = list(range(max_batch))
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.slot = self.free_slots.pop()
+
+    def _release(self, seqs: list[Sequence]) -> None:
+        self.free_slots += [s.slot for s in seqs]
+
+    def _reset(self) -> None:
+        self.free_slots = list(range(self.max_batch))
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _prefill(self, seq: Sequence, chunk: list[int]) -> torch.Tensor:
+        return self.model(self._tensor([chunk]), self._tensor([seq.prefilled]), self._tensor([seq.slot]),
+                          self._tensor([seq.branch]))[0]
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        return self.model(
+            self._tensor([[s.output[-1]] for s in seqs]),
+            self._tensor([s.length - 1 for s in seqs]),
+            self._tensor([s.slot for s in seqs]),
+            self._tensor([s.branch for s in seqs]),
+        )
+
+
+class StandaloneRunner(Runner):
+    """Any transformers causal LM. Running rows share one left-padded DynamicCache."""
+
+    def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256):
+        super().__init__(model.device, max_batch, max_seq, prefill_chunk)
+        self.model = model
+        self._reset()
+
+    def _reset(self) -> None:
+        self.cache = None  # the shared cache of self.rows
+        self.rows: list[Sequence] = []
+        self.pad: list[int] = []  # left padding of each row in the shared cache
+
+    def _admit(self, seq: Sequence) -> None:
+        from transformers import DynamicCache
+
+        seq.state = DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def _prefill(self, seq: Sequence, chunk: list[int]) -> torch.Tensor:
+        ids = torch.tensor([chunk], device=self.device)
+        pos = torch.arange(seq.prefilled, seq.prefilled + len(chunk), device=self.device)[None]
+        out = self.model(input_ids=ids, position_ids=pos, past_key_values=seq.state, use_cache=True,
+                         logits_to_keep=1)
+        if seq.prefilled + len(chunk) == len(seq.prompt):
+            self._join(seq)
+        return out.logits[0, -1]
+
+    def _join(self, seq: Sequence) -> None:
+        """Pad the newcomer's cache and the shared one to a common length and stack them."""
+        own = seq.state
+        seq.state = None
+        if self.cache is None:
+            self.cache, self.rows, self.pad = own, [seq], [0]
+            return
+        shared_len, own_len = self.cache.get_seq_length(), own.get_seq_length()
+        length = max(shared_len, own_len)
+        for shared_layer, own_layer in zip(self.cache.layers, own.layers):
+            for attr in ("keys", "values"):
+                a = F.pad(getattr(shared_layer, attr), (0, 0, length - shared_len, 0))
+                b = F.pad(getattr(own_layer, attr), (0, 0, length - own_len, 0))
+                setattr(shared_layer, attr, torch.cat([a, b]))
+        self.pad = [p + length - shared_len for p in self.pad] + [length - own_len]
+        self.rows.append(seq)
+
+    def _release(self, seqs: list[Sequence]) -> None:
+        keep = [i for i, s in enumerate(self.rows) if s not in seqs]
+        if not keep:
+            self._reset()
+            return
+        trim = min(self.pad[i] for i in keep)
+        index = torch.tensor(keep, device=self.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
+            layer.values = layer.values.index_select(0, index)[:, :, trim:]
+        self.rows = [self.rows[i] for i in keep]
+        self.pad = [self.pad[i] - trim for i in keep]
+
+    @torch.inference_mode()
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        # Every row of the shared cache is generating: seqs are self.rows, possibly in another order.
+        order = {id(s): i for i, s in enumerate(self.rows)}
+        length = self.cache.get_seq_length()
+        ids = torch.tensor([[s.output[-1]] for s in self.rows], device=self.device)
+        mask = torch.ones(len(self.rows), length + 1, dtype=torch.long, device=self.device)
+        for i, p in enumerate(self.pad):
+            mask[i, :p] = 0
+        pos = torch.tensor([[length - p] for p in self.pad], device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                         use_cache=True)
+        logits = out.logits[:, -1]
+        return logits[torch.tensor([order[id(s)] for s in seqs], device=self.device)]

@@ -1,0 +1,78 @@
+"""Tokenizers, chat templates and incremental detokenization with stop strings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def stop_token_ids(path: str | Path, tokenizer) -> list[int]:
+    """End-of-sequence ids from generation_config.json and the tokenizer."""
+    ids: list[int] = []
+    gen = Path(path) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def render_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """The model's own chat template, with the assistant turn opened."""
+    if not tokenizer.chat_template:
+        raise ValueError("this model's tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template already holds any BOS it wants; do not let the tokenizer add another.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class IncrementalText:
+    """Turns generated tokens into text deltas, cutting exactly before the first stop string.
+
+    Text that could still turn out to begin a stop string is held back, so a
+    stop string never leaks into a stream. An incomplete UTF-8 sequence (shown
+    by the tokenizer as U+FFFD at the end) is held back too.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Returns (new text, whether a stop string ended the output)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return "", False
+        self.text = text
+        if self.stop:
+            start = max(0, self.emitted - self.hold)
+            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                cut = min(hits)
+                delta = text[self.emitted:cut]
+                self.text, self.emitted = text[:cut], cut
+                return delta, True
+        safe = len(text) - self.hold
+        if safe <= self.emitted:
+            return "", False
+        delta = text[self.emitted:safe]
+        self.emitted = safe
+        return delta, False
+
+    def flush(self) -> str:
+        """Everything not yet emitted, at the end of a generation that no stop string ended."""
+        delta = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return delta

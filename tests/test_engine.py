@@ -1,0 +1,191 @@
+"""The engine through its asyncio API: continuous batching, sampling, stops, cancel, standalone models."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from compression.compress import CompressOptions, compress
+from compression.synthetic import build_standalone
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Engine, EngineFull, UnknownModel
+
+
+@pytest.fixture(scope="module")
+def paths(family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    compress(family, root / "art", CompressOptions(rate=0.9, progress=False))
+    return {"artifact": root / "art", "phi3": build_standalone(root / "phi3", seed=4)}
+
+
+@pytest.fixture
+def engine(paths):
+    e = Engine(max_waiting=64)
+    e.add_family(paths["artifact"], max_batch=4, max_seq=128, prefill_chunk=8)
+    e.add_standalone("phi3", paths["phi3"], max_batch=4, max_seq=128, prefill_chunk=8)
+    e.start()
+    yield e
+    e.stop()
+
+
+async def collect(stream):
+    text, tokens = "", []
+    async for ev in stream:
+        text += ev.text
+        tokens += ev.token_ids
+    return text, tokens, stream.finish_reason
+
+
+def greedy(n=12, **kw):
+    return SamplingParams(max_tokens=n, temperature=0, **kw)
+
+
+PROMPTS = {
+    "math": [5, 80, 17, 200, 33, 101, 7, 64, 250, 3, 99, 42, 13, 14, 15, 16, 17, 18, 19],  # > one prefill chunk
+    "code": [9, 8, 7],
+    "chat": [120, 121, 122, 123, 124],
+    "phi3": [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50],
+}
+
+
+def test_mixed_batch_with_late_joiners_matches_each_request_alone(engine):
+    async def main():
+        alone = {}
+        for model, prompt in PROMPTS.items():
+            alone[model] = await collect(engine.submit(model, prompt, greedy()))
+        # Together: two start, the others join while those are mid-decode; phi3 twice with different prompts.
+        first = [engine.submit("math", PROMPTS["math"], greedy()), engine.submit("phi3", PROMPTS["phi3"], greedy())]
+        math_head = []
+        async for ev in first[0]:
+            math_head += ev.token_ids
+            if len(math_head) >= 3:
+                break
+        later = [engine.submit(m, PROMPTS[m], greedy()) for m in ("code", "chat")]
+        phi_short = engine.submit("phi3", PROMPTS["phi3"][:4], greedy())
+        rest = await asyncio.gather(collect(first[0]), collect(first[1]), *(collect(s) for s in later),
+                                    collect(phi_short))
+        phi_short_alone = await collect(engine.submit("phi3", PROMPTS["phi3"][:4], greedy()))
+        return alone, rest, phi_short_alone, math_head
+
+    alone, rest, phi_short_alone, math_head = asyncio.run(main())
+    math_rest, phi_rest, code, chat, phi_short = rest
+    assert len(alone["math"][1]) == 12
+    assert math_head + math_rest[1] == alone["math"][1]
+    family_runner = engine.targets["math"].runner
+    assert family_runner is engine.targets["code"].runner
+    assert family_runner.peak_mixed >= 2  # a decode step really mixed branches
+    assert engine.targets["phi3"].runner.peak_batch >= 2
+    assert code[1] == alone["code"][1] and chat[1] == alone["chat"][1]
+    assert phi_rest[1] == alone["phi3"][1]
+    assert phi_short[1] == phi_short_alone[1]
+    for got in (code, chat, phi_rest, phi_short):
+        assert got[2] == "length"
+
+
+def test_seeded_sampling_reproduces_whatever_the_neighbours(engine):
+    params = dict(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50)
+
+    async def main():
+        alone = await collect(engine.submit("code", PROMPTS["code"], SamplingParams(seed=7, **params)))
+        crowd = [engine.submit(m, PROMPTS[m], SamplingParams(seed=i, **params)) for i, m in enumerate(PROMPTS)]
+        again = engine.submit("code", PROMPTS["code"], SamplingParams(seed=7, **params))
+        other = engine.submit("code", PROMPTS["code"], SamplingParams(seed=8, **params))
+        results = await asyncio.gather(collect(again), collect(other), *(collect(s) for s in crowd))
+        return alone, results[0], results[1]
+
+    alone, again, other = asyncio.run(main())
+    assert again[1] == alone[1]
+    assert other[1] != alone[1]
+
+
+def test_stop_strings_cut_exactly(engine):
+    async def main():
+        full = await collect(engine.submit("chat", PROMPTS["chat"], greedy(24)))
+        text = full[0]
+        stop = text[6:9]
+        cut = await collect(engine.submit("chat", PROMPTS["chat"], greedy(24, stop=["\x00never", stop])))
+        streamed = []
+        s = engine.submit("chat", PROMPTS["chat"], greedy(24, stop=[stop]))
+        async for ev in s:
+            streamed.append(ev.text)
+        return text, stop, cut, "".join(streamed), s.finish_reason
+
+    text, stop, cut, streamed, reason = asyncio.run(main())
+    assert len(text) > 9
+    assert cut[0] == text[: text.find(stop)]
+    assert cut[2] == "stop" and reason == "stop"
+    assert streamed == cut[0]
+
+
+def test_stop_token_ends_with_stop(engine):
+    async def main():
+        full = await collect(engine.submit("math", PROMPTS["math"], greedy(12)))
+        third = full[1][2]
+        return full, await collect(engine.submit("math", PROMPTS["math"], greedy(12, stop_token_ids=[third])))
+
+    full, got = asyncio.run(main())
+    assert got[1] == full[1][: full[1].index(full[1][2]) + 1]
+    assert got[2] == "stop"
+
+
+def test_cancel_frees_the_slot(paths):
+    e = Engine()
+    runner = e.add_family(paths["artifact"], max_batch=1, max_seq=128)
+    e.start()
+    try:
+        async def main():
+            long = e.submit("math", PROMPTS["math"], greedy(100))
+            waiting = e.submit("code", PROMPTS["code"], greedy(4))
+            n = 0
+            async for _ in long:
+                n += 1
+                if n == 3:
+                    long.cancel()
+            done = await collect(waiting)
+            return long.finish_reason, done
+
+        reason, done = asyncio.run(main())
+        assert reason == "cancelled"
+        assert done[2] == "length" and len(done[1]) == 4  # it only got the one slot once "long" let go
+        deadline = time.monotonic() + 5
+        while runner.running and time.monotonic() < deadline:  # the engine reaps right after its last event
+            time.sleep(0.01)
+        assert runner.free_slots == [0] and not runner.running
+    finally:
+        e.stop()
+
+
+def test_bad_requests_fail_before_streaming(paths):
+    e = Engine(max_waiting=1)
+    e.add_family(paths["artifact"], max_batch=1, max_seq=32)
+
+    async def main():
+        with pytest.raises(UnknownModel):
+            e.submit("nobody", [1, 2], greedy())
+        with pytest.raises(ValueError, match="context"):
+            e.submit("math", list(range(40)), greedy())
+        e.submit("math", [1, 2], greedy())  # engine not started: it waits
+        with pytest.raises(EngineFull):
+            e.submit("math", [1, 2], greedy())
+
+    asyncio.run(main())
+    with pytest.raises(ValueError):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+
+
+def test_context_limit_ends_with_length(paths):
+    e = Engine()
+    e.add_family(paths["artifact"], max_batch=2, max_seq=16)
+    e.start()
+    try:
+        text, tokens, reason = asyncio.run(collect_after_start(e))
+        assert reason == "length" and len(tokens) == 16 - 5
+    finally:
+        e.stop()
+
+
+async def collect_after_start(e):
+    return await collect(e.submit("chat", PROMPTS["chat"], greedy(100)))
