@@ -120,3 +120,46 @@ class Artifact:
         elif r.kind == "lowrank":
             w += r.U.float() @ r.V.float()
         return (w * self.scale(branch, name)).to(self.dtype)
+
+
+class SingleCheckpoint:
+    """A plain HF checkpoint seen as a one-branch artifact: trunk = W, scale 1, no residual.
+
+    Lets the family model serve an ordinary Llama checkpoint (and benchmarks compare
+    it with transformers on the very same weights).
+    """
+
+    def __init__(self, path: str | Path, branch: str = "model"):
+        from compression.checkpoint import Checkpoint
+        from compression.plan import is_compressed
+
+        self.checkpoint = Checkpoint(path)
+        self.path = self.checkpoint.path
+        self.config = self.checkpoint.config
+        self.branches = [branch]
+        self.tensor_names = list(self.checkpoint.tensors)
+        first = next(iter(self.checkpoint.tensors.values()))
+        self.dtype = first.dtype
+        self._compressed = {n for n, i in self.checkpoint.tensors.items() if is_compressed(n, i.shape)}
+
+    def check_branch(self, branch: str) -> None:
+        if branch not in self.branches:
+            raise UserError(f"unknown branch {branch!r} (this checkpoint serves as: {self.branches[0]})")
+
+    def branch_dir(self, branch: str) -> Path:
+        return self.path
+
+    def is_compressed(self, name: str) -> bool:
+        return name in self._compressed
+
+    def trunk(self, name: str) -> torch.Tensor:
+        return self.checkpoint.read(name)
+
+    def scale(self, branch: str, name: str) -> float:
+        return 1.0
+
+    def residual(self, branch: str, name: str) -> Residual:
+        return Residual("none")
+
+    def own(self, branch: str, name: str) -> torch.Tensor:
+        return self.checkpoint.read(name)

@@ -88,6 +88,22 @@ def cmd_bench_compress(args) -> int:
     return 0
 
 
+def cmd_bench_engine(args) -> int:
+    import torch
+
+    from server.engine.bench import bench_engine
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    if args.branches < 1 or args.batch < 1 or args.new_tokens < 1 or args.prompt < 1:
+        raise UserError("--branches, --batch, --prompt and --new-tokens must be at least 1")
+    if not 0 < args.rate < 1:
+        raise UserError(f"--rate must be within (0, 1) for the engine benchmark, got {args.rate}")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    bench_engine(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="branchserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -131,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--backends", default="fbpca,torch")
     bc.add_argument("--json", action="store_true", help="print JSON instead of the table")
     bc.set_defaults(func=cmd_bench_compress)
+    be = bsub.add_parser("engine", help="tokens/s: dense vs one branch vs N branches mixed")
+    be.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    be.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="default: float32 on the CPU, bfloat16 on CUDA")
+    be.add_argument("--shape", choices=["tiny", "small", "llama3-8b"], default="small")
+    be.add_argument("--branches", type=int, default=4)
+    be.add_argument("--rate", type=float, default=0.95)
+    be.add_argument("--batch", type=int, default=16)
+    be.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
+    be.add_argument("--new-tokens", type=int, default=32)
+    be.add_argument("--hf-baseline", metavar="PATH", default=None,
+                    help="also compare with transformers generate on this HF Llama checkpoint")
+    be.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    be.set_defaults(func=cmd_bench_engine)
     return p
 
 

@@ -189,3 +189,38 @@ def test_context_limit_ends_with_length(paths):
 
 async def collect_after_start(e):
     return await collect(e.submit("chat", PROMPTS["chat"], greedy(100)))
+
+
+def run_alone_then_together(e, requests):
+    async def main():
+        alone = [await collect(e.submit(m, p, greedy(n))) for m, p, n in requests]
+        together = await asyncio.gather(*(collect(e.submit(m, p, greedy(n))) for m, p, n in requests))
+        return alone, together
+    return asyncio.run(main())
+
+
+def test_prompts_of_different_lengths_prefill_together(paths):
+    """One right-padded prefill forward for several newcomers gives each the tokens it gets alone."""
+    e = Engine()
+    runner = e.add_family(paths["artifact"], max_batch=4, max_seq=64, prefill_chunk=64)
+    e.start()
+    try:
+        requests = [("math", PROMPTS["math"], 8), ("code", PROMPTS["code"], 8), ("chat", PROMPTS["chat"], 8)]
+        alone, together = run_alone_then_together(e, requests)
+        assert [t[1] for t in together] == [a[1] for a in alone]
+    finally:
+        e.stop()
+
+
+def test_padding_past_the_cache_end_is_harmless(paths):
+    e = Engine()
+    e.add_family(paths["artifact"], max_batch=2, max_seq=26, prefill_chunk=20)
+    e.start()
+    try:
+        long_prompt = (PROMPTS["math"] + PROMPTS["chat"])[:23]  # 20 tokens, then 3 padded to 8 beside "code"
+        requests = [("math", long_prompt, 3), ("code", PROMPTS["code"] + [1, 2, 3, 4, 5], 3)]
+        alone, together = run_alone_then_together(e, requests)
+        assert [t[1] for t in together] == [a[1] for a in alone]
+        assert [t[2] for t in together] == ["length", "length"]
+    finally:
+        e.stop()

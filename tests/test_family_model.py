@@ -32,7 +32,7 @@ def test_each_branch_matches_its_export(artifact, tmp_path):
     for b, name in enumerate(model.branches):
         ref = hf_logits(export_branch(artifact.path, name, tmp_path / name, progress=False), PROMPTS[0])
         ids = torch.tensor([PROMPTS[0]])
-        got = model(ids, torch.tensor([0]), torch.tensor([b]), torch.tensor([b]), last_only=False)[0]
+        got = model(ids, torch.tensor([0]), torch.tensor([b]), torch.tensor([b]))[0]
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -47,7 +47,7 @@ def test_mixed_batch_and_incremental_decode_match(artifact, tmp_path):
         model(torch.tensor([ids[:-1]]), torch.tensor([0]), torch.tensor([slot]), torch.tensor([slot]))
     last = torch.tensor([[ids[-1]] for ids in PROMPTS])
     start = torch.tensor([len(ids) - 1 for ids in PROMPTS])
-    got = model(last, start, torch.arange(3), torch.arange(3))
+    got = model(last, start, torch.arange(3), torch.arange(3))[:, 0]
     for i, name in enumerate(model.branches):
         torch.testing.assert_close(got[i], refs[name][-1], rtol=1e-4, atol=1e-4)
 
@@ -64,5 +64,5 @@ def test_llama3_rope_scaling_and_tied_head(tmp_path):
     ids = list(range(40, 80))  # longer than the original context, so the scaling matters
     for b, name in enumerate(model.branches):
         ref = hf_logits(export_branch(art.path, name, tmp_path / name, progress=False), ids)
-        got = model(torch.tensor([ids]), torch.tensor([0]), torch.tensor([0]), torch.tensor([b]), last_only=False)
+        got = model(torch.tensor([ids]), torch.tensor([0]), torch.tensor([0]), torch.tensor([b]))
         torch.testing.assert_close(got[0], ref, rtol=1e-4, atol=1e-4)

@@ -200,8 +200,8 @@ class Block(nn.Module):
         k_cache[rows.slots[:, None], rows.pos] = k.to(k_cache.dtype)
         v_cache[rows.slots[:, None], rows.pos] = v.to(v_cache.dtype)
         Lk = rows.mask.shape[-1]
-        keys = k_cache[rows.slots, :Lk].transpose(1, 2)  # (B, kv_heads, Lk, hd)
-        values = v_cache[rows.slots, :Lk].transpose(1, 2)
+        keys = k_cache[:, :Lk].index_select(0, rows.slots).transpose(1, 2)  # (B, kv_heads, Lk, hd)
+        values = v_cache[:, :Lk].index_select(0, rows.slots).transpose(1, 2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=rows.mask, enable_gqa=True)
         return self.o(out.transpose(1, 2).reshape(B, L, -1), rows)
 
@@ -242,7 +242,9 @@ class FamilyModel(nn.Module):
 
     def _rows(self, branch: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, L: int) -> Rows:
         pos = start[:, None] + torch.arange(L, device=start.device)  # (B, L)
-        Lk = int(start.max()) + L
+        # Padding past the cache's end (right-padded prefill rows) is written onto its last entry.
+        pos = pos.clamp(max=self.max_seq - 1)
+        Lk = int(pos.max()) + 1
         mask = torch.arange(Lk, device=start.device)[None, None, :] <= pos[:, :, None]  # (B, L, Lk)
         freqs = pos[..., None].float() * self.inv_freq  # (B, L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
@@ -251,22 +253,23 @@ class FamilyModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, branch: torch.Tensor,
-                last_only: bool = True) -> torch.Tensor:
+                last: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, L) at positions start[b] + 0..L-1 of slot slots[b] for branch branch[b] -> logits.
 
-        Returns (B, V) logits of each row's last token, or (B, L, V) with ``last_only=False``.
+        Returns (B, L, V), or with ``last`` (B,) only each row's logits at index last[b]: (B, V).
+        Rows may be right-padded past their real tokens: the padding's cache entries lie
+        beyond the row's length, are never attended to, and are overwritten as it grows.
         """
         B, L = tokens.shape
-        if int(start.max()) + L > self.max_seq:
-            raise ValueError("sequence longer than the KV cache")
         rows = self._rows(branch, start, slots, L)
         x = self.embed.lookup(branch, tokens)
         for block, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
             x = block(x, rows, kc, vc)
-        if last_only:
-            x = x[:, -1:]
+        if last is not None:
+            x = x[torch.arange(B, device=x.device), last][:, None]
         x = rms_norm(x, self.norm.select(branch), self.cfg.rms_norm_eps)
-        return self._head(x, branch, rows.single)[:, -1] if last_only else self._head(x, branch, rows.single)
+        logits = self._head(x, branch, rows.single)
+        return logits[:, 0] if last is not None else logits
 
     def _head(self, x: torch.Tensor, branch: torch.Tensor, single: int | None) -> torch.Tensor:
         heads = self.heads or self.embed

@@ -93,14 +93,31 @@ class Runner:
             self.peak_batch = max(self.peak_batch, len(decoding))
             self.peak_mixed = max(self.peak_mixed, len({s.branch for s in decoding}))
             self._accept(decoding, self._decode(decoding))
-        prefilling = next((s for s in self.running if s.prefilled < len(s.prompt)), None)
-        if prefilling is not None:
-            chunk = prefilling.prompt[prefilling.prefilled:prefilling.prefilled + self.prefill_chunk]
-            logits = self._prefill(prefilling, chunk)
-            prefilling.prefilled += len(chunk)
-            if prefilling.prefilled == len(prefilling.prompt):
-                self._accept([prefilling], logits[None])
+        batch = self._prefill_batch()
+        if batch:
+            logits = self._prefill(batch)
+            for seq, chunk in batch:
+                seq.prefilled += len(chunk)
+            done = [i for i, (seq, _) in enumerate(batch) if seq.prefilled == len(seq.prompt)]
+            if done:
+                self._accept([batch[i][0] for i in done], logits[done])
         self._reap()
+
+    def _prefill_batch(self) -> list[tuple[Sequence, list[int]]]:
+        """Prompt chunks for this step: rows padded to the longest stay within prefill_chunk tokens."""
+        batch, longest = [], 0
+        for seq in self.running:
+            left = len(seq.prompt) - seq.prefilled
+            if left <= 0:
+                continue
+            n = min(left, self.prefill_chunk)
+            if batch and (len(batch) + 1) * max(longest, n) > self.prefill_chunk:
+                if (len(batch) + 1) * longest > self.prefill_chunk:
+                    break
+                n = longest  # a shorter piece of a long prompt still fits beside the others
+            batch.append((seq, seq.prompt[seq.prefilled:seq.prefilled + n]))
+            longest = max(longest, n)
+        return batch
 
     def fail_all(self, message: str) -> None:
         for seq in list(self.running) + list(self.waiting):
@@ -153,7 +170,7 @@ class Runner:
     def _admit(self, seq: Sequence) -> None: ...
     def _release(self, seqs: list[Sequence]) -> None: ...
     def _reset(self) -> None: ...
-    def _prefill(self, seq: Sequence, chunk: list[int]) -> torch.Tensor: ...  # -> (V,) logits of the last token
+    def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor: ...  # -> (B, V) at chunk ends
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor: ...  # -> (B, V)
 
 
@@ -176,9 +193,17 @@ class FamilyRunner(Runner):
     def _tensor(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _prefill(self, seq: Sequence, chunk: list[int]) -> torch.Tensor:
-        return self.model(self._tensor([chunk]), self._tensor([seq.prefilled]), self._tensor([seq.slot]),
-                          self._tensor([seq.branch]))[0]
+    def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
+        longest = max(len(chunk) for _, chunk in batch)
+        tokens = [chunk + [0] * (longest - len(chunk)) for _, chunk in batch]  # right padding
+        seqs = [seq for seq, _ in batch]
+        return self.model(
+            self._tensor(tokens),
+            self._tensor([s.prefilled for s in seqs]),
+            self._tensor([s.slot for s in seqs]),
+            self._tensor([s.branch for s in seqs]),
+            last=self._tensor([len(chunk) - 1 for _, chunk in batch]),
+        )
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         return self.model(
@@ -186,7 +211,7 @@ class FamilyRunner(Runner):
             self._tensor([s.length - 1 for s in seqs]),
             self._tensor([s.slot for s in seqs]),
             self._tensor([s.branch for s in seqs]),
-        )
+        )[:, 0]
 
 
 class StandaloneRunner(Runner):
@@ -208,14 +233,18 @@ class StandaloneRunner(Runner):
         seq.state = DynamicCache(config=self.model.config)
 
     @torch.inference_mode()
-    def _prefill(self, seq: Sequence, chunk: list[int]) -> torch.Tensor:
-        ids = torch.tensor([chunk], device=self.device)
-        pos = torch.arange(seq.prefilled, seq.prefilled + len(chunk), device=self.device)[None]
-        out = self.model(input_ids=ids, position_ids=pos, past_key_values=seq.state, use_cache=True,
-                         logits_to_keep=1)
-        if seq.prefilled + len(chunk) == len(seq.prompt):
-            self._join(seq)
-        return out.logits[0, -1]
+    def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
+        # Each newcomer fills its own cache; it joins the shared one when its prompt is done.
+        logits = []
+        for seq, chunk in batch:
+            ids = torch.tensor([chunk], device=self.device)
+            pos = torch.arange(seq.prefilled, seq.prefilled + len(chunk), device=self.device)[None]
+            out = self.model(input_ids=ids, position_ids=pos, past_key_values=seq.state, use_cache=True,
+                             logits_to_keep=1)
+            if seq.prefilled + len(chunk) == len(seq.prompt):
+                self._join(seq)
+            logits.append(out.logits[0, -1])
+        return torch.stack(logits)
 
     def _join(self, seq: Sequence) -> None:
         """Pad the newcomer's cache and the shared one to a common length and stack them."""

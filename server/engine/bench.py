@@ -1,0 +1,210 @@
+"""`branchserve bench engine`: tokens/s of the same engine for dense, one branch and N branches mixed.
+
+The family is synthetic (random weights of any shape, built in memory, never
+written to disk) and goes through the same loader and runner as a served
+artifact. "dense" is that engine on a family with no residual at all: the
+cost of one plain model. With ``--hf-baseline PATH`` it also runs transformers'
+``generate`` and our engine on that checkpoint's very weights, and 16
+concurrent requests against the same 16 run one after another.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import torch
+
+from compression.artifact import Residual, SingleCheckpoint
+from compression.plan import is_compressed, rank_for_rate
+from compression.report import _table
+from server.engine.model import FamilyModel
+from server.engine.runner import FamilyRunner, Sequence
+from server.engine.sampling import SamplingParams
+
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=4096),
+    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=4, vocab_size=8192),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+class RandomFamily:
+    """An in-memory family with the Artifact interface: random trunk, scales and rank-r residuals."""
+
+    def __init__(self, shape: str, branches: int, rate: float | None, device, dtype, seed: int = 0):
+        self.config = dict(SHAPES[shape], model_type="llama", architectures=["LlamaForCausalLM"],
+                           rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False)
+        self.branches = [f"branch{i}" for i in range(branches)]
+        self.dtype, self.device, self.rate = dtype, device, rate
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        h, i, v = self.config["hidden_size"], self.config["intermediate_size"], self.config["vocab_size"]
+        kv = h // self.config["num_attention_heads"] * self.config["num_key_value_heads"]
+        shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                  "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
+                  "mlp.down_proj": (h, i)}
+        self.shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+        for layer in range(self.config["num_hidden_layers"]):
+            for name, shp in shapes.items():
+                self.shapes[f"model.layers.{layer}.{name}.weight"] = shp
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                self.shapes[f"model.layers.{layer}.{norm}.weight"] = (h,)
+        self.tensor_names = list(self.shapes)
+
+    def _randn(self, *shape, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=self.gen, device=self.device) * std).to(self.dtype)
+
+    def check_branch(self, branch):
+        pass
+
+    def is_compressed(self, name):
+        return is_compressed(name, self.shapes[name])
+
+    def trunk(self, name):
+        m, n = self.shapes[name]
+        return self._randn(m, n, std=1 / math.sqrt(m * n))  # unit Frobenius norm, like a normalized trunk
+
+    def scale(self, branch, name):
+        return math.sqrt(self.shapes[name][0])
+
+    def residual(self, branch, name):
+        m, n = self.shapes[name]
+        r = 0 if self.rate is None else rank_for_rate(m, n, self.rate)
+        if r == 0:
+            return Residual("none")
+        return Residual("lowrank", U=self._randn(m, r, std=0.1 / math.sqrt(m * r)), V=self._randn(r, n, std=1.0))
+
+    def own(self, branch, name):
+        shape = self.shapes[name]
+        return torch.ones(shape, dtype=self.dtype, device=self.device) if len(shape) == 1 \
+            else self._randn(*shape, std=0.02)
+
+
+def run_batch(runner: FamilyRunner, prompts: list[list[int]], branches: list[int], new_tokens: int) -> dict:
+    """Generate ``new_tokens`` for every prompt at once; decode tok/s counts only steps without prefill."""
+    seqs = []
+    for i, (prompt, branch) in enumerate(zip(prompts, branches)):
+        seq = Sequence(str(i), prompt, SamplingParams(max_tokens=new_tokens, temperature=0), lambda ev: None,
+                       _NoText(), branch)
+        runner.add(seq)
+        seqs.append(seq)
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    decode_s = decode_tokens = 0.0
+    sync()
+    started = time.perf_counter()
+    while runner.has_work():
+        prefilling = bool(runner.waiting) or any(s.prefilled < len(s.prompt) for s in runner.running)
+        before = sum(len(s.output) for s in seqs)
+        t0 = time.perf_counter()
+        runner.step()
+        sync()
+        if not prefilling:
+            decode_s += time.perf_counter() - t0
+            decode_tokens += sum(len(s.output) for s in seqs) - before
+    total_s = time.perf_counter() - started
+    generated = sum(len(s.output) for s in seqs)
+    return {"tokens": generated, "seconds": total_s, "tok_s": generated / total_s,
+            "decode_tok_s": decode_tokens / decode_s if decode_s else None}
+
+
+class _NoText:
+    """Benchmarks count tokens, not text."""
+
+    def add(self, token_id):
+        return "", False
+
+    def flush(self):
+        return ""
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+
+def bench_engine(args) -> dict:
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    results = []
+    max_seq = args.prompt + args.new_tokens + 1
+    configs = [("dense", None, 1), ("one branch", args.rate, 1), (f"{args.branches} branches mixed", args.rate,
+                                                                     args.branches)]
+    for label, rate, n_branches in configs:
+        source = RandomFamily(args.shape, n_branches if rate is not None else 1, rate, device, dtype)
+        model = FamilyModel.from_artifact(source, device=device, dtype=dtype)
+        vocab = source.config["vocab_size"]
+        for batch in (1, args.batch):
+            runner = FamilyRunner(model, max_batch=batch, max_seq=max_seq, prefill_chunk=max(512, args.prompt))
+            run_batch(runner, _prompts(batch, args.prompt, vocab, 1), [0] * batch, 4)  # warm-up
+            branches = [i % n_branches for i in range(batch)]
+            r = run_batch(runner, _prompts(batch, args.prompt, vocab), branches, args.new_tokens)
+            results.append({"config": label, "batch": batch, **r})
+        del model
+    dense = {r["batch"]: r["decode_tok_s"] for r in results if r["config"] == "dense"}
+    for r in results:
+        r["vs_dense"] = r["decode_tok_s"] / dense[r["batch"]]
+    report = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "rate": args.rate,
+              "branches": args.branches, "prompt": args.prompt, "new_tokens": args.new_tokens,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
+    if args.hf_baseline:
+        report["hf_baseline"] = bench_hf_baseline(args.hf_baseline, device, dtype, args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return report
+    rows = [[r["config"], str(r["batch"]), f"{r['decode_tok_s']:.1f}", f"{r['vs_dense']:.2f}x", f"{r['tok_s']:.1f}"]
+            for r in results]
+    print(f"engine, shape {args.shape}, {args.dtype} on {device}, rate {args.rate}, prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(_table(["configuration", "batch", "decode tok/s", "vs dense", "end-to-end tok/s"], rows))
+    if args.hf_baseline:
+        b = report["hf_baseline"]
+        print(f"\nsame weights ({args.hf_baseline}), greedy, prompt {args.prompt}, {args.new_tokens} new tokens")
+        rows = [[k, f"{v:.1f}"] for k, v in b["tok_s"].items()]
+        print(_table(["run", "tok/s"], rows))
+        print(f"engine vs generate: batch 1 {b['engine_vs_generate_batch1']:.2f}x, "
+              f"batch {args.batch} {b['engine_vs_generate_batchB']:.2f}x; "
+              f"{args.batch} concurrent vs one after another: {b['concurrent_vs_sequential']:.2f}x")
+    return report
+
+
+def bench_hf_baseline(path: str, device: torch.device, dtype: torch.dtype, args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    vocab = hf.config.vocab_size
+    B, P, N = args.batch, args.prompt, args.new_tokens
+
+    def generate(batch: int) -> float:
+        ids = torch.tensor(_prompts(batch, P, vocab), device=device)
+        kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)
+        hf.generate(ids[:, :8], **dict(kw, max_new_tokens=4, min_new_tokens=4))  # warm-up
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        return (out.shape[0] * (out.shape[1] - P)) / (time.perf_counter() - t0)
+
+    tok_s = {"transformers generate, batch 1": generate(1), f"transformers generate, static batch {B}": generate(B)}
+    model = FamilyModel.from_artifact(SingleCheckpoint(path), device=device, dtype=dtype)
+    runner = FamilyRunner(model, max_batch=B, max_seq=P + N + 1, prefill_chunk=max(512, P))
+    run_batch(runner, _prompts(1, P, vocab, 1), [0], 4)  # warm-up
+    one = run_batch(runner, _prompts(1, P, vocab), [0], N)
+    tok_s["engine, batch 1"] = one["tok_s"]
+    together = run_batch(runner, _prompts(B, P, vocab), [0] * B, N)
+    tok_s[f"engine, {B} concurrent"] = together["tok_s"]
+    t0, tokens = time.perf_counter(), 0
+    for prompt in _prompts(B, P, vocab):
+        tokens += run_batch(runner, [prompt], [0], N)["tokens"]
+    tok_s[f"engine, {B} one after another"] = tokens / (time.perf_counter() - t0)
+    return {
+        "tok_s": tok_s,
+        "engine_vs_generate_batch1": tok_s["engine, batch 1"] / tok_s["transformers generate, batch 1"],
+        "engine_vs_generate_batchB": together["tok_s"] / tok_s[f"transformers generate, static batch {B}"],
+        "concurrent_vs_sequential": together["tok_s"] / tok_s[f"engine, {B} one after another"],
+    }
