@@ -224,3 +224,38 @@ def test_padding_past_the_cache_end_is_harmless(paths):
         assert [t[2] for t in together] == ["length", "length"]
     finally:
         e.stop()
+
+
+def test_each_branch_renders_its_own_chat_template(family, tmp_path):
+    import shutil
+
+    from server.engine.text import render_chat
+
+    members = {}
+    for name, path in family.items():
+        members[name] = tmp_path / name
+        shutil.copytree(path, members[name])
+    (members["code"] / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] ")
+    compress(members, tmp_path / "art", CompressOptions(rate=1, progress=False))
+    e = Engine()
+    e.add_family(tmp_path / "art", names={"m": "math", "c": "code"}, max_batch=1, max_seq=64)
+    assert set(e.targets) == {"m", "c"}
+    messages = [{"role": "user", "content": "2+2?"}]
+    as_math = e.tokenizer("m").decode(render_chat(e.tokenizer("m"), messages))
+    as_code = e.tokenizer("c").decode(render_chat(e.tokenizer("c"), messages))
+    assert as_math == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert as_code == "[user] 2+2?\n[assistant] "
+
+
+def test_top_k_and_top_p_limits():
+    from server.engine.sampling import sample_one
+
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.8])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_one(logits, SamplingParams(top_k=2), g)) for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {int(sample_one(logits, SamplingParams(top_p=0.01), g)) for _ in range(50)}
+    assert draws == {1}
+    draws = {int(sample_one(logits, SamplingParams(temperature=5.0), g)) for _ in range(400)}
+    assert draws == {0, 1, 2, 3, 4}

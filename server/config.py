@@ -1,0 +1,93 @@
+"""The server's YAML config, validated with pydantic. A bad key is one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from compression.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FamilyConfig(_Strict):
+    artifact: Path
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: the artifact's
+    # exposed name -> branch; default: every branch under its own name
+    branches: dict[str, str] | None = None
+
+
+class StandaloneConfig(_Strict):
+    name: str
+    path: Path
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    trust_remote_code: bool = False
+
+
+class Limits(_Strict):
+    max_batch: int = Field(16, ge=1)
+    max_context: int = Field(2048, ge=16)
+    queue_size: int = Field(256, ge=1)
+    prefill_chunk: int = Field(512, ge=16)
+
+
+class ServerConfig(_Strict):
+    families: list[FamilyConfig] = []
+    standalone: list[StandaloneConfig] = []
+    limits: Limits = Limits()
+    api_keys: list[str] = []
+    cors_origins: list[str] = []
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _something_to_serve(self):
+        if not self.families and not self.standalone:
+            raise ValueError("the config serves no model: add a family or a standalone model")
+        return self
+
+    def resolved_api_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        if os.environ.get("BRANCHSERVE_API_KEY"):
+            keys.append(os.environ["BRANCHSERVE_API_KEY"])
+        return keys
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {where!r}"
+    if error["type"] == "missing":
+        return f"missing key {where!r}"
+    return f"{where}: {error['msg']}"
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of settings at the top level")
+    try:
+        config = ServerConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{path}: {_describe(e.errors()[0])}") from None
+    base = path.resolve().parent  # relative model paths are relative to the config file
+    for fam in config.families:
+        fam.artifact = (base / fam.artifact).resolve()
+    for sa in config.standalone:
+        sa.path = (base / sa.path).resolve()
+    return config
