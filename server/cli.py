@@ -81,6 +81,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from server.config import load_config
+    from server.serve import serve
+
+    serve(load_config(args.config), args.host, args.port)
+    return 0
+
+
 def cmd_bench_compress(args) -> int:
     from compression.bench import bench_compress
 
@@ -136,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-shard-size", default="5GB")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="serve families and standalone models behind an OpenAI-compatible API")
+    s.add_argument("--config", required=True, help="YAML config file")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks that print a table and JSON")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)

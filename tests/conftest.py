@@ -36,3 +36,45 @@ def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "server.cli", *map(str, args)],
         capture_output=True, text=True, env=env, timeout=600, **kwargs,
     )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """A real uvicorn server on a loopback port, in a thread of the test process."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("server did not become ready")
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

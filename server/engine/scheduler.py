@@ -56,7 +56,6 @@ class RequestStream:
         self.seq, self._events, self._wake = seq, events, wake
         self.finish_reason: str | None = None
         self.prompt_tokens = len(seq.prompt)
-        self.completion_tokens = 0
 
     @property
     def id(self) -> str:
@@ -71,8 +70,11 @@ class RequestStream:
         event = await self._events.get()
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
-            self.completion_tokens = event.completion_tokens
         return event
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.seq.output)
 
     def cancel(self) -> None:
         self.seq.cancelled.set()

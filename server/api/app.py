@@ -1,0 +1,299 @@
+"""The FastAPI app: thin handlers that validate, call the engine and shape OpenAI responses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server.api import errors
+from server.api.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    Usage,
+    completion_id,
+    now,
+)
+from server.config import ServerConfig
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Engine, EngineFull, RequestStream
+from server.engine.text import render_chat
+from server.metrics import Metrics
+
+log = logging.getLogger("branchserve.api")
+
+
+class State:
+    """What the handlers share: the engine once loaded, metrics, settings."""
+
+    def __init__(self, config: ServerConfig, build_engine: Callable[[], Engine]):
+        self.config = config
+        self.build_engine = build_engine
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.api_keys = [k.encode() for k in config.resolved_api_keys()]
+        self.metrics = Metrics(self._load)
+        self.created = now()
+
+    def _load(self) -> tuple[int, int]:
+        return (self.engine.running(), self.engine.waiting()) if self.engine else (0, 0)
+
+    def load(self) -> None:
+        try:
+            engine = self.build_engine()
+            engine.start()
+            self.engine = engine
+            log.info("ready: serving %s", ", ".join(engine.targets))
+        except Exception as e:  # surfaced by /health and the log; the process keeps answering 503
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.exception("loading the models failed")
+
+
+def build_app(config: ServerConfig, build_engine: Callable[[], Engine]) -> FastAPI:
+    state = State(config, build_engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=state.load, name="branchserve-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            state.engine.stop()
+
+    app = FastAPI(title="branchserve", lifespan=lifespan)
+    app.state.branchserve = state
+    errors.install(app)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+
+    def authorized(request: Request) -> None:
+        if not state.api_keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        ok = False
+        for key in state.api_keys:  # every key is compared, in constant time
+            ok |= hmac.compare_digest(token.strip().encode(), key)
+        if scheme.lower() != "bearer" or not ok:
+            raise errors.unauthorized()
+
+    def engine() -> Engine:
+        if state.engine is None:
+            raise errors.not_ready()
+        return state.engine
+
+    @app.get("/health")
+    async def health():
+        if state.engine is None:
+            body = {"status": "error" if state.load_error else "loading", "detail": state.load_error}
+            return JSONResponse(body, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models() -> ModelList:
+        cards = [ModelCard(id=name, created=state.created, kind=t.kind) for name, t in engine().targets.items()]
+        return ModelList(data=cards)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await ChatHandler(state, engine(), body, request).respond()
+
+    return app
+
+
+class ChatHandler:
+    """One chat completion: validate, submit n sequences, answer as JSON or as SSE."""
+
+    def __init__(self, state: State, engine: Engine, body: ChatCompletionRequest, request: Request):
+        self.state, self.engine, self.body, self.request = state, engine, body, request
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        self.id = completion_id()
+        self.created = now()
+
+    def _prompt(self) -> list[int]:
+        target = self.engine.targets.get(self.body.model)
+        if target is None:
+            raise errors.model_not_found(self.body.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in self.body.messages]
+        try:
+            return render_chat(target.tokenizer, messages)
+        except Exception as e:  # the template itself rejects these messages (roles, order)
+            raise errors.bad_request(f"messages: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                                     param="messages") from None
+
+    def _params(self, prompt_len: int) -> list[SamplingParams]:
+        body = self.body
+        context = self.engine.targets[body.model].runner.max_seq
+        max_new = body.max_new_tokens()
+        if max_new is None:
+            max_new = context - prompt_len
+        if prompt_len + max_new > context or max_new < 1:
+            raise errors.bad_request(
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{prompt_len + max(max_new, 1)} tokens ({prompt_len} in the messages, {max(max_new, 1)} in the "
+                f"completion). Please reduce the length of the messages or completion.",
+                param="messages", code="context_length_exceeded")
+        base = dict(max_tokens=max_new, stop=body.stop_list(),
+                    temperature=1.0 if body.temperature is None else body.temperature,
+                    top_p=1.0 if body.top_p is None else body.top_p)
+        return [SamplingParams(seed=None if body.seed is None else body.seed + i, **base) for i in range(body.n)]
+
+    def _submit(self) -> list[RequestStream]:
+        if self.body.unknown_fields():
+            log.info("request %s: ignoring unknown fields %s", self.request_id, ", ".join(self.body.unknown_fields()))
+        prompt = self._prompt()
+        params = self._params(len(prompt))
+        streams = []
+        try:
+            for i, p in enumerate(params):
+                streams.append(self.engine.submit(self.body.model, prompt, p, f"{self.request_id}-{i}"))
+        except EngineFull as e:
+            for s in streams:
+                s.cancel()
+            raise errors.queue_full(str(e)) from None
+        except ValueError as e:
+            for s in streams:
+                s.cancel()
+            raise errors.bad_request(str(e)) from None
+        self.prompt_tokens = len(prompt)
+        return streams
+
+    def _headers(self) -> dict:
+        return {"x-request-id": self.request_id, "x-branchserve-branch": self.body.model}
+
+    def _record(self, status: str, completion_tokens: int) -> None:
+        ttft = None if self.first_token_at is None else self.first_token_at - self.started
+        self.state.metrics.observe(self.body.model, status, self.prompt_tokens, completion_tokens, ttft,
+                                   time.perf_counter() - self.started)
+
+    async def respond(self):
+        streams = self._submit()
+        if self.body.stream:
+            return StreamingResponse(self._sse(streams), media_type="text/event-stream", headers=self._headers())
+        return await self._complete(streams)
+
+    async def _complete(self, streams: list[RequestStream]):
+        async def collect(stream: RequestStream) -> tuple[str, str | None, str | None]:
+            text, error = [], None
+            async for ev in stream:
+                if ev.token_ids and self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                text.append(ev.text)
+                error = ev.error or error
+            return "".join(text), stream.finish_reason, error
+
+        async def disconnected() -> None:
+            while not await self.request.is_disconnected():
+                await asyncio.sleep(0.25)
+
+        work = asyncio.ensure_future(asyncio.gather(*(collect(s) for s in streams)))
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not work.done():  # the client went away: free the slots
+            for s in streams:
+                s.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            self._record("cancelled", sum(s.completion_tokens for s in streams))
+            return Response(status_code=499)
+        results = work.result()
+        completion_tokens = sum(s.completion_tokens for s in streams)
+        failed = next((err for _, reason, err in results if reason == "error"), None)
+        if failed:
+            self._record("error", completion_tokens)
+            raise errors.APIError(500, failed, type="server_error")
+        self._record("ok", completion_tokens)
+        response = ChatCompletion(
+            id=self.id, created=self.created, model=self.body.model,
+            choices=[Choice(index=i, message=ResponseMessage(content=text), finish_reason=reason)
+                     for i, (text, reason, _) in enumerate(results)],
+            usage=Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
+                        total_tokens=self.prompt_tokens + completion_tokens),
+        )
+        return JSONResponse(response.model_dump(), headers=self._headers())
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.body.model, choices=choices,
+                                    usage=usage)
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        data = chunk.model_dump(exclude_none=False)
+        if not include_usage:
+            data.pop("usage")
+        for c in data["choices"]:
+            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def _sse(self, streams: list[RequestStream]):
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for ev in stream:
+                    await events.put((index, ev))
+            finally:
+                await events.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        started = set()
+        status = "cancelled"
+        try:
+            open_streams = len(streams)
+            error = None
+            while open_streams:
+                index, ev = await events.get()
+                if ev is None:
+                    open_streams -= 1
+                    continue
+                if ev.finish_reason == "error":
+                    error = ev.error
+                    continue
+                if ev.token_ids and index not in started:
+                    started.add(index)
+                    if self.first_token_at is None:
+                        self.first_token_at = time.perf_counter()
+                    yield self._chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=ev.text))])
+                elif ev.text:
+                    yield self._chunk([ChunkChoice(index=index, delta=Delta(content=ev.text))])
+                if ev.finish_reason in ("stop", "length"):
+                    yield self._chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=ev.finish_reason)])
+            if error:
+                status = "error"
+                yield f"data: {json.dumps(errors.APIError(500, error, type='server_error').body())}\n\n"
+            else:
+                status = "ok"
+                if self.body.stream_options and self.body.stream_options.include_usage:
+                    completion = sum(s.completion_tokens for s in streams)
+                    yield self._chunk([], Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                                                total_tokens=self.prompt_tokens + completion))
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client disconnects and the response task is cancelled
+            for s in streams:
+                s.cancel()
+            for t in tasks:
+                t.cancel()
+            self._record(status, sum(s.completion_tokens for s in streams))

@@ -1,0 +1,66 @@
+"""`branchserve serve`: check the config, build the engine in the background, answer HTTP."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from compression.errors import UserError
+from server.config import ServerConfig
+from server.engine.scheduler import Engine
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def preflight(config: ServerConfig) -> None:
+    """Catch what we can before the port opens: missing models, unknown branches, absent devices."""
+    from compression.artifact import Artifact
+
+    names: set[str] = set()
+
+    def expose(name: str) -> None:
+        if name in names:
+            raise UserError(f"model name {name!r} is exposed twice")
+        names.add(name)
+
+    for fam in config.families:
+        artifact = Artifact(fam.artifact)
+        for exposed, branch in (fam.branches or {b: b for b in artifact.branches}).items():
+            artifact.check_branch(branch)
+            expose(exposed)
+    for sa in config.standalone:
+        if not (Path(sa.path) / "config.json").is_file():
+            raise UserError(f"standalone model {sa.name!r}: no checkpoint at {sa.path} (config.json missing)")
+        expose(sa.name)
+    for device in [f.device for f in config.families] + [s.device for s in config.standalone]:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"device {device!r} is configured but no CUDA device is available")
+
+
+def build_engine(config: ServerConfig) -> Engine:
+    limits = config.limits
+    engine = Engine(max_waiting=limits.queue_size)
+    common = dict(max_batch=limits.max_batch, max_seq=limits.max_context, prefill_chunk=limits.prefill_chunk)
+    for fam in config.families:
+        engine.add_family(fam.artifact, fam.branches, device=fam.device,
+                          dtype=DTYPES[fam.dtype] if fam.dtype else None, **common)
+    for sa in config.standalone:
+        engine.add_standalone(sa.name, sa.path, device=sa.device, dtype=DTYPES[sa.dtype] if sa.dtype else None,
+                              trust_remote_code=sa.trust_remote_code, **common)
+    return engine
+
+
+def serve(config: ServerConfig, host: str, port: int) -> None:
+    import uvicorn
+
+    from server.api.app import build_app
+
+    preflight(config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_app(config, lambda: build_engine(config))
+    print(f"branchserve: http://{host}:{port}/v1 (models load in the background; GET /health is 200 once ready)",
+          flush=True)
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=int(config.shutdown_grace_s),
+                log_level="info")

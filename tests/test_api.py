@@ -1,0 +1,266 @@
+"""The HTTP API end to end, through the official openai client against a real server on loopback."""
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from compression.compress import CompressOptions, compress
+from compression.synthetic import build_standalone
+from server.api.app import build_app
+from server.config import ServerConfig
+from server.serve import build_engine
+from tests.conftest import LiveServer
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture(scope="module")
+def models(family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    compress(family, root / "art", CompressOptions(rate=0.9, progress=False))
+    return {"artifact": root / "art", "phi3": build_standalone(root / "phi3", seed=4)}
+
+
+def make_config(models, **overrides) -> ServerConfig:
+    data = {
+        "families": [{"artifact": str(models["artifact"]), "branches": {"math": "math", "code": "code",
+                                                                         "chat": "chat"}}],
+        "standalone": [{"name": "phi3", "path": str(models["phi3"])}],
+        "limits": {"max_batch": 8, "max_context": 256},
+    }
+    data.update(overrides)
+    return ServerConfig.model_validate(data)
+
+
+def start(config: ServerConfig) -> LiveServer:
+    server = LiveServer(build_app(config, lambda: build_engine(config)))
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    s = start(make_config(models))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_list(client):
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {"math", "code", "chat", "phi3"}
+    assert cards["math"].kind == "branch" and cards["phi3"].kind == "standalone"
+
+
+@pytest.mark.parametrize("model", ["code", "phi3"])
+def test_chat_and_stream_agree(client, model):
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES, max_tokens=12,
+                                                           temperature=0)
+    assert raw.headers["x-branchserve-branch"] == model and raw.headers["x-request-id"]
+    done = raw.parse()
+    assert done.model == model and done.object == "chat.completion"
+    choice = done.choices[0]
+    assert choice.finish_reason == "length" and choice.message.role == "assistant"
+    assert done.usage.completion_tokens == 12
+    assert done.usage.total_tokens == done.usage.prompt_tokens + 12 and done.usage.prompt_tokens > 10
+
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    finishes = [c.choices[0].finish_reason for c in chunks[:-1] if c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    assert text == choice.message.content
+    assert len(chunks) >= 4  # about a token per chunk, not one lump
+
+
+def test_stream_without_usage_has_no_usage_field(server):
+    with httpx.stream("POST", server.url + "/v1/chat/completions",
+                      json={"model": "math", "messages": MESSAGES, "max_tokens": 3, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert all("usage" not in json.loads(line[6:]) for line in lines[:-1])
+
+
+def test_stop_and_max_completion_tokens(client):
+    full = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=24, temperature=0)
+    text = full.choices[0].message.content
+    stop = text[5:8]
+    cut = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=24, temperature=0, stop=stop)
+    assert cut.choices[0].message.content == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    short = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=24,
+                                           max_completion_tokens=2, temperature=0)
+    assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
+
+
+def test_n_choices_and_seed(client):
+    kw = dict(model="math", messages=MESSAGES, max_tokens=10, temperature=1.0, seed=11, n=2)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.usage.completion_tokens == 20
+
+
+def test_content_parts_and_unknown_fields(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "something."}]}]
+    a = client.chat.completions.create(model="math", messages=parts, max_tokens=5, temperature=0,
+                                       user="someone", extra_body={"frobnicate": True})
+    b = client.chat.completions.create(model="math", messages=[{"role": "user", "content": "Say something."}],
+                                       max_tokens=5, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_errors(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nobody", messages=MESSAGES)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="math", messages=[])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="math", messages=[{"role": "robot", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="math", messages=MESSAGES, temperature=7)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=10_000)
+    assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_eight_concurrent_streams_complete(server):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+        async def one(i):
+            model = ["math", "code", "chat", "phi3"][i % 4]
+            stream = await client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=16,
+                                                          temperature=0, stream=True)
+            reasons = [c.choices[0].finish_reason async for c in stream if c.choices and c.choices[0].finish_reason]
+            return reasons
+
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    assert asyncio.run(main()) == [["length"]] * 8
+
+
+def metric(server, name: str) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_metrics_have_per_model_series(client, server):
+    client.chat.completions.create(model="phi3", messages=MESSAGES, max_tokens=3, temperature=0)
+    requests = metric(server, "branchserve_requests_total")
+    assert requests['branchserve_requests_total{model="phi3",status="ok"}'] >= 1
+    assert metric(server, "branchserve_generation_tokens_total")['branchserve_generation_tokens_total{model="phi3"}'] >= 3
+    assert 'branchserve_time_to_first_token_seconds_count{model="phi3"}' in metric(server, "branchserve_time_to")
+    assert "branchserve_requests_running" in metric(server, "branchserve_requests_running")
+
+
+def test_closed_stream_frees_its_slot(models):
+    server = start(make_config(models, limits={"max_batch": 1, "max_context": 4096}))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=4000, temperature=0,
+                                                stream=True)
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()
+        t0 = time.monotonic()
+        done = client.chat.completions.create(model="code", messages=MESSAGES, max_tokens=4, temperature=0)
+        assert done.choices[0].finish_reason == "length"
+        assert time.monotonic() - t0 < 10
+        generated = metric(server, "branchserve_generation_tokens_total")
+        assert generated['branchserve_generation_tokens_total{model="math"}'] < 1000
+        cancelled = metric(server, "branchserve_requests_total")
+        assert cancelled['branchserve_requests_total{model="math",status="cancelled"}'] == 1
+    finally:
+        server.close()
+
+
+def test_auth(models, monkeypatch):
+    monkeypatch.setenv("BRANCHSERVE_API_KEY", "env-key")
+    server = start(make_config(models, api_keys=["config-key"]))
+    try:
+        for key in ("config-key", "env-key"):
+            ok = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+            assert ok.chat.completions.create(model="math", messages=MESSAGES, max_tokens=2).usage.completion_tokens == 2
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.close()
+
+
+def test_queue_full_is_429(models):
+    server = start(make_config(models, limits={"max_batch": 1, "max_context": 256, "queue_size": 1}))
+    gate = threading.Event()
+    runner = server.server.config.app.state.branchserve.engine.targets["math"].runner
+    step = runner.step
+    runner.step = lambda: (gate.wait(30), step())  # hold the engine: nothing is admitted meanwhile
+    try:
+        body = {"model": "math", "messages": MESSAGES, "max_tokens": 2}
+        results = []
+        waiting = threading.Thread(target=lambda: results.append(
+            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)))
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while metric(server, "branchserve_requests_waiting")["branchserve_requests_waiting"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"]
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        gate.set()
+        waiting.join(timeout=60)
+        assert results[0].status_code == 200
+    finally:
+        gate.set()
+        server.close()
+
+
+def test_health_is_503_while_loading(models):
+    gate = threading.Event()
+    config = make_config(models)
+
+    def slow_engine():
+        gate.wait(30)
+        return build_engine(config)
+
+    server = LiveServer(build_app(config, slow_engine))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r = httpx.get(server.url + "/health")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = httpx.post(server.url + "/v1/chat/completions", json={"model": "math", "messages": MESSAGES})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        gate.set()
+        server.wait_ready()
+    finally:
+        gate.set()
+        server.close()
