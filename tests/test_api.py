@@ -264,3 +264,32 @@ def test_health_is_503_while_loading(models):
     finally:
         gate.set()
         server.close()
+
+
+def test_error_mid_stream_is_an_error_event_then_done(models):
+    server = start(make_config(models))
+    runner = server.server.config.app.state.branchserve.engine.targets["code"].runner
+    decode, calls = runner._decode, []
+
+    def failing(seqs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device fell over")
+        return decode(seqs)
+
+    runner._decode = failing
+    try:
+        body = {"model": "code", "messages": MESSAGES, "max_tokens": 20, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2][6:])["error"]
+        assert error["type"] == "server_error" and "device fell over" in error["message"]
+        assert "Traceback" not in error["message"]
+        # The engine survives: the next request is served.
+        ok = httpx.post(server.url + "/v1/chat/completions", json=dict(body, stream=False, max_tokens=3), timeout=30)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        assert metric(server, "branchserve_requests_total")['branchserve_requests_total{model="code",status="error"}'] == 1
+    finally:
+        server.close()

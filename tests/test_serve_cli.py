@@ -1,0 +1,74 @@
+"""`branchserve serve` as a process: config errors exit 2 before the port opens; SIGTERM exits cleanly."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+
+from compression.compress import CompressOptions, compress
+from server.cli import main
+from tests.conftest import ROOT, free_port
+
+
+@pytest.fixture(scope="module")
+def artifact(family, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "art"
+    compress(family, out, CompressOptions(rate=1, progress=False))
+    return out
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+@pytest.mark.parametrize("data,expect", [
+    ({"families": [{"artifact": "x", "colour": "red"}]}, "unknown key 'families.0.colour'"),
+    ({"familes": []}, "unknown key 'familes'"),
+    ({"families": [{"device": "cpu"}]}, "missing key 'families.0.artifact'"),
+    ({}, "serves no model"),
+    ("families: [unclosed", "not valid YAML"),
+    ({"families": [{"artifact": "missing-dir"}]}, "artifact directory not found"),
+    ({"limits": {"max_batch": 0}, "families": [{"artifact": "a"}]}, "limits.max_batch"),
+])
+def test_bad_config_exits_2_with_one_line(tmp_path, capsys, data, expect):
+    code = main(["serve", "--config", write(tmp_path, data)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert expect in err
+
+
+def test_unknown_branch_in_config(tmp_path, capsys, artifact):
+    data = {"families": [{"artifact": str(artifact), "branches": {"x": "nobody"}}]}
+    assert main(["serve", "--config", write(tmp_path, data)]) == 2
+    assert "unknown branch 'nobody'" in capsys.readouterr().err
+
+
+def test_sigterm_shuts_down_cleanly(tmp_path, artifact):
+    port = free_port()
+    config = write(tmp_path, {"families": [{"artifact": str(artifact)}], "shutdown_grace_s": 5})
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", config, "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert f"http://127.0.0.1:{port}/v1" in out
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
