@@ -64,7 +64,16 @@ def test_sigterm_shuts_down_cleanly(tmp_path, artifact):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
+        # A stream in flight when SIGTERM arrives still finishes within the grace period.
+        body = {"model": "math", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
+                "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert first.startswith("data: ") and rest[-1] == "data: [DONE]"
+        assert '"finish_reason": "length"' in rest[-2]
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert f"http://127.0.0.1:{port}/v1" in out
