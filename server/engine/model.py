@@ -197,11 +197,14 @@ class Block(nn.Module):
         k = self.k(x, rows).view(B, L, cfg.num_kv_heads, cfg.head_dim)
         v = self.v(x, rows).view(B, L, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, rows.cos, rows.sin), apply_rope(k, rows.cos, rows.sin)
-        k_cache[rows.slots[:, None], rows.pos] = k.to(k_cache.dtype)
-        v_cache[rows.slots[:, None], rows.pos] = v.to(v_cache.dtype)
-        Lk = rows.mask.shape[-1]
-        keys = k_cache[:, :Lk].index_select(0, rows.slots).transpose(1, 2)  # (B, kv_heads, Lk, hd)
-        values = v_cache[:, :Lk].index_select(0, rows.slots).transpose(1, 2)
+        if k_cache is None:  # a one-off forward (router embeddings): attend to this input only
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            k_cache[rows.slots[:, None], rows.pos] = k.to(k_cache.dtype)
+            v_cache[rows.slots[:, None], rows.pos] = v.to(v_cache.dtype)
+            Lk = rows.mask.shape[-1]
+            keys = k_cache[:, :Lk].index_select(0, rows.slots).transpose(1, 2)  # (B, kv_heads, Lk, hd)
+            values = v_cache[:, :Lk].index_select(0, rows.slots).transpose(1, 2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=rows.mask, enable_gqa=True)
         return self.o(out.transpose(1, 2).reshape(B, L, -1), rows)
 
@@ -240,16 +243,34 @@ class FamilyModel(nn.Module):
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
         self.max_seq = max_seq
 
-    def _rows(self, branch: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, L: int) -> Rows:
+    def _rows(self, branch: torch.Tensor, start: torch.Tensor, slots: torch.Tensor | None, L: int) -> Rows:
         pos = start[:, None] + torch.arange(L, device=start.device)  # (B, L)
-        # Padding past the cache's end (right-padded prefill rows) is written onto its last entry.
-        pos = pos.clamp(max=self.max_seq - 1)
+        if slots is not None:
+            # Padding past the cache's end (right-padded prefill rows) is written onto its last entry.
+            pos = pos.clamp(max=self.max_seq - 1)
         Lk = int(pos.max()) + 1
         mask = torch.arange(Lk, device=start.device)[None, None, :] <= pos[:, :, None]  # (B, L, Lk)
         freqs = pos[..., None].float() * self.inv_freq  # (B, L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         single = int(branch[0]) if bool((branch == branch[0]).all()) else None
         return Rows(branch, single, pos, slots, mask[:, None], emb.cos().to(self.dtype), emb.sin().to(self.dtype))
+
+    @torch.inference_mode()
+    def hidden(self, tokens: list[int], branch: int, layer: int = -1) -> torch.Tensor:
+        """(L, H) hidden states of one branch at one layer, without the KV cache.
+
+        Index 0 is the embeddings and -1 the final normed output, as in transformers' hidden_states.
+        """
+        t = torch.tensor([tokens], device=self.device)
+        b = torch.tensor([branch], device=self.device)
+        rows = self._rows(b, torch.zeros(1, dtype=torch.long, device=self.device), None, len(tokens))
+        x = self.embed.lookup(b, t)
+        states = [x]
+        for block in self.blocks:
+            x = block(x, rows, None, None)
+            states.append(x)
+        states[-1] = rms_norm(x, self.norm.select(b), self.cfg.rms_norm_eps)
+        return states[layer][0]
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, branch: torch.Tensor,

@@ -1,0 +1,79 @@
+"""Building the router from the server config: exemplar store, embedder, cache."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from compression.errors import UserError
+from router.embedders import (
+    DecoderSuffixEmbedder,
+    SentenceTransformerEmbedder,
+    hf_hidden,
+    load_decoder_path,
+)
+from router.router import Router
+from router.store import ExemplarStore
+from server.config import RouterConfig, ServerConfig, data_home
+
+
+def seed_file(name: str) -> Path:
+    path = Path(str(resources.files("prompts").joinpath(f"router/{name}.yaml")))
+    if not path.is_file():
+        raise UserError(f"no shipped exemplar set named {name!r} (prompts/router/{name}.yaml)")
+    return path
+
+
+def exemplar_store(config: RouterConfig) -> ExemplarStore:
+    path = config.exemplars or data_home() / "router" / "exemplars.yaml"
+    return ExemplarStore(path, seed_file(config.seed))
+
+
+def cache_dir() -> Path:
+    return data_home() / "router" / "cache"
+
+
+def served_hidden(target):
+    """Hidden states of a served model: a family branch through the family model, else transformers."""
+    if target.kind == "branch":
+        model, branch = target.runner.model, target.branch
+        return lambda ids, layer: model.hidden(ids, branch, layer)
+    return hf_hidden(target.runner.model)
+
+
+def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig | None = None):
+    """minilm | decoder:NAME (a served model, or one named in the config) | decoder:PATH | PATH."""
+    if spec == "minilm":
+        return SentenceTransformerEmbedder()
+    if spec.startswith("decoder:"):
+        name = spec.removeprefix("decoder:")
+        if engine is not None and name in engine.targets:
+            target = engine.targets[name]
+            return DecoderSuffixEmbedder(name, target.tokenizer, served_hidden(target), layer=layer)
+        if config is not None:
+            for sa in config.standalone:
+                if sa.name == name:
+                    return load_decoder_path(sa.path, layer)
+            for fam in config.families:
+                from compression.artifact import Artifact
+                from server.engine.model import FamilyModel
+                from server.engine.text import load_tokenizer
+
+                artifact = Artifact(fam.artifact)
+                branch = (fam.branches or {b: b for b in artifact.branches}).get(name)
+                if branch is not None:
+                    model = FamilyModel.from_artifact(artifact, [branch])
+                    return DecoderSuffixEmbedder(name, load_tokenizer(artifact.branch_dir(branch)),
+                                                 lambda ids, lyr: model.hidden(ids, 0, lyr), layer=layer)
+        if Path(name).is_dir():
+            return load_decoder_path(name, layer)
+        raise UserError(f"embedder {spec!r}: {name!r} is neither a served model nor a checkpoint directory")
+    if Path(spec).is_dir():
+        return SentenceTransformerEmbedder(spec)
+    raise UserError(f"embedder {spec!r}: use minilm, decoder:NAME or the path of a sentence-transformers model")
+
+
+def build_router(config: ServerConfig, engine) -> Router:
+    rc = config.router
+    return Router(exemplar_store(rc), build_embedder(rc.embedder, rc.layer, engine=engine), cache_dir(),
+                  rc.default_route, rc.aggregate, rc.top_k, rc.input, targets=set(engine.targets))
