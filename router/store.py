@@ -158,7 +158,7 @@ def parse_routes(path: Path, text: str) -> dict[str, Route]:
                 else:
                     _fail(path, k, f"unknown key {k.value!r} in route {name!r}")
             if not route.target:
-                _fail(path, spec, f"route {name!r} has no target")
+                _fail(path, name_node, f"route {name!r} has no target")
             routes[name] = route
     return routes
 

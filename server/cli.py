@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=cmd_serve)
 
+    from server.router_cli import add_parsers
+
+    add_parsers(sub, _Parser)
+
     b = sub.add_parser("bench", help="benchmarks that print a table and JSON")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     bc = bsub.add_parser("compress", help="compress -> export round trip on a synthetic family")

@@ -41,7 +41,8 @@ def served_hidden(target):
     return hf_hidden(target.runner.model)
 
 
-def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig | None = None):
+def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig | None = None,
+                   suffix: bool = True):
     """minilm | decoder:NAME (a served model, or one named in the config) | decoder:PATH | PATH."""
     if spec == "minilm":
         return SentenceTransformerEmbedder()
@@ -49,11 +50,11 @@ def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig
         name = spec.removeprefix("decoder:")
         if engine is not None and name in engine.targets:
             target = engine.targets[name]
-            return DecoderSuffixEmbedder(name, target.tokenizer, served_hidden(target), layer=layer)
+            return DecoderSuffixEmbedder(name, target.tokenizer, served_hidden(target), layer=layer, suffix=suffix)
         if config is not None:
             for sa in config.standalone:
                 if sa.name == name:
-                    return load_decoder_path(sa.path, layer)
+                    return load_decoder_path(sa.path, layer, suffix)
             for fam in config.families:
                 from compression.artifact import Artifact
                 from server.engine.model import FamilyModel
@@ -64,9 +65,10 @@ def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig
                 if branch is not None:
                     model = FamilyModel.from_artifact(artifact, [branch])
                     return DecoderSuffixEmbedder(name, load_tokenizer(artifact.branch_dir(branch)),
-                                                 lambda ids, lyr: model.hidden(ids, 0, lyr), layer=layer)
+                                                 lambda ids, lyr: model.hidden(ids, 0, lyr), layer=layer,
+                                                 suffix=suffix)
         if Path(name).is_dir():
-            return load_decoder_path(name, layer)
+            return load_decoder_path(name, layer, suffix)
         raise UserError(f"embedder {spec!r}: {name!r} is neither a served model nor a checkpoint directory")
     if Path(spec).is_dir():
         return SentenceTransformerEmbedder(spec)

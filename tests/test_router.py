@@ -1,0 +1,335 @@
+"""The router: decision logic, exemplar store, embedders, cache, HTTP editing API, eval and fit."""
+
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+import torch
+import yaml
+
+from compression.compress import CompressOptions, compress
+from compression.errors import UserError
+from compression.synthetic import build_standalone
+from router.decision import decide, route_scores
+from router.embedders import DecoderSuffixEmbedder, SentenceTransformerEmbedder, load_decoder_path
+from router.router import Router
+from router.store import ExemplarStore, Route, StoreError
+from server.api.app import build_app
+from server.cli import main
+from server.config import ServerConfig
+from server.serve import build_engine, router_factory
+from tests.conftest import LiveServer
+
+EXEMPLARS = {"routes": {
+    "math": {"target": "math", "exemplars": ["What is 17 times 23?", "Solve for x: 3x + 7 = 22.",
+                                             "Compute the sum of 48 and 95."]},
+    "code": {"target": "code", "exemplars": ["Write a Python function to reverse a list.",
+                                             "Why does my JavaScript loop never end?",
+                                             "Fix this SQL query that returns duplicate rows."]},
+    "general": {"target": "phi3", "exemplars": ["Tell me about the history of Rome.",
+                                                "What should I cook for dinner tonight?"]},
+}}
+
+
+def write_exemplars(path, data=EXEMPLARS):
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# -- decision logic on fixed vectors
+
+def test_scores_max_and_mean_top_k():
+    m = torch.tensor([[1.0, 0], [0.6, 0.8], [0, 1.0], [0.8, 0.6]])
+    owners = torch.tensor([0, 0, 1, 1])
+    q = torch.tensor([1.0, 0])
+    assert route_scores(q, m, owners, 3, "max").tolist() == pytest.approx([1.0, 0.8, float("-inf")])
+    assert route_scores(q, m, owners, 3, "mean_top_k", 2).tolist()[:2] == pytest.approx([0.8, 0.4])
+
+
+def test_decide_threshold_default_and_ties():
+    routes = [Route("a", "A"), Route("b", "B", threshold=0.9), Route("dflt", "D")]
+    d = decide(torch.tensor([0.5, 0.7, 0.1]), routes, "dflt")
+    assert (d.route, d.target, d.fallback, d.runner_up) == ("dflt", "D", True, "b")  # b won but missed 0.9
+    d = decide(torch.tensor([0.5, 0.95, 0.1]), routes, "dflt")
+    assert (d.route, d.score, d.runner_up, d.runner_up_score) == ("b", pytest.approx(0.95), "a", pytest.approx(0.5))
+    tie = [Route("zeta", "Z"), Route("alpha", "A"), Route("dflt", "D")]
+    assert decide(torch.tensor([0.7, 0.7, 0.1]), tie, "dflt").route == "alpha"
+    assert decide(torch.tensor([float("-inf")] * 3), tie, "dflt").route == "dflt"
+
+
+# -- the store
+
+def test_store_round_trip_and_errors(tmp_path):
+    store = ExemplarStore(write_exemplars(tmp_path / "ex.yaml"))
+    ex = store.add_exemplar("math", "  What is 2 to the power 10?  ")
+    assert ex.text == "What is 2 to the power 10?" and ex.id.startswith("ex-")
+    with pytest.raises(StoreError):
+        store.add_exemplar("math", "What is 2 to the power 10?")
+    with pytest.raises(StoreError) as e:
+        store.add_exemplar("nope", "x")
+    assert e.value.missing
+    with pytest.raises(StoreError):
+        store.add_exemplar("math", "   ")
+    with pytest.raises(StoreError):
+        store.add_exemplar("math", "x" * 5000)
+    first = store.routes["code"].exemplars[0].id
+    store.remove_exemplar("code", first)
+    store.add_route("poetry", "phi3", threshold=0.4, exemplars=["Write a haiku about rain."])
+    again = ExemplarStore(tmp_path / "ex.yaml")
+    assert [e.text for e in again.routes["math"].exemplars][-1] == "What is 2 to the power 10?"
+    assert first not in [e.id for e in again.routes["code"].exemplars]
+    assert again.routes["poetry"].threshold == 0.4
+    assert [p.name for p in tmp_path.iterdir()] == ["ex.yaml"]  # no temporary files left behind
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("routes:\n  math:\n    exemplars: [a]\n", ":2: route 'math' has no target"),
+    ("routes:\n  math:\n    target: m\n    exemplars:\n      - a\n      - a\n", ":6: duplicate exemplar"),
+    ("routes:\n  math:\n    target: m\n    colour: red\n", ":4: unknown key 'colour'"),
+    ("routes:\n  math: [\n", "not valid YAML"),
+    ("routes:\n  math:\n    target: m\n    threshold: high\n", ":4: threshold must be a number"),
+])
+def test_malformed_exemplar_file_names_file_and_line(tmp_path, text, expect):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as e:
+        ExemplarStore(path)
+    assert str(e.value).startswith(str(path)) and expect in str(e.value)
+
+
+def test_fifty_concurrent_adds_all_persist(tmp_path):
+    store = ExemplarStore(write_exemplars(tmp_path / "ex.yaml"))
+    threads = [threading.Thread(target=store.add_exemplar, args=("math", f"What is {i} plus {i}?"))
+               for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    texts = [e.text for e in ExemplarStore(tmp_path / "ex.yaml").routes["math"].exemplars]
+    assert len(texts) == 53 and all(f"What is {i} plus {i}?" in texts for i in range(50))
+
+
+# -- embedders
+
+@pytest.fixture(scope="module")
+def minilm():
+    return SentenceTransformerEmbedder()
+
+
+def test_minilm_embeds_meaning(minilm):
+    v = minilm.embed(["What is 12 times 11?", "Compute 7 multiplied by 8.", "Write a Python class for a stack."])
+    assert v.shape == (3, 384)
+    torch.testing.assert_close(v.norm(dim=1), torch.ones(3))
+    assert v[0] @ v[1] > v[0] @ v[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("router-models")
+    compress(family, root / "art", CompressOptions(rate=0.9, progress=False))
+    return {"artifact": root / "art", "phi3": build_standalone(root / "phi3", seed=4)}
+
+
+def test_decoder_suffix_embedder_on_tiny_models(tiny_models):
+    emb = load_decoder_path(tiny_models["phi3"])
+    v = emb.embed(["What is 12 times 11?", "Write a Python class."])
+    assert v.shape == (2, 64) and torch.allclose(v.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(emb.embed(["What is 12 times 11?"])[0], v[0])
+    plain = load_decoder_path(tiny_models["phi3"], suffix=False)
+    assert plain.fingerprint != emb.fingerprint
+    assert not torch.allclose(plain.embed(["What is 12 times 11?"])[0], v[0])
+    # A served family branch embeds through the family model's own hidden states.
+    from compression.artifact import Artifact
+    from server.engine.model import FamilyModel
+    from server.engine.text import load_tokenizer
+
+    art = Artifact(tiny_models["artifact"])
+    model = FamilyModel.from_artifact(art)
+    branch = DecoderSuffixEmbedder("math", load_tokenizer(art.branch_dir("math")),
+                                   lambda ids, layer: model.hidden(ids, 0, layer), layer=2)
+    assert branch.embed(["hello"]).shape == (1, 64)
+
+
+def test_cache_re_embeds_only_what_changed(tmp_path, minilm):
+    store = ExemplarStore(write_exemplars(tmp_path / "ex.yaml"))
+    r1 = Router(store, minilm, tmp_path / "cache", "general")
+    assert r1.cache.misses == 8
+    r2 = Router(ExemplarStore(tmp_path / "ex.yaml"), minilm, tmp_path / "cache", "general")
+    assert r2.cache.misses == 0
+    r2.store.add_exemplar("code", "How do I undo a git commit?")
+    assert r2.decide_text("How do I undo a git commit?").route == "code"
+    assert r2.cache.misses == 1 + 1 - 1  # the new exemplar only (the query is not cached)
+
+
+def test_router_decides_and_edits_take_effect(tmp_path, minilm):
+    router = Router(ExemplarStore(write_exemplars(tmp_path / "ex.yaml")), minilm, tmp_path / "cache", "general")
+    assert router.decide_text("What is 45 times 3?").route == "math"
+    assert router.decide_text("My Python script throws a KeyError").route == "code"
+    odd = "Recommend a good sci-fi novel"
+    before = router.decide_text(odd)
+    router.store.add_route("books", "phi3", exemplars=["Recommend a good sci-fi novel"])
+    after = router.decide_text(odd)
+    assert after.route == "books" and after.score == pytest.approx(1.0, abs=1e-5) and before.route != "books"
+    with pytest.raises(StoreError):
+        router.remove_route("general")
+
+
+# -- over HTTP
+
+def router_config(models, exemplars, **extra) -> ServerConfig:
+    return ServerConfig.model_validate({
+        "families": [{"artifact": str(models["artifact"])}],
+        "standalone": [{"name": "phi3", "path": str(models["phi3"])}],
+        "router": {"default_route": "general", "exemplars": str(exemplars), **extra.pop("router", {})},
+        "limits": {"max_batch": 4, "max_context": 256},
+        **extra,
+    })
+
+
+def start(config):
+    server = LiveServer(build_app(config, lambda: build_engine(config), router_factory(config)))
+    server.wait_ready()
+    return server
+
+
+def test_auto_routing_and_editing_over_http(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRANCHSERVE_HOME", str(tmp_path / "home"))
+    path = write_exemplars(tmp_path / "ex.yaml")
+    server = start(router_config(tiny_models, path))
+    url = server.url
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert "auto" in [m.id for m in client.models.list().data]
+        raw = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "What is 45 times 3?"}], max_tokens=3)
+        assert raw.headers["x-branchserve-route"] == "math" and raw.headers["x-branchserve-branch"] == "math"
+        assert float(raw.headers["x-branchserve-route-score"]) > 0.3
+        assert raw.parse().model == "math"
+        stream = client.chat.completions.create(model="auto", stream=True, max_tokens=3,
+                                                messages=[{"role": "user", "content": "Fix my Python import"}])
+        assert {c.model for c in stream} == {"code"}
+
+        routes = httpx.get(url + "/v1/router/routes").json()
+        assert routes["default_route"] == "general" and len(routes["routes"]) == 3
+        r = httpx.post(url + "/v1/router/routes/general/exemplars", json={"text": "What is 45 times 3?"})
+        assert r.status_code == 201 and r.json()["id"].startswith("ex-")
+        new_id = r.json()["id"]
+        d = httpx.post(url + "/v1/router/decide", json={"text": "What is 45 times 3?"}).json()
+        assert d["route"] == "general" and d["runner_up"] == "math"  # the edit counts on the next request
+        d = httpx.post(url + "/v1/router/decide",
+                       json={"messages": [{"role": "user", "content": "What is 45 times 3?"}]}).json()
+        assert d["route"] == "general"
+        assert httpx.post(url + "/v1/router/routes/general/exemplars",
+                          json={"text": "What is 45 times 3?"}).status_code == 400  # duplicate
+        assert httpx.post(url + "/v1/router/routes/nope/exemplars", json={"text": "x"}).status_code == 404
+        assert httpx.post(url + "/v1/router/routes/math/exemplars", json={"text": ""}).status_code == 400
+        assert httpx.post(url + "/v1/router/decide", json={"text": ""}).status_code == 400
+        assert httpx.delete(url + "/v1/router/routes/math/exemplars/ex-nothing").status_code == 404
+        created = httpx.post(url + "/v1/router/routes", json={"name": "books", "target": "phi3",
+                                                              "exemplars": ["Recommend a novel"]})
+        assert created.status_code == 201
+        assert httpx.post(url + "/v1/router/routes", json={"name": "x", "target": "ghost"}).status_code == 400
+        assert httpx.delete(url + "/v1/router/routes/books").status_code == 204
+        assert httpx.delete(url + "/v1/router/routes/general").status_code == 400
+        math_ids = [e["id"] for e in routes["routes"][0]["exemplars"]]
+        assert httpx.delete(url + f"/v1/router/routes/math/exemplars/{math_ids[0]}").status_code == 204
+        decisions = httpx.get(url + "/metrics").text
+        assert 'branchserve_route_decisions_total{outcome="match",route="math"}' in decisions
+    finally:
+        server.close()
+    # A restart keeps every edit.
+    server = start(router_config(tiny_models, path))
+    try:
+        routes = {r["name"]: r for r in httpx.get(server.url + "/v1/router/routes").json()["routes"]}
+        assert new_id in [e["id"] for e in routes["general"]["exemplars"]]
+        assert math_ids[0] not in [e["id"] for e in routes["math"]["exemplars"]]
+        assert "books" not in routes
+    finally:
+        server.close()
+
+
+def test_router_edits_need_the_admin_key(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRANCHSERVE_HOME", str(tmp_path / "home"))
+    config = router_config(tiny_models, write_exemplars(tmp_path / "ex.yaml"), api_keys=["user"],
+                           router={"admin_keys": ["admin"]})
+    server = start(config)
+    try:
+        user = {"Authorization": "Bearer user"}
+        admin = {"Authorization": "Bearer admin"}
+        assert httpx.get(server.url + "/v1/router/routes", headers=user).status_code == 401
+        assert httpx.get(server.url + "/v1/router/routes", headers=admin).status_code == 200
+        assert httpx.post(server.url + "/v1/chat/completions", headers=user, json={
+            "model": "auto", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 2}).status_code == 200
+    finally:
+        server.close()
+
+
+def test_the_default_store_is_seeded_into_the_data_directory(tiny_models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BRANCHSERVE_HOME", str(tmp_path / "home"))
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"families": [{"artifact": str(tiny_models["artifact"])}],
+                                      "router": {"default_route": "general"}}))
+    # The shipped reference routes target models this config does not serve: exit 2 before the port opens.
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "targets 'llama-math', which is not served" in err
+    assert (tmp_path / "home" / "router" / "exemplars.yaml").is_file()
+
+
+def test_malformed_store_at_start_exits_2(tiny_models, tmp_path, capsys):
+    bad = tmp_path / "ex.yaml"
+    bad.write_text("routes:\n  math:\n    target: math\n    exemplars: 7\n")
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"families": [{"artifact": str(tiny_models["artifact"])}],
+                                      "router": {"default_route": "math", "exemplars": str(bad)}}))
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}:4: exemplars must be a list") and err.count("\n") == 1
+
+
+# -- eval, fit and the exemplars CLI
+
+LABELED = [
+    ("Multiply 12 by 12.", "math"), ("What is 100 divided by 4?", "math"),
+    ("Write a function to sort a list in Python.", "code"), ("Why is my Rust program panicking?", "code"),
+    ("Tell me about ancient Egypt.", "general"), ("asdf qwerty zxcv", "none"),
+]
+
+
+def test_eval_and_fit_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BRANCHSERVE_HOME", str(tmp_path / "home"))
+    ex = write_exemplars(tmp_path / "ex.yaml")
+    labeled = tmp_path / "labeled.jsonl"
+    labeled.write_text("\n".join(json.dumps({"text": t, "route": r}) for t, r in LABELED))
+    args = ["router", "eval", "--labeled", str(labeled), "--exemplars", str(ex), "--default-route", "general"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 6 and 0.5 <= report["accuracy"] <= 1
+    assert set(report["per_route"]) >= {"math", "code", "general"}
+    assert report["latency_ms"]["p95"] >= report["latency_ms"]["p50"] > 0
+    assert main(args) == 0
+    assert "confusion" in capsys.readouterr().out
+    fit = ["router", "fit", "--labeled", str(labeled), "--exemplars", str(ex), "--default-route", "general"]
+    assert main([*fit, "--json", "--write"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy_after"] >= result["accuracy_before"]
+    stored = ExemplarStore(ex)
+    assert {n: r.threshold for n, r in stored.routes.items() if n != "general"} == \
+        {n: t for n, t in result["thresholds"].items() if n != "general"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    assert main(["router", "eval", "--labeled", str(bad), "--exemplars", str(ex), "--default-route", "general"]) == 2
+    assert f"{bad}:1:" in capsys.readouterr().err
+
+
+def test_exemplars_cli_on_a_file(tmp_path, capsys):
+    ex = write_exemplars(tmp_path / "ex.yaml")
+    assert main(["exemplars", "--file", str(ex), "add", "math", "What is 9 squared?"]) == 0
+    new_id = capsys.readouterr().out.strip()
+    assert main(["exemplars", "--file", str(ex), "list"]) == 0
+    assert new_id in capsys.readouterr().out
+    assert main(["exemplars", "--file", str(ex), "remove", "math", new_id]) == 0
+    assert main(["exemplars", "--file", str(ex), "remove", "math", new_id]) == 2
+    assert "no exemplar" in capsys.readouterr().err
