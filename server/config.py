@@ -53,10 +53,28 @@ class RouterConfig(_Strict):
     admin_keys: list[str] = []  # needed for /v1/router edits when api_keys are set
 
 
+class StageConfig(_Strict):
+    model: str  # a served name
+    template: str  # prompts/pipelines/<template>.jinja, or a .jinja path relative to the config file
+    domain: str | None = None  # adds the domain-expert system prompt (prompts/system/expert.jinja)
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = []
+
+
+class PipelineConfig(_Strict):
+    name: str
+    stages: list[StageConfig] = Field(min_length=1)
+
+
 class ServerConfig(_Strict):
     families: list[FamilyConfig] = []
     standalone: list[StandaloneConfig] = []
     router: RouterConfig | None = None
+    pipelines: list[PipelineConfig] = []
+    # route name -> domain: requests routed there get the domain-expert system prompt
+    route_domains: dict[str, str] = {}
     limits: Limits = Limits()
     api_keys: list[str] = []
     cors_origins: list[str] = []
@@ -112,4 +130,8 @@ def load_config(path: str | Path) -> ServerConfig:
         sa.path = (base / sa.path).resolve()
     if config.router and config.router.exemplars:
         config.router.exemplars = (base / config.router.exemplars).resolve()
+    for pipeline in config.pipelines:
+        for stage in pipeline.stages:
+            if stage.template.endswith(".jinja"):
+                stage.template = str((base / stage.template).resolve())
     return config

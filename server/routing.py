@@ -75,7 +75,7 @@ def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig
     raise UserError(f"embedder {spec!r}: use minilm, decoder:NAME or the path of a sentence-transformers model")
 
 
-def build_router(config: ServerConfig, engine) -> Router:
+def build_router(config: ServerConfig, engine, pipelines: set[str] = frozenset()) -> Router:
     rc = config.router
     return Router(exemplar_store(rc), build_embedder(rc.embedder, rc.layer, engine=engine), cache_dir(),
-                  rc.default_route, rc.aggregate, rc.top_k, rc.input, targets=set(engine.targets))
+                  rc.default_route, rc.aggregate, rc.top_k, rc.input, targets=set(engine.targets) | set(pipelines))

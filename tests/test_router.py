@@ -189,7 +189,7 @@ def router_config(models, exemplars, **extra) -> ServerConfig:
 
 
 def start(config):
-    server = LiveServer(build_app(config, lambda: build_engine(config), router_factory(config)))
+    server = LiveServer(build_app(config, lambda: build_engine(config), router_factory(config, {})))
     server.wait_ready()
     return server
 

@@ -39,6 +39,7 @@ from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Engine, EngineFull, RequestStream
 from server.engine.text import render_chat
 from server.metrics import Metrics
+from server.pipelines import Pipeline, PipelineResult, StageFailed, get_question, run_pipeline, with_expert
 
 log = logging.getLogger("branchserve.api")
 
@@ -47,8 +48,9 @@ class State:
     """What the handlers share: the engine and router once loaded, metrics, settings."""
 
     def __init__(self, config: ServerConfig, build_engine: Callable[[], Engine],
-                 build_router: Callable[[Engine], Router] | None = None):
+                 build_router: Callable[[Engine], Router] | None = None, pipelines: dict[str, Pipeline] | None = None):
         self.config = config
+        self.pipelines = pipelines or {}
         self.build_engine, self.build_router = build_engine, build_router
         self.engine: Engine | None = None
         self.router: Router | None = None
@@ -75,8 +77,9 @@ class State:
 
 
 def build_app(config: ServerConfig, build_engine: Callable[[], Engine],
-              build_router: Callable[[Engine], Router] | None = None) -> FastAPI:
-    state = State(config, build_engine, build_router)
+              build_router: Callable[[Engine], Router] | None = None,
+              pipelines: dict[str, Pipeline] | None = None) -> FastAPI:
+    state = State(config, build_engine, build_router, pipelines)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -133,6 +136,7 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine],
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> ModelList:
         cards = [ModelCard(id=name, created=state.created, kind=t.kind) for name, t in engine().targets.items()]
+        cards += [ModelCard(id=name, created=state.created, kind="pipeline") for name in state.pipelines]
         if state.router is not None:
             cards.append(ModelCard(id="auto", created=state.created, kind="router"))
         return ModelList(data=cards)
@@ -153,6 +157,8 @@ class ChatHandler:
         self.state, self.engine, self.body, self.request = state, engine, body, request
         self.model = body.model  # the served name that answers: for "auto", the router's choice
         self.decision = None
+        self.pipeline: Pipeline | None = None
+        self.domain: str | None = None  # the routed route's domain-expert prompt, if it has one
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -162,6 +168,9 @@ class ChatHandler:
     def _messages(self) -> list[dict]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in self.body.messages]
+
+    def _model_messages(self) -> list[dict]:
+        return with_expert(self._messages(), self.domain)
 
     async def _route(self) -> None:
         """model "auto": the router picks the target; the decision is logged, counted and returned in headers."""
@@ -174,6 +183,7 @@ class ChatHandler:
             raise errors.bad_request(str(e), param="messages") from None
         d = self.decision
         self.model = d.target
+        self.domain = self.state.config.route_domains.get(d.route)
         self.state.metrics.route_decisions.labels(d.route, "fallback" if d.fallback else "match").inc()
         log.info("request %s: route %s -> %s (score %.3f; runner-up %s %s)%s", self.request_id, d.route, d.target,
                  d.score, d.runner_up, "n/a" if d.runner_up_score is None else f"{d.runner_up_score:.3f}",
@@ -183,7 +193,7 @@ class ChatHandler:
         target = self.engine.targets.get(self.model)
         if target is None:
             raise errors.model_not_found(self.body.model)
-        messages = self._messages()
+        messages = self._model_messages()
         try:
             return render_chat(target.tokenizer, messages)
         except Exception as e:  # the template itself rejects these messages (roles, order)
@@ -229,6 +239,9 @@ class ChatHandler:
 
     def _headers(self) -> dict:
         headers = {"x-request-id": self.request_id, "x-branchserve-branch": self.model}
+        if self.pipeline is not None:
+            headers["x-branchserve-pipeline"] = self.pipeline.name
+            headers["x-branchserve-branch"] = self.pipeline.final_model
         if self.decision is not None:
             headers["x-branchserve-route"] = self.decision.route
             headers["x-branchserve-route-score"] = f"{self.decision.score:.4f}"
@@ -241,6 +254,9 @@ class ChatHandler:
 
     async def respond(self):
         await self._route()
+        self.pipeline = self.state.pipelines.get(self.model)
+        if self.pipeline is not None:
+            return await self._respond_pipeline()
         streams = self._submit()
         if self.body.stream:
             return StreamingResponse(self._sse(streams), media_type="text/event-stream", headers=self._headers())
@@ -348,3 +364,125 @@ class ChatHandler:
             for t in tasks:
                 t.cancel()
             self._record(status, sum(s.completion_tokens for s in streams))
+
+    # -- pipelines: stage 1 reasons, the final stage answers
+    def _pipeline_usage(self, result: PipelineResult) -> dict:
+        prompt = sum(st.prompt_tokens for st in result.stages)
+        completion = sum(st.completion_tokens for st in result.stages)
+        stages = [{"model": st.model, "prompt_tokens": st.prompt_tokens, "completion_tokens": st.completion_tokens,
+                   "finish_reason": st.finish_reason} for st in result.stages]
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "stages": stages}
+
+    def _start_pipeline(self, on_event=None) -> asyncio.Task:
+        if self.body.n != 1:
+            raise errors.bad_request("n must be 1 for a pipeline", param="n")
+        messages = self._messages()
+        coro = run_pipeline(self.engine, self.pipeline, messages, get_question(messages), self.body.max_new_tokens(),
+                            self.body.seed, on_event)
+        return asyncio.ensure_future(coro)
+
+    def _record_pipeline(self, status: str, result: PipelineResult | None) -> None:
+        self.model = self.pipeline.final_model
+        self.prompt_tokens = sum(st.prompt_tokens for st in result.stages) if result else 0
+        self._record(status, sum(st.completion_tokens for st in result.stages) if result else 0)
+
+    async def _pipeline_result(self, task: asyncio.Task) -> PipelineResult:
+        try:
+            return await task
+        except EngineFull as e:
+            raise errors.queue_full(str(e)) from None
+        except ValueError as e:
+            raise errors.bad_request(str(e), code="context_length_exceeded") from None
+        except StageFailed as e:
+            raise errors.APIError(500, str(e), type="server_error") from None
+
+    async def _respond_pipeline(self):
+        if self.body.stream:
+            queue: asyncio.Queue = asyncio.Queue()
+            task = self._start_pipeline(lambda i, ev: queue.put_nowait((i, ev)))
+            task.add_done_callback(lambda _: queue.put_nowait(None))
+            return StreamingResponse(self._pipeline_sse(task, queue), media_type="text/event-stream",
+                                     headers=self._headers())
+
+        def on_event(i, ev):
+            if ev.token_ids and i == len(self.pipeline.stages) - 1 and self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+
+        task = self._start_pipeline(on_event)
+
+        async def disconnected() -> None:
+            while not await self.request.is_disconnected():
+                await asyncio.sleep(0.25)
+
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not task.done():  # the client went away: cancel whichever stage runs
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self._record_pipeline("cancelled", None)
+            return Response(status_code=499)
+        try:
+            result = await self._pipeline_result(task)
+        except errors.APIError:
+            self._record_pipeline("error", None)
+            raise
+        self._record_pipeline("ok", result)
+        message = {"role": "assistant", "content": result.content}
+        if result.reasoning is not None:
+            message["reasoning_content"] = result.reasoning
+        body = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.pipeline.final_model,
+                "choices": [{"index": 0, "message": message, "finish_reason": result.stages[-1].finish_reason,
+                             "logprobs": None}],
+                "usage": self._pipeline_usage(result)}
+        return JSONResponse(body, headers=self._headers())
+
+    async def _pipeline_sse(self, task: asyncio.Task, queue: asyncio.Queue):
+        last = len(self.pipeline.stages) - 1
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        role_sent = False
+        status, result = "cancelled", None
+
+        def chunk(delta: dict, finish_reason=None, choices=True, usage=None) -> str:
+            data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.pipeline.final_model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+                    if choices else []}
+            if include_usage:
+                data["usage"] = usage
+            return f"data: {json.dumps(data)}\n\n"
+
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                i, ev = item
+                if i < last and not self.body.include_reasoning:
+                    continue
+                key = "content" if i == last else "reasoning_content"
+                if ev.token_ids and not role_sent:
+                    role_sent = True
+                    if self.first_token_at is None and i == last:
+                        self.first_token_at = time.perf_counter()
+                    yield chunk({"role": "assistant", key: ev.text})
+                elif ev.text:
+                    yield chunk({key: ev.text})
+                if i == last and ev.finish_reason in ("stop", "length"):
+                    yield chunk({}, ev.finish_reason)
+            try:
+                result = await self._pipeline_result(task)
+            except errors.APIError as e:
+                status = "error"
+                yield f"data: {json.dumps(e.body())}\n\n"
+            else:
+                status = "ok"
+                if include_usage:
+                    yield chunk({}, choices=False, usage=self._pipeline_usage(result))
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client disconnects: cancel whichever stage runs
+            task.cancel()
+            self._record_pipeline(status, result)

@@ -54,6 +54,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=16)
     response_format: ResponseFormat | None = None
     user: str | None = None
+    include_reasoning: bool = False  # branchserve: stream a pipeline's stage-1 text as reasoning_content deltas
 
     @field_validator("stop")
     @classmethod
@@ -127,7 +128,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "branchserve"
-    kind: Literal["branch", "standalone", "router"]  # branchserve's own field: what serves this name
+    kind: Literal["branch", "standalone", "pipeline", "router"]  # branchserve's own field: what serves this name
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,177 @@
+"""Pipelines: stage 1 reasons freely, stage 2 rewrites its answer in the required format.
+
+A stage renders its user message from a Jinja2 template that sees the original
+``messages``, the last user ``question``, the previous stage's text as
+``draft`` (from stage 2 on) and the stage's ``domain``. Every template is loaded
+and checked when the server starts: a missing file or an unknown variable stops
+the start, never a request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import jinja2
+from jinja2 import meta
+
+from compression.errors import UserError
+from server.config import PipelineConfig, StageConfig
+from server.engine.runner import Event
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Engine
+from server.engine.text import render_chat
+
+_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+
+
+def prompts_dir() -> Path:
+    return Path(str(resources.files("prompts")))
+
+
+def load_template(ref: str, allowed: set[str], where: str) -> jinja2.Template:
+    """``ref``: a name under prompts/pipelines/ (without .jinja) or a path to a .jinja file."""
+    path = Path(ref) if ref.endswith(".jinja") else prompts_dir() / "pipelines" / f"{ref}.jinja"
+    try:
+        source = path.read_text()
+    except OSError:
+        raise UserError(f"{where}: template not found: {path}") from None
+    try:
+        ast = _ENV.parse(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"{where}: {path}:{e.lineno}: {e.message}") from None
+    unknown = sorted(meta.find_undeclared_variables(ast) - allowed)
+    if unknown:
+        raise UserError(f"{where}: {path} uses unknown variable(s) {', '.join(unknown)} "
+                        f"(available: {', '.join(sorted(allowed))})")
+    return _ENV.from_string(source)
+
+
+def expert_prompt(domain: str) -> str:
+    return load_template(str(prompts_dir() / "system" / "expert.jinja"), {"domain"}, "expert prompt") \
+        .render(domain=domain).strip()
+
+
+def with_expert(messages: list[dict], domain: str | None) -> list[dict]:
+    """Put the domain-expert sentence at the head of the system message."""
+    if not domain:
+        return messages
+    expert = expert_prompt(domain)
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{expert}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": expert}, *messages]
+
+
+@dataclass
+class Stage:
+    config: StageConfig
+    template: jinja2.Template
+
+
+@dataclass
+class Pipeline:
+    name: str
+    stages: list[Stage]
+
+    @property
+    def final_model(self) -> str:
+        return self.stages[-1].config.model
+
+
+def load_pipelines(configs: list[PipelineConfig], served: set[str]) -> dict[str, Pipeline]:
+    pipelines: dict[str, Pipeline] = {}
+    for pc in configs:
+        if pc.name in served or pc.name in pipelines or pc.name == "auto":
+            raise UserError(f"pipeline name {pc.name!r} is already taken")
+        stages = []
+        for i, sc in enumerate(pc.stages):
+            where = f"pipeline {pc.name!r} stage {i + 1}"
+            if sc.model not in served:
+                raise UserError(f"{where}: model {sc.model!r} is not served (served: {', '.join(sorted(served))})")
+            allowed = {"messages", "question", "domain"} | ({"draft"} if i > 0 else set())
+            stages.append(Stage(sc, load_template(sc.template, allowed, where)))
+        pipelines[pc.name] = Pipeline(pc.name, stages)
+    if pipelines:
+        expert_prompt("check")  # the shared system template must load too
+    return pipelines
+
+
+@dataclass
+class StageResult:
+    model: str
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class PipelineResult:
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def content(self) -> str:
+        return self.stages[-1].text if self.stages else ""
+
+    @property
+    def reasoning(self) -> str | None:
+        return self.stages[0].text if len(self.stages) > 1 else None
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+async def run_pipeline(engine: Engine, pipeline: Pipeline, messages: list[dict], question: str,
+                       final_max_tokens: int | None, seed: int | None,
+                       on_event: Callable[[int, Event], None] | None = None) -> PipelineResult:
+    """Run the stages in order; ``on_event(stage_index, event)`` sees every stage's deltas.
+
+    Cancelling the task that awaits this cancels whichever stage is running.
+    """
+    result = PipelineResult()
+    draft = None
+    for i, stage in enumerate(pipeline.stages):
+        sc = stage.config
+        variables = {"messages": messages, "question": question, "domain": sc.domain}
+        if i > 0:
+            variables["draft"] = draft
+        user = stage.template.render(**variables).strip()
+        history = [m for m in messages[:-1]] if messages and messages[-1]["role"] == "user" else list(messages)
+        stage_messages = with_expert([*history, {"role": "user", "content": user}], sc.domain)
+        prompt = render_chat(engine.tokenizer(sc.model), stage_messages)
+        last = i == len(pipeline.stages) - 1
+        max_tokens = final_max_tokens if last and final_max_tokens else sc.max_tokens
+        context = engine.targets[sc.model].runner.max_seq
+        max_tokens = min(max_tokens, context - len(prompt))
+        if max_tokens < 1:
+            raise ValueError(f"stage {i + 1} of pipeline {pipeline.name!r}: its prompt ({len(prompt)} tokens) "
+                             f"fills {sc.model}'s context of {context}")
+        params = SamplingParams(max_tokens=max_tokens, temperature=sc.temperature, top_p=sc.top_p, stop=sc.stop,
+                                seed=None if seed is None else seed + i)
+        stream = engine.submit(sc.model, prompt, params)
+        parts, error = [], None
+        try:
+            async for ev in stream:
+                parts.append(ev.text)
+                error = ev.error or error
+                if on_event is not None:
+                    on_event(i, ev)
+        finally:
+            stream.cancel()  # no-op when it finished; frees the slot when we were cancelled
+        if stream.finish_reason == "error":
+            raise StageFailed(f"stage {i + 1} ({sc.model}) failed: {error}")
+        draft = "".join(parts)
+        result.stages.append(StageResult(sc.model, draft, stream.finish_reason, len(prompt),
+                                         stream.completion_tokens))
+    return result
+
+
+def get_question(messages: list[dict]) -> str:
+    for m in reversed(messages):
+        if m["role"] == "user":
+            return m["content"]
+    return ""
+
