@@ -98,7 +98,7 @@ class Artifact:
         info = spec["branches"][branch]
         if spec["residual"] == "dense":
             return Residual("dense", D=self._load(info["D"]))
-        if spec["residual"] == "lowrank":
+        if spec["residual"] == "lowrank" and info.get("rank", spec["rank"]) > 0:
             return Residual("lowrank", U=self._load(info["U"]), V=self._load(info["V"]))
         return Residual("none")
 

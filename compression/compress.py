@@ -37,6 +37,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 class CompressOptions:
     rate: float | None = 0.95
     rank: int | None = None
+    # uniform: every matrix gets the rate's rank. gain: the same total budget per branch, spent on the
+    # matrices whose residual spectra gain most per parameter (greedy over singular values).
+    allocation: str = "uniform"
     backend: str = "auto"
     device: str = "auto"
     dtype: str | None = None  # None: the members' own dtype
@@ -65,6 +68,10 @@ def validate_options(opts: CompressOptions) -> None:
             raise UserError(f"--rank must be >= 0, got {opts.rank}")
     elif opts.rate is None or not (0.0 <= opts.rate <= 1.0):
         raise UserError(f"--rate must be within [0, 1], got {opts.rate}")
+    if opts.allocation not in ("uniform", "gain"):
+        raise UserError(f"--allocation must be uniform or gain, got {opts.allocation}")
+    if opts.allocation == "gain" and (opts.rank is not None or opts.rate in (0.0, 1.0)):
+        raise UserError("--allocation gain needs a --rate strictly between 0 and 1 (and no --rank)")
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {opts.dtype}")
 
@@ -86,6 +93,7 @@ class _Compressor:
         source = next((first.tensors[p.name].dtype for p in self.plans if p.compressed), torch.float32)
         self.dtype = DTYPES[opts.dtype] if opts.dtype else source
         self.sizes = {"trunk": 0, "shared": 0, "branches": {b: 0 for b in checkpoints}}
+        self.branch_ranks: dict[str, dict[str, int]] = {}  # gain allocation: tensor -> branch -> rank
 
     def _store(self, writer: ShardedWriter, key: str, t: torch.Tensor, owner: str | None) -> str:
         writer.add(key, t)
@@ -114,7 +122,8 @@ class _Compressor:
         }
         return entry
 
-    def compressed(self, writer: ShardedWriter, plan: TensorPlan, tensors: dict[str, torch.Tensor]) -> dict:
+    def _normalize(self, tensors: dict[str, torch.Tensor]):
+        """-> scales s_i, trunk T (stored dtype), residuals D_i = W_i / s_i - T (float32, on the device)."""
         scales, normalized = {}, {}
         for b, w in tensors.items():
             w = w.to(self.device, torch.float32)
@@ -122,15 +131,62 @@ class _Compressor:
             scales[b] = s
             normalized[b] = w / s if s > 0 else torch.zeros_like(w)
         trunk = torch.stack(list(normalized.values())).mean(0).to(self.dtype)
+        return scales, trunk, {b: normalized.pop(b) - trunk.float() for b in tensors}
+
+    def allocate_by_gain(self) -> None:
+        """First pass: residual spectra of every matrix; then, per branch, ranks that spend the uniform
+        plan's parameter budget where each parameter removes the most squared error."""
+        import heapq
+
+        spectra: dict[str, dict[str, torch.Tensor]] = {}
+        budget = {b: 0 for b in self.checkpoints}
+        for plan in self.plans:
+            if not plan.compressed or plan.residual != "lowrank":
+                continue
+            m, n = plan.shape
+            _, _, residuals = self._normalize({b: ck.read(plan.name) for b, ck in self.checkpoints.items()})
+            cap = min(m, n, 4 * plan.rank)
+            spectra[plan.name] = {}
+            for b, d in residuals.items():
+                budget[b] += plan.rank * (m + n)
+                if min(m, n) <= 2048:
+                    sv = torch.linalg.svdvals(d)[:cap]
+                else:  # the column norms of U (singular values folded in) are the singular values
+                    u, _ = self.backend.factorize(d, cap, tensor_seed(self.opts.seed, plan.name, b))
+                    sv = u.norm(dim=0)
+                spectra[plan.name][b] = (sv.double() ** 2).cpu()
+        for b in self.checkpoints:
+            ranks = {name: 0 for name in spectra}
+            heap = [(-float(sv[b][0]) / sum(self._shape(name)), name) for name, sv in spectra.items() if len(sv[b])]
+            heapq.heapify(heap)
+            left = budget[b]
+            while heap:
+                _, name = heapq.heappop(heap)
+                cost = sum(self._shape(name))
+                if cost > left:
+                    continue
+                left -= cost
+                ranks[name] += 1
+                sv = spectra[name][b]
+                if ranks[name] < len(sv):
+                    heapq.heappush(heap, (-float(sv[ranks[name]]) / cost, name))
+            for name, r in ranks.items():
+                self.branch_ranks.setdefault(name, {})[b] = r
+
+    def _shape(self, name: str) -> tuple[int, int]:
+        return next(iter(self.checkpoints.values())).tensors[name].shape
+
+    def compressed(self, writer: ShardedWriter, plan: TensorPlan, tensors: dict[str, torch.Tensor]) -> dict:
+        scales, trunk, residuals = self._normalize(tensors)
+        ranks = self.branch_ranks.get(plan.name) or {b: plan.rank for b in tensors}
         entry = {
             "kind": "compressed",
             "shape": list(plan.shape),
             "residual": plan.residual,
-            "rank": plan.rank,
+            "rank": max(ranks.values()) if plan.residual == "lowrank" else 0,
             "trunk": self._store(writer, f"trunk/{plan.name}", trunk, "trunk"),
             "branches": {},
         }
-        residuals = {b: normalized.pop(b) - trunk.float() for b in tensors}
         if plan.residual != "none" and all(not torch.any(d) for d in residuals.values()):
             entry["residual"], entry["rank"] = "none", 0  # identical members: nothing to store
         for b, d in residuals.items():
@@ -140,13 +196,16 @@ class _Compressor:
                 stored = d.to(self.dtype)
                 info["D"] = self._store(writer, f"residual/{b}/{plan.name}/D", stored, b)
                 err = float(torch.linalg.vector_norm(d - stored.float()))
-            elif entry["residual"] == "lowrank":
-                u, v = self.backend.factorize(d, plan.rank, tensor_seed(self.opts.seed, plan.name, b))
+            elif entry["residual"] == "lowrank" and ranks[b] > 0:
+                info["rank"] = ranks[b]
+                u, v = self.backend.factorize(d, ranks[b], tensor_seed(self.opts.seed, plan.name, b))
                 u, v = u.to(self.dtype), v.to(self.dtype)
                 info["U"] = self._store(writer, f"residual/{b}/{plan.name}/U", u, b)
                 info["V"] = self._store(writer, f"residual/{b}/{plan.name}/V", v, b)
                 err = float(torch.linalg.vector_norm(d - u.float() @ v.float()))
             else:
+                if entry["residual"] == "lowrank":
+                    info["rank"] = 0  # the budget went to other matrices
                 err = d_norm
             # ||W_i/s_i|| = 1, so ||D_i - U_i V_i|| is the error relative to the weight itself.
             info["error"] = err if scales[b] > 0 else 0.0
@@ -163,6 +222,8 @@ class _Compressor:
             total=total, unit="B", unit_scale=True, desc="compress", disable=not self.opts.progress, leave=False
         )
         started = time.perf_counter()
+        if self.opts.allocation == "gain":
+            self.allocate_by_gain()
         try:
             for i, plan in enumerate(self.plans):
                 tensors = {b: ck.read(plan.name) for b, ck in checkpoints.items()}
@@ -200,6 +261,7 @@ class _Compressor:
             "compression": {
                 "rate": None if self.opts.rank is not None else self.opts.rate,
                 "rank": self.opts.rank,
+                "allocation": self.opts.allocation,
                 "backend": self.backend.name,
                 "device": self.device.type,
                 "seed": self.opts.seed,

@@ -20,6 +20,7 @@ def summarize(manifest: dict, path: str | None = None) -> dict:
         if spec["kind"] == "compressed":
             row["residual"] = spec["residual"]
             row["rank"] = spec["rank"]
+            row["ranks"] = {b: spec["branches"][b].get("rank", spec["rank"]) for b in branches}
             row["error"] = {b: spec["branches"][b]["error"] for b in branches}
             row["residual_error"] = {b: spec["branches"][b]["residual_error"] for b in branches}
             for b in branches:
@@ -61,6 +62,8 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def format_summary(s: dict) -> str:
     c = s["compression"]
     setting = f"rank {c['rank']}" if c.get("rank") is not None else f"rate {c['rate']}"
+    if c.get("allocation") == "gain":
+        setting += " (ranks allocated by gain)"
     head = f"{s['architecture']}, {s['dtype']}, {setting}, backend {c['backend']} on {c['device']}, seed {c['seed']}"
     rows = [
         [b["name"], human_bytes(b["stored_bytes"]), f"{b['mean_error']:.4f}", f"{b['max_error']:.4f}"]
@@ -88,7 +91,8 @@ def format_tensors(s: dict) -> str:
                 t["name"],
                 "x".join(map(str, t["shape"])),
                 t["residual"],
-                str(t["rank"]) if t["residual"] == "lowrank" else "",
+                ("/".join(str(r) for r in t["ranks"].values()) if len(set(t["ranks"].values())) > 1
+                 else str(t["rank"])) if t["residual"] == "lowrank" else "",
                 *(f"{t['error'][b]:.4f}" for b in names),
             ]
         )

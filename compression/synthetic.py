@@ -25,7 +25,7 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 
-def write_tokenizer(out: Path) -> int:
+def write_tokenizer(out: Path, chat_template: str = CHAT_TEMPLATE) -> int:
     """A byte-level BPE tokenizer with no merges (one token per byte) plus ChatML specials; returns its size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -43,7 +43,7 @@ def write_tokenizer(out: Path) -> int:
         pad_token="<|pad|>",
         unk_token=None,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(out)
     return len(vocab) + len(SPECIAL_TOKENS)
 
@@ -119,7 +119,8 @@ def fine_tune(base: dict[str, torch.Tensor], gen: torch.Generator, strength: flo
 
 
 def save_checkpoint(
-    path: Path, cfg: dict, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, shards: int = 1
+    path: Path, cfg: dict, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, shards: int = 1,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> Path:
     """Write an HF checkpoint directory; ``shards > 1`` splits it with model.safetensors.index.json."""
     path.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def save_checkpoint(
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False}
     (path / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
-    write_tokenizer(path)
+    write_tokenizer(path, chat_template)
     weights = {k: v.to(dtype).contiguous() for k, v in weights.items()}
     if shards == 1:
         save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -41,6 +41,7 @@ def cmd_compress(args) -> int:
     opts = CompressOptions(
         rate=args.rate,
         rank=args.rank,
+        allocation=args.allocation,
         backend=args.backend,
         device=args.device,
         dtype=args.dtype,
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="artifact directory to create")
     c.add_argument("--rate", type=float, default=0.95, help="compression rate in [0, 1] (default 0.95)")
     c.add_argument("--rank", type=int, default=None, help="fixed residual rank; overrides --rate")
+    c.add_argument("--allocation", choices=["uniform", "gain"], default="uniform",
+                   help="uniform: every matrix gets the rate's rank; gain: the same size, ranks spent per matrix "
+                        "by singular-value gain")
     c.add_argument("--backend", choices=["auto", "fbpca", "torch"], default="auto")
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     c.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
