@@ -86,7 +86,21 @@ def cmd_serve(args) -> int:
     from server.config import load_config
     from server.serve import serve
 
-    serve(load_config(args.config), args.host, args.port)
+    if args.demo == bool(args.config):
+        raise UserError("give either --config FILE or --demo")
+    if args.demo:
+        from server.demo.build import banner, demo_config
+
+        serve(demo_config(), args.host, args.port, banner(args.host, args.port))
+    else:
+        serve(load_config(args.config), args.host, args.port)
+    return 0
+
+
+def cmd_bench_quality(args) -> int:
+    from server.demo.quality import bench_quality
+
+    bench_quality(args)
     return 0
 
 
@@ -150,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="serve families and standalone models behind an OpenAI-compatible API")
-    s.add_argument("--config", required=True, help="YAML config file")
+    s.add_argument("--config", help="YAML config file")
+    s.add_argument("--demo", action="store_true",
+                   help="build (first time) and serve the offline demo from the data directory")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=cmd_serve)
@@ -169,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--backends", default="fbpca,torch")
     bc.add_argument("--json", action="store_true", help="print JSON instead of the table")
     bc.set_defaults(func=cmd_bench_compress)
+    bq = bsub.add_parser("quality", help="skill accuracy kept by compression on the demo's real fine-tunes")
+    bq.add_argument("--rates", default="0.5,0.7,0.8,0.9")
+    bq.add_argument("--n", type=int, default=200, help="held-out prompts per skill")
+    bq.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    bq.set_defaults(func=cmd_bench_quality)
     be = bsub.add_parser("engine", help="tokens/s: dense vs one branch vs N branches mixed")
     be.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     be.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,

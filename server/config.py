@@ -16,12 +16,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SamplingDefaults(_Strict):
+    """What a request that leaves these out gets (OpenAI's own defaults otherwise: temperature 1, top_p 1)."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+
 class FamilyConfig(_Strict):
     artifact: Path
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: the artifact's
     # exposed name -> branch; default: every branch under its own name
     branches: dict[str, str] | None = None
+    sampling: SamplingDefaults = SamplingDefaults()
 
 
 class StandaloneConfig(_Strict):
@@ -30,6 +38,7 @@ class StandaloneConfig(_Strict):
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     trust_remote_code: bool = False
+    sampling: SamplingDefaults = SamplingDefaults()
 
 
 class Limits(_Strict):

@@ -64,10 +64,12 @@ def build_engine(config: ServerConfig) -> Engine:
     common = dict(max_batch=limits.max_batch, max_seq=limits.max_context, prefill_chunk=limits.prefill_chunk)
     for fam in config.families:
         engine.add_family(fam.artifact, fam.branches, device=fam.device,
-                          dtype=DTYPES[fam.dtype] if fam.dtype else None, **common)
+                          dtype=DTYPES[fam.dtype] if fam.dtype else None,
+                          defaults=fam.sampling.model_dump(exclude_none=True), **common)
     for sa in config.standalone:
         engine.add_standalone(sa.name, sa.path, device=sa.device, dtype=DTYPES[sa.dtype] if sa.dtype else None,
-                              trust_remote_code=sa.trust_remote_code, **common)
+                              trust_remote_code=sa.trust_remote_code,
+                              defaults=sa.sampling.model_dump(exclude_none=True), **common)
     return engine
 
 
@@ -79,7 +81,7 @@ def router_factory(config: ServerConfig, pipelines: dict):
     return lambda engine: build_router(config, engine, set(pipelines))
 
 
-def serve(config: ServerConfig, host: str, port: int) -> None:
+def serve(config: ServerConfig, host: str, port: int, banner: str | None = None) -> None:
     import uvicorn
 
     from server.api.app import build_app
@@ -87,7 +89,7 @@ def serve(config: ServerConfig, host: str, port: int) -> None:
     pipelines = preflight(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(config, lambda: build_engine(config), router_factory(config, pipelines), pipelines)
-    print(f"branchserve: http://{host}:{port}/v1 (models load in the background; GET /health is 200 once ready)",
-          flush=True)
+    print(banner or f"branchserve: http://{host}:{port}/v1 (models load in the background; GET /health is 200 "
+                    f"once ready)", flush=True)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=int(config.shutdown_grace_s),
                 log_level="info")

@@ -212,9 +212,10 @@ class ChatHandler:
                 f"{prompt_len + max(max_new, 1)} tokens ({prompt_len} in the messages, {max(max_new, 1)} in the "
                 f"completion). Please reduce the length of the messages or completion.",
                 param="messages", code="context_length_exceeded")
+        defaults = self.engine.targets[self.model].defaults or {}
         base = dict(max_tokens=max_new, stop=body.stop_list(),
-                    temperature=1.0 if body.temperature is None else body.temperature,
-                    top_p=1.0 if body.top_p is None else body.top_p)
+                    temperature=defaults.get("temperature", 1.0) if body.temperature is None else body.temperature,
+                    top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p)
         return [SamplingParams(seed=None if body.seed is None else body.seed + i, **base) for i in range(body.n)]
 
     def _submit(self) -> list[RequestStream]:

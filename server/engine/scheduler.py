@@ -49,6 +49,7 @@ class Target:
     tokenizer: object
     stop_ids: frozenset
     branch: int = 0
+    defaults: dict | None = None  # sampling defaults for requests that leave them out
 
 
 class RequestStream:
@@ -99,7 +100,7 @@ class Engine:
 
     def add_family(self, artifact_dir: str | Path, names: dict[str, str] | None = None, device: str = "cpu",
                    dtype: torch.dtype | None = None, max_batch: int = 16, max_seq: int = 2048,
-                   prefill_chunk: int = 256) -> FamilyRunner:
+                   prefill_chunk: int = 256, defaults: dict | None = None) -> FamilyRunner:
         """Serve an artifact's branches; ``names`` maps exposed name -> branch (default: every branch as itself)."""
         from compression.artifact import Artifact
         from server.engine.model import FamilyModel
@@ -116,13 +117,13 @@ class Engine:
             tokenizers[b] = (tok, frozenset(stop_token_ids(path, tok)))
         for exposed, b in names.items():
             tok, stops = tokenizers[b]
-            self._expose(Target(exposed, "branch", runner, tok, stops, branches.index(b)))
+            self._expose(Target(exposed, "branch", runner, tok, stops, branches.index(b), defaults))
         self.runners.append(runner)
         return runner
 
     def add_standalone(self, name: str, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                        max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
-                       trust_remote_code: bool = False) -> StandaloneRunner:
+                       trust_remote_code: bool = False, defaults: dict | None = None) -> StandaloneRunner:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto",
@@ -130,7 +131,7 @@ class Engine:
         model = model.to(device).eval()
         runner = StandaloneRunner(model, max_batch, max_seq, prefill_chunk)
         tok = load_tokenizer(path)
-        self._expose(Target(name, "standalone", runner, tok, frozenset(stop_token_ids(path, tok))))
+        self._expose(Target(name, "standalone", runner, tok, frozenset(stop_token_ids(path, tok)), 0, defaults))
         self.runners.append(runner)
         return runner
 
