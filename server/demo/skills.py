@@ -125,7 +125,7 @@ def train(model, encoder: ChatEncoder, skill: str, steps: int, settings: TrainSe
         opt.step()
         sched.step()
         if progress is not None and (step + 1) % 50 == 0:
-            progress(step + 1, steps, float(loss))
+            progress(step + 1, steps, loss.item())
     model.eval()
 
 
