@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--json", action="store_true", help="print JSON instead of the table")
     bc.set_defaults(func=cmd_bench_compress)
     bq = bsub.add_parser("quality", help="skill accuracy kept by compression on the demo's real fine-tunes")
-    bq.add_argument("--rates", default="0.5,0.7,0.8,0.9")
+    bq.add_argument("--rates", default="0.5,0.7,0.8,0.9,1")
     bq.add_argument("--n", type=int, default=200, help="held-out prompts per skill")
     bq.add_argument("--json", action="store_true", help="print JSON instead of the table")
     bq.set_defaults(func=cmd_bench_quality)

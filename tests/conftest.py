@@ -78,3 +78,14 @@ class LiveServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def start_server(config) -> LiveServer:
+    """The app as `branchserve serve` builds it (preflight, engine, router, pipelines), on a loopback port."""
+    from server.api.app import build_app
+    from server.serve import build_engine, preflight, router_factory
+
+    pipelines = preflight(config)
+    server = LiveServer(build_app(config, lambda: build_engine(config), router_factory(config, pipelines), pipelines))
+    server.wait_ready()
+    return server

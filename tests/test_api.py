@@ -14,7 +14,7 @@ from compression.synthetic import build_standalone
 from server.api.app import build_app
 from server.config import ServerConfig
 from server.serve import build_engine
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, start_server
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
 
@@ -37,10 +37,7 @@ def make_config(models, **overrides) -> ServerConfig:
     return ServerConfig.model_validate(data)
 
 
-def start(config: ServerConfig) -> LiveServer:
-    server = LiveServer(build_app(config, lambda: build_engine(config)))
-    server.wait_ready()
-    return server
+start = start_server
 
 
 @pytest.fixture(scope="module")

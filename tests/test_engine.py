@@ -203,11 +203,14 @@ def test_prompts_of_different_lengths_prefill_together(paths):
     """One right-padded prefill forward for several newcomers gives each the tokens it gets alone."""
     e = Engine()
     runner = e.add_family(paths["artifact"], max_batch=4, max_seq=64, prefill_chunk=64)
+    prefill, rows = runner._prefill, []
+    runner._prefill = lambda batch: (rows.append(len(batch)), prefill(batch))[1]
     e.start()
     try:
         requests = [("math", PROMPTS["math"], 8), ("code", PROMPTS["code"], 8), ("chat", PROMPTS["chat"], 8)]
         alone, together = run_alone_then_together(e, requests)
         assert [t[1] for t in together] == [a[1] for a in alone]
+        assert max(rows) >= 2  # newcomers really shared a padded prefill forward
     finally:
         e.stop()
 

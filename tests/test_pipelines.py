@@ -10,12 +10,10 @@ import yaml
 
 from compression.compress import CompressOptions, compress
 from compression.synthetic import build_standalone
-from server.api.app import build_app
 from server.cli import main
 from server.config import ServerConfig
 from server.pipelines import load_template
-from server.serve import build_engine, preflight, router_factory
-from tests.conftest import LiveServer
+from tests.conftest import start_server
 
 QUESTION = [{"role": "user", "content": "What is 6 times 7?"}]
 
@@ -40,11 +38,7 @@ def config_for(models, stage1_tokens=10, max_context=512, **extra) -> ServerConf
     })
 
 
-def start(config: ServerConfig) -> LiveServer:
-    pipelines = preflight(config)
-    server = LiveServer(build_app(config, lambda: build_engine(config), router_factory(config, pipelines), pipelines))
-    server.wait_ready()
-    return server
+start = start_server
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,9 @@ from router.decision import decide, route_scores
 from router.embedders import DecoderSuffixEmbedder, SentenceTransformerEmbedder, load_decoder_path
 from router.router import Router
 from router.store import ExemplarStore, Route, StoreError
-from server.api.app import build_app
 from server.cli import main
 from server.config import ServerConfig
-from server.serve import build_engine, router_factory
-from tests.conftest import LiveServer
+from tests.conftest import start_server
 
 EXEMPLARS = {"routes": {
     "math": {"target": "math", "exemplars": ["What is 17 times 23?", "Solve for x: 3x + 7 = 22.",
@@ -188,10 +186,7 @@ def router_config(models, exemplars, **extra) -> ServerConfig:
     })
 
 
-def start(config):
-    server = LiveServer(build_app(config, lambda: build_engine(config), router_factory(config, {})))
-    server.wait_ready()
-    return server
+start = start_server
 
 
 def test_auto_routing_and_editing_over_http(tiny_models, tmp_path, monkeypatch):

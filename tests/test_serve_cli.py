@@ -81,3 +81,17 @@ def test_sigterm_shuts_down_cleanly(tmp_path, artifact):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_example_gpu_config_is_valid():
+    """configs/llama3-phi3.yaml: the schema, its templates and its routes check out (its models live elsewhere)."""
+    from router.router import check_routes
+    from router.store import ExemplarStore
+    from server.config import load_config
+    from server.pipelines import load_pipelines
+    from server.routing import seed_file
+
+    config = load_config(ROOT / "configs" / "llama3-phi3.yaml")
+    names = set(config.families[0].branches) | {s.name for s in config.standalone}
+    pipelines = load_pipelines(config.pipelines, names)
+    check_routes(ExemplarStore(seed_file(config.router.seed)), config.router.default_route, names | set(pipelines))

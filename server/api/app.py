@@ -263,6 +263,20 @@ class ChatHandler:
             return StreamingResponse(self._sse(streams), media_type="text/event-stream", headers=self._headers())
         return await self._complete(streams)
 
+    async def _done_unless_gone(self, work: asyncio.Future) -> bool:
+        """Wait for ``work``; False if the client disconnected first (a non-streaming client has no
+        other way to tell us)."""
+        async def disconnected() -> None:
+            while not await self.request.is_disconnected():
+                await asyncio.sleep(0.25)
+
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        return work.done()
+
     async def _complete(self, streams: list[RequestStream]):
         async def collect(stream: RequestStream) -> tuple[str, str | None, str | None]:
             text, error = [], None
@@ -273,17 +287,8 @@ class ChatHandler:
                 error = ev.error or error
             return "".join(text), stream.finish_reason, error
 
-        async def disconnected() -> None:
-            while not await self.request.is_disconnected():
-                await asyncio.sleep(0.25)
-
         work = asyncio.ensure_future(asyncio.gather(*(collect(s) for s in streams)))
-        watch = asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-        if not work.done():  # the client went away: free the slots
+        if not await self._done_unless_gone(work):  # the client went away: free the slots
             for s in streams:
                 s.cancel()
             await asyncio.gather(work, return_exceptions=True)
@@ -411,17 +416,7 @@ class ChatHandler:
                 self.first_token_at = time.perf_counter()
 
         task = self._start_pipeline(on_event)
-
-        async def disconnected() -> None:
-            while not await self.request.is_disconnected():
-                await asyncio.sleep(0.25)
-
-        watch = asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-        if not task.done():  # the client went away: cancel whichever stage runs
+        if not await self._done_unless_gone(task):  # the client went away: cancel whichever stage runs
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             self._record_pipeline("cancelled", None)

@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from compression.artifact import Artifact, SingleCheckpoint
 from compression.compress import CompressOptions, compress
