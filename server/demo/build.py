@@ -119,7 +119,8 @@ def demo_config(log=_log) -> ServerConfig:
     artifact = skill_artifact(members, log)
     home = data_home()
     data = {
-        "families": [{"artifact": str(artifact)}],
+        # The skill branches have one right answer each: greedy unless a request asks otherwise.
+        "families": [{"artifact": str(artifact), "sampling": {"temperature": 0}}],
         # SmolLM2's model card suggests a low temperature; requests may still set their own.
         "standalone": [{"name": "smollm2", "path": str(chat_model), "sampling": {"temperature": 0.2, "top_p": 0.9}}],
         "router": {"default_route": "chat", "embedder": "decoder:smollm2", "seed": "demo",
