@@ -111,7 +111,7 @@ class _Compressor:
     def kept(self, writer: ShardedWriter, plan: TensorPlan, tensors: dict[str, torch.Tensor]) -> dict:
         """Embeddings, heads, norms, biases: per branch, or once if identical across members."""
         values = list(tensors.values())
-        entry = {"kind": "per_branch", "shape": list(plan.shape)}
+        entry = {"kind": "per_branch", "shape": list(plan.shape), "dtype": dtype_name(self._cast(values[0]).dtype)}
         if all(torch.equal(values[0], v) for v in values[1:]):
             entry["kind"] = "shared"
             entry["key"] = self._store(writer, f"shared/{plan.name}", self._cast(values[0]), None)
@@ -182,6 +182,7 @@ class _Compressor:
         entry = {
             "kind": "compressed",
             "shape": list(plan.shape),
+            "dtype": dtype_name(self.dtype),
             "residual": plan.residual,
             "rank": max(ranks.values()) if plan.residual == "lowrank" else 0,
             "trunk": self._store(writer, f"trunk/{plan.name}", trunk, "trunk"),

@@ -290,3 +290,16 @@ def test_error_mid_stream_is_an_error_event_then_done(models):
         assert metric(server, "branchserve_requests_total")['branchserve_requests_total{model="code",status="error"}'] == 1
     finally:
         server.close()
+
+
+def test_cors_origins(models):
+    server = start(make_config(models, cors_origins=["http://app.example"]))
+    try:
+        r = httpx.options(server.url + "/v1/chat/completions", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
+        assert r.headers["access-control-allow-origin"] == "http://app.example"
+        r = httpx.options(server.url + "/v1/chat/completions", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in r.headers
+    finally:
+        server.close()

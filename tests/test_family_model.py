@@ -77,3 +77,15 @@ def test_hidden_states_match_transformers(artifact, tmp_path):
             ref = hf(torch.tensor([PROMPTS[0]]), output_hidden_states=True).hidden_states
         for layer in (1, -1):
             torch.testing.assert_close(model.hidden(PROMPTS[0], b, layer), ref[layer][0], rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_on_the_cpu_stays_close_to_float32(artifact):
+    ids = torch.tensor([PROMPTS[0]])
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = FamilyModel.from_artifact(artifact, dtype=dtype)
+        model.allocate_cache(slots=1, max_seq=32)
+        assert model.k_cache[0].dtype == dtype
+        outs[dtype] = model(ids, torch.tensor([0]), torch.tensor([0]), torch.tensor([1]))[0, -1].float()
+    assert torch.isfinite(outs[torch.bfloat16]).all()
+    assert (outs[torch.bfloat16] - outs[torch.float32]).abs().max() < 0.05 * outs[torch.float32].abs().max() + 0.05

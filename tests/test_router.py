@@ -1,5 +1,6 @@
 """The router: decision logic, exemplar store, embedders, cache, HTTP editing API, eval and fit."""
 
+import asyncio
 import json
 import threading
 
@@ -232,6 +233,21 @@ def test_auto_routing_and_editing_over_http(tiny_models, tmp_path, monkeypatch):
         assert httpx.delete(url + f"/v1/router/routes/math/exemplars/{math_ids[0]}").status_code == 204
         decisions = httpx.get(url + "/metrics").text
         assert 'branchserve_route_decisions_total{outcome="match",route="math"}' in decisions
+
+        # 50 concurrent adds over HTTP: every one answered 201 and every one on disk.
+        async def add_many():
+            async with httpx.AsyncClient(timeout=60) as c:
+                return await asyncio.gather(*(c.post(url + "/v1/router/routes/code/exemplars",
+                                                     json={"text": f"Explain Python snippet number {i}"})
+                                              for i in range(50)))
+        assert [r.status_code for r in asyncio.run(add_many())] == [201] * 50
+        on_disk = [e.text for e in ExemplarStore(path).routes["code"].exemplars]
+        assert all(f"Explain Python snippet number {i}" in on_disk for i in range(50))
+
+        # The exemplars CLI against the running server.
+        assert main(["exemplars", "--url", url, "add", "general", "Plan a picnic"]) == 0
+        assert main(["exemplars", "--url", url, "list"]) == 0
+        assert main(["exemplars", "--url", url, "add", "nope", "x"]) == 2
     finally:
         server.close()
     # A restart keeps every edit.
