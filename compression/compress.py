@@ -40,6 +40,7 @@ class CompressOptions:
     # uniform: every matrix gets the rate's rank. gain: the same total budget per branch, spent on the
     # matrices whose residual spectra gain most per parameter (greedy over singular values).
     allocation: str = "uniform"
+    compress_embeddings: bool = False  # token embeddings and lm_head as trunk + residual too
     backend: str = "auto"
     device: str = "auto"
     dtype: str | None = None  # None: the members' own dtype
@@ -89,7 +90,7 @@ class _Compressor:
         self.device = resolve_device(opts.device)
         self.backend = make_backend(opts.backend, self.device)
         first = next(iter(checkpoints.values()))
-        self.plans = plan_family(first, opts.rate, opts.rank)
+        self.plans = plan_family(first, opts.rate, opts.rank, opts.compress_embeddings)
         source = next((first.tensors[p.name].dtype for p in self.plans if p.compressed), torch.float32)
         self.dtype = DTYPES[opts.dtype] if opts.dtype else source
         self.sizes = {"trunk": 0, "shared": 0, "branches": {b: 0 for b in checkpoints}}
@@ -263,6 +264,7 @@ class _Compressor:
                 "rate": None if self.opts.rank is not None else self.opts.rate,
                 "rank": self.opts.rank,
                 "allocation": self.opts.allocation,
+                "compress_embeddings": self.opts.compress_embeddings,
                 "backend": self.backend.name,
                 "device": self.device.type,
                 "seed": self.opts.seed,

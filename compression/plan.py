@@ -25,8 +25,14 @@ class TensorPlan:
     rank: int = 0  # lowrank only
 
 
-def is_compressed(name: str, shape: tuple[int, ...]) -> bool:
-    """Decoder-layer 2-D weights go into the trunk; embeddings, heads, norms and biases stay per branch."""
+EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def is_compressed(name: str, shape: tuple[int, ...], embeddings: bool = False) -> bool:
+    """Decoder-layer 2-D weights go into the trunk; embeddings, heads, norms and biases stay per branch,
+    unless ``embeddings`` asks for the token embeddings and the lm_head to be compressed too."""
+    if embeddings and name in EMBEDDINGS and len(shape) == 2:
+        return True
     return len(shape) == 2 and name.endswith("weight") and _LAYER.search(name) is not None
 
 
@@ -36,8 +42,9 @@ def rank_for_rate(m: int, n: int, rate: float) -> int:
     return math.floor(round((1.0 - rate) * m * n / (m + n), 9))
 
 
-def plan_tensor(name: str, shape: tuple[int, ...], rate: float | None, rank: int | None) -> TensorPlan:
-    if not is_compressed(name, shape):
+def plan_tensor(name: str, shape: tuple[int, ...], rate: float | None, rank: int | None,
+                embeddings: bool = False) -> TensorPlan:
+    if not is_compressed(name, shape, embeddings):
         return TensorPlan(name, shape, compressed=False)
     m, n = shape
     if rank is not None:
@@ -79,5 +86,6 @@ def check_family(members: dict[str, Checkpoint]) -> None:
                 )
 
 
-def plan_family(first: Checkpoint, rate: float | None, rank: int | None) -> list[TensorPlan]:
-    return [plan_tensor(name, info.shape, rate, rank) for name, info in first.tensors.items()]
+def plan_family(first: Checkpoint, rate: float | None, rank: int | None, embeddings: bool = False
+                ) -> list[TensorPlan]:
+    return [plan_tensor(name, info.shape, rate, rank, embeddings) for name, info in first.tensors.items()]

@@ -42,6 +42,7 @@ def cmd_compress(args) -> int:
         rate=args.rate,
         rank=args.rank,
         allocation=args.allocation,
+        compress_embeddings=args.compress_embeddings,
         backend=args.backend,
         device=args.device,
         dtype=args.dtype,
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allocation", choices=["uniform", "gain"], default="uniform",
                    help="uniform: every matrix gets the rate's rank; gain: the same size, ranks spent per matrix "
                         "by singular-value gain")
+    c.add_argument("--compress-embeddings", action="store_true",
+                   help="store the token embeddings and lm_head as trunk + residual too (they stay per branch "
+                        "by default)")
     c.add_argument("--backend", choices=["auto", "fbpca", "torch"], default="auto")
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     c.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
@@ -188,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     bq = bsub.add_parser("quality", help="skill accuracy kept by compression on the demo's real fine-tunes")
     bq.add_argument("--rates", default="0.5,0.7,0.8,0.9,1")
     bq.add_argument("--n", type=int, default=200, help="held-out prompts per skill")
+    bq.add_argument("--compress-embeddings", action="store_true", help="compress embeddings and lm_head too")
     bq.add_argument("--json", action="store_true", help="print JSON instead of the table")
     bq.set_defaults(func=cmd_bench_quality)
     be = bsub.add_parser("engine", help="tokens/s: dense vs one branch vs N branches mixed")
@@ -200,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch", type=int, default=16)
     be.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
     be.add_argument("--new-tokens", type=int, default=32)
+    be.add_argument("--compress-embeddings", action="store_true",
+                    help="per-branch lm_heads as trunk + residual (one trunk head read per step, not N heads)")
     be.add_argument("--hf-baseline", metavar="PATH", default=None,
                     help="also compare with transformers generate on this HF Llama checkpoint")
     be.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -67,7 +67,9 @@ def bench_quality(args) -> dict:
                     continue
                 out = root / f"art-{rate}-{allocation}"
                 t0 = time.perf_counter()
-                manifest = compress(members, out, CompressOptions(rate=rate, allocation=allocation, progress=False))
+                opts = CompressOptions(rate=rate, allocation=allocation, compress_embeddings=args.compress_embeddings,
+                                       progress=False)
+                manifest = compress(members, out, opts)
                 s = summarize(manifest)
                 inputs = s["inputs_bytes"]
                 acc = accuracy(Artifact(out), skills, skills, args.n)
@@ -82,6 +84,8 @@ def bench_quality(args) -> dict:
     table = [[r["method"], "" if r["rate"] is None else f"{r['rate']:g}", f"{r['size']:.2f}",
               *(f"{r[s]:.2f}" for s in skills),
               f"{min(v for v in r['kept'].values() if v is not None):.2f}"] for r in rows]
-    print(f"skill accuracy (exact match, {args.n} held-out prompts each, greedy); size = artifact / members' total")
+    extra = "; embeddings and head compressed too" if args.compress_embeddings else ""
+    print(f"skill accuracy (exact match, {args.n} held-out prompts each, greedy); size = artifact / members' total"
+          f"{extra}")
     print(_table(["method", "rate", "size", *skills, "min kept"], table))
     return report

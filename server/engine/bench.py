@@ -38,7 +38,9 @@ SHAPES = {
 class RandomFamily:
     """An in-memory family with the Artifact interface: random trunk, scales and rank-r residuals."""
 
-    def __init__(self, shape: str, branches: int, rate: float | None, device, dtype, seed: int = 0):
+    def __init__(self, shape: str, branches: int, rate: float | None, device, dtype, seed: int = 0,
+                 embeddings: bool = False):
+        self.embeddings = embeddings
         self.config = dict(SHAPES[shape], model_type="llama", architectures=["LlamaForCausalLM"],
                            rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False)
         self.branches = [f"branch{i}" for i in range(branches)]
@@ -64,7 +66,7 @@ class RandomFamily:
         pass
 
     def is_compressed(self, name):
-        return is_compressed(name, self.shapes[name])
+        return is_compressed(name, self.shapes[name], self.embeddings)
 
     def trunk(self, name):
         m, n = self.shapes[name]
@@ -137,7 +139,8 @@ def bench_engine(args) -> dict:
     configs = [("dense", None, 1), ("one branch", args.rate, 1), (f"{args.branches} branches mixed", args.rate,
                                                                      args.branches)]
     for label, rate, n_branches in configs:
-        source = RandomFamily(args.shape, n_branches if rate is not None else 1, rate, device, dtype)
+        source = RandomFamily(args.shape, n_branches if rate is not None else 1, rate, device, dtype,
+                              embeddings=args.compress_embeddings and rate is not None)
         model = FamilyModel.from_artifact(source, device=device, dtype=dtype)
         vocab = source.config["vocab_size"]
         for batch in (1, args.batch):
@@ -151,6 +154,7 @@ def bench_engine(args) -> dict:
     for r in results:
         r["vs_dense"] = r["decode_tok_s"] / dense[r["batch"]]
     report = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "rate": args.rate,
+              "compress_embeddings": args.compress_embeddings,
               "branches": args.branches, "prompt": args.prompt, "new_tokens": args.new_tokens,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
     if args.hf_baseline:
@@ -160,7 +164,8 @@ def bench_engine(args) -> dict:
         return report
     rows = [[r["config"], str(r["batch"]), f"{r['decode_tok_s']:.1f}", f"{r['vs_dense']:.2f}x", f"{r['tok_s']:.1f}"]
             for r in results]
-    print(f"engine, shape {args.shape}, {args.dtype} on {device}, rate {args.rate}, prompt {args.prompt}, "
+    heads = "embeddings/heads compressed" if args.compress_embeddings else "per-branch embeddings/heads"
+    print(f"engine, shape {args.shape}, {args.dtype} on {device}, rate {args.rate}, {heads}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(_table(["configuration", "batch", "decode tok/s", "vs dense", "end-to-end tok/s"], rows))
     if args.hf_baseline:

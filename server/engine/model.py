@@ -153,6 +153,19 @@ class BranchLinear(nn.Module):
             y = y + h @ self.UT
         return y * self.scales[rows.branch][:, None, None]
 
+    def lookup(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """Rows ``tokens`` (B, L) of each row's branch weight (a compressed embedding): (B, L, in)."""
+        x = self.trunk[tokens]
+        if rows.single is not None:
+            off, r = self.spans[rows.single]
+            if r:
+                x = x + self.UT[off:off + r].T[tokens] @ self.V[off:off + r]
+            return x * self.scales[rows.single]
+        if self.has_residual:
+            u = self.UT.T[tokens] * (self.owner == rows.branch[:, None, None])  # (B, L, R)
+            x = x + u @ self.V
+        return x * self.scales[rows.branch][:, None, None]
+
 
 class PerBranch(nn.Module):
     """A stack of per-branch tensors (norm weights, embeddings), gathered per row."""
@@ -166,12 +179,24 @@ class PerBranch(nn.Module):
     def select(self, branch: torch.Tensor) -> torch.Tensor:
         return self.weight[0] if self.shared else self.weight[branch]
 
-    def lookup(self, branch: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Embedding rows: tokens (B, L) of branch[b] -> (B, L, H), without copying whole tables."""
+    def lookup(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """Embedding rows: tokens (B, L) of each row's branch -> (B, L, H), without copying whole tables."""
         if self.shared:
             return self.weight[0][tokens]
         n, vocab, hidden = self.weight.shape
-        return self.weight.view(n * vocab, hidden)[branch[:, None] * vocab + tokens]
+        return self.weight.view(n * vocab, hidden)[rows.branch[:, None] * vocab + tokens]
+
+    def __call__(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """As an lm_head: each present branch's head reads its rows only, one pass over each head's bytes."""
+        if self.shared:
+            return F.linear(x, self.weight[0])
+        if rows.single is not None:
+            return F.linear(x, self.weight[rows.single])
+        out = torch.empty(*x.shape[:-1], self.weight.shape[1], dtype=x.dtype, device=x.device)
+        for b in rows.branch.unique().tolist():
+            idx = (rows.branch == b).nonzero().squeeze(1)
+            out[idx] = F.linear(x[idx], self.weight[b])
+        return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -216,12 +241,13 @@ class Block(nn.Module):
 
 
 class FamilyModel(nn.Module):
-    def __init__(self, cfg: FamilyConfig, branches: list[str], blocks: list[Block], embed: PerBranch,
-                 norm: PerBranch, heads: PerBranch | None):
+    def __init__(self, cfg: FamilyConfig, branches: list[str], blocks: list[Block], embed: PerBranch | BranchLinear,
+                 norm: PerBranch, heads: PerBranch | BranchLinear | None):
         super().__init__()
         self.cfg = cfg
         self.branches = branches
         self.blocks = nn.ModuleList(blocks)
+        # Embeddings and heads are per branch, or trunk + residual like the layers (compress --compress-embeddings).
         self.embed, self.norm = embed, norm
         self.heads = heads  # None: tied to the embeddings
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -230,11 +256,11 @@ class FamilyModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.norm.weight.dtype
 
     def allocate_cache(self, slots: int, max_seq: int) -> None:
         cfg = self.cfg
@@ -264,7 +290,7 @@ class FamilyModel(nn.Module):
         t = torch.tensor([tokens], device=self.device)
         b = torch.tensor([branch], device=self.device)
         rows = self._rows(b, torch.zeros(1, dtype=torch.long, device=self.device), None, len(tokens))
-        x = self.embed.lookup(b, t)
+        x = self.embed.lookup(t, rows)
         states = [x]
         for block in self.blocks:
             x = block(x, rows, None, None)
@@ -283,27 +309,14 @@ class FamilyModel(nn.Module):
         """
         B, L = tokens.shape
         rows = self._rows(branch, start, slots, L)
-        x = self.embed.lookup(branch, tokens)
+        x = self.embed.lookup(tokens, rows)
         for block, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
             x = block(x, rows, kc, vc)
         if last is not None:
             x = x[torch.arange(B, device=x.device), last][:, None]
         x = rms_norm(x, self.norm.select(branch), self.cfg.rms_norm_eps)
-        logits = self._head(x, branch, rows.single)
+        logits = (self.heads or self.embed)(x, rows)
         return logits[:, 0] if last is not None else logits
-
-    def _head(self, x: torch.Tensor, branch: torch.Tensor, single: int | None) -> torch.Tensor:
-        heads = self.heads or self.embed
-        if heads.shared:
-            return F.linear(x, heads.weight[0])
-        if single is not None:
-            return F.linear(x, heads.weight[single])
-        # Each present branch's head reads its rows only: one pass over each head's bytes.
-        out = torch.empty(*x.shape[:-1], self.cfg.vocab_size, dtype=x.dtype, device=x.device)
-        for b in branch.unique().tolist():
-            idx = (branch == b).nonzero().squeeze(1)
-            out[idx] = F.linear(x[idx], heads.weight[b])
-        return out
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, branches: list[str] | None = None,
@@ -320,6 +333,24 @@ class FamilyModel(nn.Module):
         def per_branch(name: str) -> PerBranch:
             return PerBranch([load(artifact.own(b, name)) for b in branches])
 
+        def matrix(name: str) -> BranchLinear:
+            us, vs = [], []
+            for b in branches:
+                r = artifact.residual(b, name)
+                if r.kind == "lowrank":
+                    us.append(load(r.U))
+                    vs.append(load(r.V))
+                elif r.kind == "dense":  # rate 0: U = D, V = I
+                    us.append(load(r.D))
+                    vs.append(torch.eye(r.D.shape[1], device=device, dtype=dtype))
+                else:
+                    us.append(None)
+                    vs.append(None)
+            return BranchLinear(load(artifact.trunk(name)), [artifact.scale(b, name) for b in branches], us, vs)
+
+        def matrix_or_per_branch(name: str):
+            return matrix(name) if artifact.is_compressed(name) else per_branch(name)
+
         blocks = []
         for i in range(cfg.num_layers):
             linears = {}
@@ -327,24 +358,11 @@ class FamilyModel(nn.Module):
                 name = f"model.layers.{i}.{hf_name}.weight"
                 if not artifact.is_compressed(name):
                     raise UserError(f"{artifact.path}: {name} is not stored as trunk + residual")
-                us, vs = [], []
-                for b in branches:
-                    r = artifact.residual(b, name)
-                    if r.kind == "lowrank":
-                        us.append(load(r.U))
-                        vs.append(load(r.V))
-                    elif r.kind == "dense":  # rate 0: U = D, V = I
-                        us.append(load(r.D))
-                        vs.append(torch.eye(r.D.shape[1], device=device, dtype=dtype))
-                    else:
-                        us.append(None)
-                        vs.append(None)
-                linears[short] = BranchLinear(load(artifact.trunk(name)),
-                                              [artifact.scale(b, name) for b in branches], us, vs)
+                linears[short] = matrix(name)
             norms = {n: per_branch(f"model.layers.{i}.{n}.weight")
                      for n in ("input_layernorm", "post_attention_layernorm")}
             blocks.append(Block(cfg, linears, norms))
-        embed = per_branch("model.embed_tokens.weight")
+        embed = matrix_or_per_branch("model.embed_tokens.weight")
         heads = None if cfg.tie_word_embeddings or "lm_head.weight" not in artifact.tensor_names \
-            else per_branch("lm_head.weight")
+            else matrix_or_per_branch("lm_head.weight")
         return cls(cfg, list(branches), blocks, embed, per_branch("model.norm.weight"), heads).eval()
