@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--new-tokens", type=int, default=32)
     be.add_argument("--compress-embeddings", action="store_true",
                     help="per-branch lm_heads as trunk + residual (one trunk head read per step, not N heads)")
+    be.add_argument("--cuda-graphs", action="store_true",
+                    help="static-shape decode steps per batch bucket, captured as CUDA graphs on CUDA")
     be.add_argument("--hf-baseline", metavar="PATH", default=None,
                     help="also compare with transformers generate on this HF Llama checkpoint")
     be.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -46,6 +46,8 @@ class Limits(_Strict):
     max_context: int = Field(2048, ge=16)
     queue_size: int = Field(256, ge=1)
     prefill_chunk: int = Field(512, ge=16)
+    # Family decode steps with static shapes, padded to batch buckets and, on CUDA, replayed from CUDA graphs.
+    cuda_graphs: bool = False
 
 
 class RouterConfig(_Strict):

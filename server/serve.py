@@ -65,7 +65,8 @@ def build_engine(config: ServerConfig) -> Engine:
     for fam in config.families:
         engine.add_family(fam.artifact, fam.branches, device=fam.device,
                           dtype=DTYPES[fam.dtype] if fam.dtype else None,
-                          defaults=fam.sampling.model_dump(exclude_none=True), **common)
+                          defaults=fam.sampling.model_dump(exclude_none=True),
+                          static_decode=limits.cuda_graphs, **common)
     for sa in config.standalone:
         engine.add_standalone(sa.name, sa.path, device=sa.device, dtype=DTYPES[sa.dtype] if sa.dtype else None,
                               trust_remote_code=sa.trust_remote_code,

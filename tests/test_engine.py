@@ -262,3 +262,27 @@ def test_top_k_and_top_p_limits():
     assert draws == {1}
     draws = {int(sample_one(logits, SamplingParams(temperature=5.0), g)) for _ in range(400)}
     assert draws == {0, 1, 2, 3, 4}
+
+
+def test_static_decode_buckets_give_the_same_tokens(paths):
+    """The CUDA-graph path's static shapes, bucket padding and scratch slot, run eagerly on the CPU."""
+    from server.engine.graphs import buckets
+
+    assert buckets(16) == [1, 2, 4, 8, 16] and buckets(12) == [1, 2, 4, 8, 12]
+    results = {}
+    for static in (False, True):
+        e = Engine()
+        runner = e.add_family(paths["artifact"], max_batch=4, max_seq=64, prefill_chunk=8, static_decode=static)
+        e.start()
+        try:
+            requests = [("math", PROMPTS["math"], 9), ("code", PROMPTS["code"], 7), ("chat", PROMPTS["chat"], 5)]
+            alone, together = run_alone_then_together(e, requests)
+            results[static] = (alone, together)
+        finally:
+            e.stop()
+        if static:
+            assert runner.graphs is not None and runner.model.k_cache[0].shape[0] == 5  # + the scratch slot
+    for static in (False, True):
+        alone, together = results[static]
+        assert [t[1] for t in together] == [a[1] for a in alone]
+    assert [t[1] for t in results[True][1]] == [t[1] for t in results[False][1]]

@@ -144,7 +144,8 @@ def bench_engine(args) -> dict:
         model = FamilyModel.from_artifact(source, device=device, dtype=dtype)
         vocab = source.config["vocab_size"]
         for batch in (1, args.batch):
-            runner = FamilyRunner(model, max_batch=batch, max_seq=max_seq, prefill_chunk=max(512, args.prompt))
+            runner = FamilyRunner(model, max_batch=batch, max_seq=max_seq, prefill_chunk=max(512, args.prompt),
+                                  static_decode=args.cuda_graphs)
             run_batch(runner, _prompts(batch, args.prompt, vocab, 1), [0] * batch, 4)  # warm-up
             branches = [i % n_branches for i in range(batch)]
             r = run_batch(runner, _prompts(batch, args.prompt, vocab), branches, args.new_tokens)
@@ -154,7 +155,7 @@ def bench_engine(args) -> dict:
     for r in results:
         r["vs_dense"] = r["decode_tok_s"] / dense[r["batch"]]
     report = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "rate": args.rate,
-              "compress_embeddings": args.compress_embeddings,
+              "compress_embeddings": args.compress_embeddings, "cuda_graphs": args.cuda_graphs,
               "branches": args.branches, "prompt": args.prompt, "new_tokens": args.new_tokens,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
     if args.hf_baseline:
@@ -165,6 +166,8 @@ def bench_engine(args) -> dict:
     rows = [[r["config"], str(r["batch"]), f"{r['decode_tok_s']:.1f}", f"{r['vs_dense']:.2f}x", f"{r['tok_s']:.1f}"]
             for r in results]
     heads = "embeddings/heads compressed" if args.compress_embeddings else "per-branch embeddings/heads"
+    if args.cuda_graphs:
+        heads += ", static decode" + (" in CUDA graphs" if device.type == "cuda" else " (eager on the CPU)")
     print(f"engine, shape {args.shape}, {args.dtype} on {device}, rate {args.rate}, {heads}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(_table(["configuration", "batch", "decode tok/s", "vs dense", "end-to-end tok/s"], rows))

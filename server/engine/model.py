@@ -117,6 +117,7 @@ class Rows:
     mask: torch.Tensor  # (B, 1, L, Lk) attention mask over the cached keys
     cos: torch.Tensor
     sin: torch.Tensor
+    static: bool = False  # no shape or branch mix read back to the host (CUDA-graph friendly)
 
 
 class BranchLinear(nn.Module):
@@ -192,6 +193,11 @@ class PerBranch(nn.Module):
             return F.linear(x, self.weight[0])
         if rows.single is not None:
             return F.linear(x, self.weight[rows.single])
+        if rows.static:  # every head for every row, then each row's own: no host sync, N heads read
+            n, vocab, hidden = self.weight.shape
+            every = F.linear(x, self.weight.view(n * vocab, hidden)).view(*x.shape[:-1], n, vocab)
+            index = rows.branch.view(-1, *([1] * (x.dim() - 1)), 1).expand(*x.shape[:-1], 1, vocab)
+            return every.gather(-2, index).squeeze(-2)
         out = torch.empty(*x.shape[:-1], self.weight.shape[1], dtype=x.dtype, device=x.device)
         for b in rows.branch.unique().tolist():
             idx = (rows.branch == b).nonzero().squeeze(1)
@@ -262,7 +268,10 @@ class FamilyModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
 
-    def allocate_cache(self, slots: int, max_seq: int) -> None:
+    def allocate_cache(self, slots: int, max_seq: int, static: bool = False) -> None:
+        """``static``: decode steps attend over the whole cache and never read shapes back to the host,
+        so that they can be captured as CUDA graphs."""
+        self.static = static
         cfg = self.cfg
         shape = (slots, max_seq, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
@@ -274,12 +283,14 @@ class FamilyModel(nn.Module):
         if slots is not None:
             # Padding past the cache's end (right-padded prefill rows) is written onto its last entry.
             pos = pos.clamp(max=self.max_seq - 1)
-        Lk = int(pos.max()) + 1
+        static = slots is not None and L == 1 and getattr(self, "static", False)
+        Lk = self.max_seq if static else int(pos.max()) + 1
         mask = torch.arange(Lk, device=start.device)[None, None, :] <= pos[:, :, None]  # (B, L, Lk)
         freqs = pos[..., None].float() * self.inv_freq  # (B, L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        single = int(branch[0]) if bool((branch == branch[0]).all()) else None
-        return Rows(branch, single, pos, slots, mask[:, None], emb.cos().to(self.dtype), emb.sin().to(self.dtype))
+        single = None if static else (int(branch[0]) if bool((branch == branch[0]).all()) else None)
+        return Rows(branch, single, pos, slots, mask[:, None], emb.cos().to(self.dtype), emb.sin().to(self.dtype),
+                    static)
 
     @torch.inference_mode()
     def hidden(self, tokens: list[int], branch: int, layer: int = -1) -> torch.Tensor:

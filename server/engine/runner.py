@@ -175,10 +175,21 @@ class Runner:
 
 
 class FamilyRunner(Runner):
-    def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256):
+    def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
+                 static_decode: bool = False):
+        """``static_decode``: decode steps with static shapes, padded to batch buckets; on CUDA they are
+        captured as CUDA graphs (server/engine/graphs.py)."""
         super().__init__(model.device, max_batch, max_seq, prefill_chunk)
         self.model = model
-        model.allocate_cache(max_batch, max_seq)
+        self.graphs = None
+        if static_decode:
+            from server.engine.graphs import DecodeGraphs
+
+            model.allocate_cache(max_batch + 1, max_seq, static=True)  # one more slot for padding rows
+            self.graphs = DecodeGraphs(model, max_batch, scratch_slot=max_batch,
+                                       capture=model.device.type == "cuda")
+        else:
+            model.allocate_cache(max_batch, max_seq)
         self.free_slots = list(range(max_batch))
 
     def _admit(self, seq: Sequence) -> None:
@@ -206,6 +217,9 @@ class FamilyRunner(Runner):
         )
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        if self.graphs is not None:
+            return self.graphs.run([s.output[-1] for s in seqs], [s.length - 1 for s in seqs],
+                                   [s.slot for s in seqs], [s.branch for s in seqs])
         return self.model(
             self._tensor([[s.output[-1]] for s in seqs]),
             self._tensor([s.length - 1 for s in seqs]),
