@@ -133,6 +133,13 @@ def test_errors(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=10_000)
     assert e.value.body["code"] == "context_length_exceeded"
+    counted = metric_text(client)
+    assert 'branchserve_requests_total{model="unknown",status="404"}' in counted
+    assert 'branchserve_requests_total{model="math",status="400"}' in counted
+
+
+def metric_text(client) -> str:
+    return httpx.get(str(client.base_url).removesuffix("/v1/") + "/metrics").text
 
 
 def test_eight_concurrent_streams_complete(server):

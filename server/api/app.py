@@ -145,7 +145,14 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine],
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await ChatHandler(state, engine(), body, request).respond()
+        handler = ChatHandler(state, engine(), body, request)
+        try:
+            return await handler.respond()
+        except errors.APIError as e:
+            if e.status < 500:  # refused before generating; served names only, so labels stay bounded
+                known = handler.model in state.engine.targets or handler.model in state.pipelines
+                state.metrics.requests.labels(handler.model if known else "unknown", str(e.status)).inc()
+            raise
 
     return app
 
