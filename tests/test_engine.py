@@ -286,3 +286,22 @@ def test_static_decode_buckets_give_the_same_tokens(paths):
         alone, together = results[static]
         assert [t[1] for t in together] == [a[1] for a in alone]
     assert [t[1] for t in results[True][1]] == [t[1] for t in results[False][1]]
+
+
+def test_sliding_window_models_are_held_inside_their_window(tmp_path):
+    import json
+
+    from compression.synthetic import build_standalone
+
+    path = build_standalone(tmp_path / "phi3", seed=4)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["sliding_window"] = 24
+    (path / "config.json").write_text(json.dumps(cfg))
+    e = Engine()
+    runner = e.add_standalone("phi3", path, max_batch=2, max_seq=128)
+    assert runner.max_seq == 24
+
+    async def main():
+        with pytest.raises(ValueError, match="context"):
+            e.submit("phi3", list(range(30)), greedy())
+    asyncio.run(main())

@@ -130,6 +130,12 @@ class Engine:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto",
                                                      trust_remote_code=trust_remote_code)
         model = model.to(device).eval()
+        window = getattr(model.config, "sliding_window", None)
+        if window and getattr(model.config, "use_sliding_window", True) is not False and max_seq > window:
+            # The shared padded cache is only exact while nothing has slid out of the window.
+            log.warning("%s: context limited to its sliding window of %d tokens (configured %d)", name, window,
+                        max_seq)
+            max_seq = window
         runner = StandaloneRunner(model, max_batch, max_seq, prefill_chunk)
         tok = load_tokenizer(path)
         self._expose(Target(name, "standalone", runner, tok, frozenset(stop_token_ids(path, tok)), 0, defaults))
