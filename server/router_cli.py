@@ -28,7 +28,7 @@ def _router(args):
     if default is None:
         raise UserError("give --default-route NAME (the route out-of-scope texts must fall to)")
     spec = args.embedder or (rc.embedder if rc else "minilm")
-    embedder = build_embedder(spec, args.layer, config=config, suffix=not args.no_suffix)
+    embedder = build_embedder(spec, args.layer, config=config, suffix=not args.no_suffix, pooling=args.pooling)
     return Router(store, embedder, cache_dir(), default, args.aggregate, args.top_k)
 
 
@@ -142,6 +142,7 @@ def add_parsers(sub, parser_class) -> None:
         p.add_argument("--default-route", help="route for texts labeled none (default: the config's)")
         p.add_argument("--layer", type=int, default=-1, help="decoder embedder: hidden layer to pool")
         p.add_argument("--no-suffix", action="store_true", help="decoder embedder: pool the input, not the suffix")
+        p.add_argument("--pooling", choices=["mean", "last"], default="mean", help="decoder embedder pooling")
         p.add_argument("--aggregate", choices=["max", "mean_top_k"], default="max")
         p.add_argument("--top-k", type=int, default=3)
         p.add_argument("--json", action="store_true")

@@ -42,7 +42,7 @@ def served_hidden(target):
 
 
 def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig | None = None,
-                   suffix: bool = True):
+                   suffix: bool = True, pooling: str = "mean"):
     """minilm | decoder:NAME (a served model, or one named in the config) | decoder:PATH | PATH."""
     if spec == "minilm":
         return SentenceTransformerEmbedder()
@@ -50,11 +50,12 @@ def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig
         name = spec.removeprefix("decoder:")
         if engine is not None and name in engine.targets:
             target = engine.targets[name]
-            return DecoderSuffixEmbedder(name, target.tokenizer, served_hidden(target), layer=layer, suffix=suffix)
+            return DecoderSuffixEmbedder(name, target.tokenizer, served_hidden(target), layer=layer, suffix=suffix,
+                                         pooling=pooling)
         if config is not None:
             for sa in config.standalone:
                 if sa.name == name:
-                    return load_decoder_path(sa.path, layer, suffix)
+                    return load_decoder_path(sa.path, layer, suffix, pooling)
             for fam in config.families:
                 from compression.artifact import Artifact
                 from server.engine.model import FamilyModel
@@ -66,9 +67,9 @@ def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig
                     model = FamilyModel.from_artifact(artifact, [branch])
                     return DecoderSuffixEmbedder(name, load_tokenizer(artifact.branch_dir(branch)),
                                                  lambda ids, lyr: model.hidden(ids, 0, lyr), layer=layer,
-                                                 suffix=suffix)
+                                                 suffix=suffix, pooling=pooling)
         if Path(name).is_dir():
-            return load_decoder_path(name, layer, suffix)
+            return load_decoder_path(name, layer, suffix, pooling)
         raise UserError(f"embedder {spec!r}: {name!r} is neither a served model nor a checkpoint directory")
     if Path(spec).is_dir():
         return SentenceTransformerEmbedder(spec)
@@ -77,5 +78,6 @@ def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig
 
 def build_router(config: ServerConfig, engine, pipelines: set[str] = frozenset()) -> Router:
     rc = config.router
-    return Router(exemplar_store(rc), build_embedder(rc.embedder, rc.layer, engine=engine), cache_dir(),
+    return Router(exemplar_store(rc), build_embedder(rc.embedder, rc.layer, engine=engine, pooling=rc.pooling),
+                  cache_dir(),
                   rc.default_route, rc.aggregate, rc.top_k, rc.input, targets=set(engine.targets) | set(pipelines))

@@ -136,6 +136,8 @@ def test_decoder_suffix_embedder_on_tiny_models(tiny_models):
     v = emb.embed(["What is 12 times 11?", "Write a Python class."])
     assert v.shape == (2, 64) and torch.allclose(v.norm(dim=1), torch.ones(2))
     torch.testing.assert_close(emb.embed(["What is 12 times 11?"])[0], v[0])
+    last = load_decoder_path(tiny_models["phi3"], pooling="last")
+    assert last.fingerprint != emb.fingerprint and not torch.allclose(last.embed(["What is 12 times 11?"])[0], v[0])
     plain = load_decoder_path(tiny_models["phi3"], suffix=False)
     assert plain.fingerprint != emb.fingerprint
     assert not torch.allclose(plain.embed(["What is 12 times 11?"])[0], v[0])
