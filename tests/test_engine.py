@@ -305,3 +305,23 @@ def test_sliding_window_models_are_held_inside_their_window(tmp_path):
         with pytest.raises(ValueError, match="context"):
             e.submit("phi3", list(range(30)), greedy())
     asyncio.run(main())
+
+
+def test_incremental_text_matches_a_full_decode(family):
+    from server.engine.text import IncrementalText, load_tokenizer
+
+    tok = load_tokenizer(family["math"])
+    text = "Grüße, 世界! naïve café ✓ done"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    inc = IncrementalText(tok, [])
+    pieces = [inc.add(i)[0] for i in ids]
+    assert "".join(pieces) + inc.flush() == text
+    assert all("\ufffd" not in p for p in pieces)  # a character split over byte tokens is held until complete
+    stop = IncrementalText(tok, ["café"])
+    out, stopped = "", False
+    for i in ids:
+        delta, stopped = stop.add(i)
+        out += delta
+        if stopped:
+            break
+    assert stopped and out == "Grüße, 世界! naïve "

@@ -48,13 +48,23 @@ class IncrementalText:
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
+        # Only a short window of tokens is decoded per step: ids[prefix:read] is text already taken,
+        # ids[prefix:] is that plus what is new (so merges across the boundary decode right).
+        self.prefix = 0
+        self.read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Returns (new text, whether a stop string ended the output)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return "", False
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        if now.endswith("\ufffd") or len(now) <= len(before):
+            return "", False  # an incomplete character, or nothing visible yet
+        self.prefix, self.read = self.read, len(self.ids)
+        text = self.text + now[len(before):]
         self.text = text
         if self.stop:
             start = max(0, self.emitted - self.hold)
