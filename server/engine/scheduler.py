@@ -199,7 +199,11 @@ class Engine:
                     runner, seq = self._inbox.get_nowait()
                 except queue.Empty:
                     break
-                runner.add(seq)
+                try:
+                    runner.add(seq)
+                except Exception as e:  # this request fails; the engine goes on
+                    log.exception("could not queue request %s", seq.id)
+                    seq.emit(Event("", [], "error", len(seq.prompt), 0, error=f"{type(e).__name__}: {e}"))
             busy = False
             for runner in self.runners:
                 if runner.has_work():
