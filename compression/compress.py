@@ -95,9 +95,18 @@ class _Compressor:
         self.dtype = DTYPES[opts.dtype] if opts.dtype else source
         self.sizes = {"trunk": 0, "shared": 0, "branches": {b: 0 for b in checkpoints}}
         self.branch_ranks: dict[str, dict[str, int]] = {}  # gain allocation: tensor -> branch -> rank
+        self.seconds = {"read": 0.0, "svd": 0.0, "write": 0.0}  # where the time goes (summary and manifest)
+
+    def _timed(self, phase: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds[phase] += time.perf_counter() - t0
+        return out
 
     def _store(self, writer: ShardedWriter, key: str, t: torch.Tensor, owner: str | None) -> str:
-        writer.add(key, t)
+        self._timed("write", writer.add, key, t)
         if owner is None:
             self.sizes["shared"] += _nbytes(t)
         elif owner == "trunk":
@@ -145,7 +154,8 @@ class _Compressor:
             if not plan.compressed or plan.residual != "lowrank":
                 continue
             m, n = plan.shape
-            _, _, residuals = self._normalize({b: ck.read(plan.name) for b, ck in self.checkpoints.items()})
+            _, _, residuals = self._normalize({b: self._timed("read", ck.read, plan.name)
+                                               for b, ck in self.checkpoints.items()})
             cap = min(m, n, 4 * plan.rank)
             spectra[plan.name] = {}
             for b, d in residuals.items():
@@ -153,7 +163,8 @@ class _Compressor:
                 if min(m, n) <= 2048:
                     sv = torch.linalg.svdvals(d)[:cap]
                 else:  # the column norms of U (singular values folded in) are the singular values
-                    u, _ = self.backend.factorize(d, cap, tensor_seed(self.opts.seed, plan.name, b))
+                    u, _ = self._timed("svd", self.backend.factorize, d, cap,
+                                       tensor_seed(self.opts.seed, plan.name, b))
                     sv = u.norm(dim=0)
                 spectra[plan.name][b] = (sv.double() ** 2).cpu()
         for b in self.checkpoints:
@@ -200,7 +211,8 @@ class _Compressor:
                 err = float(torch.linalg.vector_norm(d - stored.float()))
             elif entry["residual"] == "lowrank" and ranks[b] > 0:
                 info["rank"] = ranks[b]
-                u, v = self.backend.factorize(d, ranks[b], tensor_seed(self.opts.seed, plan.name, b))
+                u, v = self._timed("svd", self.backend.factorize, d, ranks[b],
+                                   tensor_seed(self.opts.seed, plan.name, b))
                 u, v = u.to(self.dtype), v.to(self.dtype)
                 info["U"] = self._store(writer, f"residual/{b}/{plan.name}/U", u, b)
                 info["V"] = self._store(writer, f"residual/{b}/{plan.name}/V", v, b)
@@ -228,7 +240,7 @@ class _Compressor:
             self.allocate_by_gain()
         try:
             for i, plan in enumerate(self.plans):
-                tensors = {b: ck.read(plan.name) for b, ck in checkpoints.items()}
+                tensors = {b: self._timed("read", ck.read, plan.name) for b, ck in checkpoints.items()}
                 step = self.compressed if plan.compressed else self.kept
                 tensors_manifest[plan.name] = step(writer, plan, tensors)
                 bar.update(sum(_nbytes(t) for t in tensors.values()))
@@ -269,6 +281,7 @@ class _Compressor:
                 "device": self.device.type,
                 "seed": self.opts.seed,
                 "seconds": round(time.perf_counter() - started, 3),
+                **{f"{phase}_seconds": round(v, 3) for phase, v in self.seconds.items()},
             },
             "branches": branches,
             "sizes": {**self.sizes, "inputs": total, "artifact": writer.total_bytes},

@@ -76,6 +76,10 @@ def format_summary(s: dict) -> str:
         f"artifact {human_bytes(s['artifact_bytes'])} vs inputs {human_bytes(s['inputs_bytes'])} "
         f"({ratio}x)"
     )
+    if "svd_seconds" in c:
+        other = c["seconds"] - c["read_seconds"] - c["svd_seconds"] - c["write_seconds"]
+        totals += (f"\ntime {c['seconds']:.1f} s: read {c['read_seconds']:.1f} s, rSVD {c['svd_seconds']:.1f} s, "
+                   f"write {c['write_seconds']:.1f} s, other math {other:.1f} s")
     return f"{head}\n{table}\n{totals}"
 
 
