@@ -9,6 +9,7 @@ the start, never a request.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -49,9 +50,13 @@ def load_template(ref: str, allowed: set[str], where: str) -> jinja2.Template:
     return _ENV.from_string(source)
 
 
+@functools.lru_cache(maxsize=1)
+def _expert_template() -> jinja2.Template:
+    return load_template(str(prompts_dir() / "system" / "expert.jinja"), {"domain"}, "expert prompt")
+
+
 def expert_prompt(domain: str) -> str:
-    return load_template(str(prompts_dir() / "system" / "expert.jinja"), {"domain"}, "expert prompt") \
-        .render(domain=domain).strip()
+    return _expert_template().render(domain=domain).strip()
 
 
 def with_expert(messages: list[dict], domain: str | None) -> list[dict]:

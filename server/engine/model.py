@@ -128,6 +128,7 @@ class BranchLinear(nn.Module):
         super().__init__()
         self.trunk = nn.Parameter(trunk, requires_grad=False)  # (out, in)
         self.register_buffer("scales", torch.tensor(scales, dtype=trunk.dtype), persistent=False)
+        self.scale_list = [float(x) for x in scales]  # the single-branch path multiplies by a Python float
         self.spans: list[tuple[int, int]] = []  # (first column, rank) of each branch in the concatenation
         offset = 0
         for u in us:
@@ -148,7 +149,7 @@ class BranchLinear(nn.Module):
             off, r = self.spans[rows.single]
             if r:
                 y = y + F.linear(x, self.V[off:off + r]) @ self.UT[off:off + r]
-            return y * self.scales[rows.single]
+            return y * self.scale_list[rows.single]
         if self.has_residual:
             h = F.linear(x, self.V) * (self.owner == rows.branch[:, None, None])  # (B, L, R)
             y = y + h @ self.UT
@@ -161,7 +162,7 @@ class BranchLinear(nn.Module):
             off, r = self.spans[rows.single]
             if r:
                 x = x + self.UT[off:off + r].T[tokens] @ self.V[off:off + r]
-            return x * self.scales[rows.single]
+            return x * self.scale_list[rows.single]
         if self.has_residual:
             u = self.UT.T[tokens] * (self.owner == rows.branch[:, None, None])  # (B, L, R)
             x = x + u @ self.V
