@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from compression.checkpoint import Checkpoint
 from compression.compress import CompressOptions, compress
 from compression.export import export_branch
-from compression.report import _table, summarize
-from compression.synthetic import build_family
+from compression.report import text_table, summarize
+from compression.synthetic import build_family, plain_average
 
 
 def _logits(model_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
@@ -29,14 +28,6 @@ def _logits(model_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         return model(input_ids).logits[0]
-
-
-def _plain_average(members: dict[str, Path], root: Path) -> Path:
-    from compression.synthetic import save_checkpoint
-
-    cks = [Checkpoint(p) for p in members.values()]
-    weights = {n: sum(ck.read(n) for ck in cks) / len(cks) for n in cks[0].tensors}
-    return save_checkpoint(root / "plain-average", cks[0].config, weights)
 
 
 def bench_compress(args) -> dict:
@@ -56,7 +47,7 @@ def bench_compress(args) -> dict:
         gen = torch.Generator().manual_seed(1)
         input_ids = torch.randint(0, 256, (1, 32), generator=gen)
         reference = {b: _logits(p, input_ids) for b, p in members.items()}
-        avg = _logits(_plain_average(members, root), input_ids)
+        avg = _logits(plain_average(members, root / "plain-average"), input_ids)
         results.append({
             "method": "plain average", "backend": "", "rate": None, "ratio": None,
             "mean_error": None, "max_error": None, "compress_s": None,
@@ -93,7 +84,7 @@ def bench_compress(args) -> dict:
         fmt(r["ratio"], ".3f"), fmt(r["mean_error"], ".4f"), fmt(r["max_error"], ".4f"),
         fmt(r["max_logit_diff"], ".2e"), fmt(r["compress_s"], ".2f"),
     ] for r in results]
-    print(_table(["method", "backend", "rate", "ranks", "size/inputs", "mean err", "max err",
+    print(text_table(["method", "backend", "rate", "ranks", "size/inputs", "mean err", "max err",
                   "max |dlogit|", "compress s"], rows))
     print("rate 0 must reproduce every member (|dlogit| ~ 1e-6); rate 1 is normalized averaging.")
     return {"results": results}

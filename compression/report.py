@@ -51,7 +51,7 @@ def summarize(manifest: dict, path: str | None = None) -> dict:
     }
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def text_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
     lines.append("  ".join("-" * w for w in widths))
@@ -69,7 +69,7 @@ def format_summary(s: dict) -> str:
         [b["name"], human_bytes(b["stored_bytes"]), f"{b['mean_error']:.4f}", f"{b['max_error']:.4f}"]
         for b in s["branches"]
     ]
-    table = _table(["branch", "stored", "mean rel. error", "max rel. error"], rows)
+    table = text_table(["branch", "stored", "mean rel. error", "max rel. error"], rows)
     ratio = f"{s['ratio']:.3f}" if s["ratio"] is not None else "n/a"
     totals = (
         f"trunk {human_bytes(s['trunk_bytes'])}, shared {human_bytes(s['shared_bytes'])}; "
@@ -100,4 +100,4 @@ def format_tensors(s: dict) -> str:
                 *(f"{t['error'][b]:.4f}" for b in names),
             ]
         )
-    return _table(["tensor", "shape", "stored as", "rank", *(f"err {b}" for b in names)], rows)
+    return text_table(["tensor", "shape", "stored as", "rank", *(f"err {b}" for b in names)], rows)

@@ -191,3 +191,19 @@ def build_standalone(path: Path, seed: int = 0, init_std: float = 0.2) -> Path:
     model.save_pretrained(path)
     write_tokenizer(path)
     return path
+
+
+def plain_average(members: dict[str, Path], out: Path) -> Path:
+    """Classic merging: the unnormalized mean of the members' weights, with the first member's tokenizer."""
+    import shutil
+
+    from compression.checkpoint import Checkpoint
+
+    cks = [Checkpoint(p) for p in members.values()]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {n: (sum(ck.read(n) for ck in cks) / len(cks)).contiguous() for n in cks[0].tensors}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in cks[0].side_files():
+        shutil.copyfile(f, out / f.name)
+    return out

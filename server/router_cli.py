@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from compression.errors import UserError
-from compression.report import _table
+from compression.report import text_table
 
 
 def _router(args):
@@ -44,11 +44,11 @@ def cmd_router_eval(args) -> int:
           f"latency p50 {report['latency_ms']['p50']:.1f} ms, p95 {report['latency_ms']['p95']:.1f} ms")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     rows = [[r, fmt(m["precision"]), fmt(m["recall"]), str(m["support"])] for r, m in report["per_route"].items()]
-    print(_table(["route", "precision", "recall", "support"], rows))
+    print(text_table(["route", "precision", "recall", "support"], rows))
     labels = list(report["confusion"])
     rows = [[e, *(str(report["confusion"][e][p]) for p in labels)] for e in labels]
     print("\nconfusion (rows: expected, columns: chosen)")
-    print(_table(["", *labels], rows))
+    print(text_table(["", *labels], rows))
     return 0
 
 
@@ -68,7 +68,7 @@ def cmd_router_fit(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(_table(["route", "threshold"], [[r, "none" if t is None else f"{t:.4f}"] for r, t in fitted.items()]))
+        print(text_table(["route", "threshold"], [[r, "none" if t is None else f"{t:.4f}"] for r, t in fitted.items()]))
         print(f"accuracy on {args.labeled}: {before:.3f} -> {after:.3f}"
               + (f"; thresholds written to {router.store.path}" if args.write else " (use --write to save)"))
     return 0

@@ -12,7 +12,8 @@ from compression.synthetic import build_standalone
 from server.api.app import build_app
 from server.demo import build
 from server.demo.quality import accuracy
-from server.demo.skills import TrainSettings, build_skill_family, plain_average
+from compression.synthetic import plain_average
+from server.demo.skills import TrainSettings, build_skill_family
 from server.serve import build_engine, preflight, router_factory
 from tests.conftest import LiveServer
 

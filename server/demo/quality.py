@@ -17,8 +17,9 @@ from pathlib import Path
 
 from compression.artifact import Artifact, SingleCheckpoint
 from compression.compress import CompressOptions, compress
-from compression.report import _table, summarize
-from server.demo.skills import SKILLS, plain_average, test_set
+from compression.report import text_table, summarize
+from compression.synthetic import plain_average
+from server.demo.skills import SKILLS, test_set
 from server.engine.model import FamilyModel
 from server.engine.runner import FamilyRunner, Sequence
 from server.engine.sampling import SamplingParams
@@ -87,5 +88,5 @@ def bench_quality(args) -> dict:
     extra = "; embeddings and head compressed too" if args.compress_embeddings else ""
     print(f"skill accuracy (exact match, {args.n} held-out prompts each, greedy); size = artifact / members' total"
           f"{extra}")
-    print(_table(["method", "rate", "size", *skills, "min kept"], table))
+    print(text_table(["method", "rate", "size", *skills, "min kept"], table))
     return report

@@ -172,11 +172,3 @@ def build_skill_family(root: Path, settings: TrainSettings = TrainSettings(), sk
         members[skill] = save_checkpoint(root / skill, cfg, weights, chat_template=SKILL_CHAT_TEMPLATE)
     return members
 
-
-def plain_average(members: dict[str, Path], out: Path) -> Path:
-    """Classic merging: the unnormalized mean of the members' weights."""
-    from compression.checkpoint import Checkpoint
-
-    cks = [Checkpoint(p) for p in members.values()]
-    weights = {n: sum(ck.read(n) for ck in cks) / len(cks) for n in cks[0].tensors}
-    return save_checkpoint(out, cks[0].config, weights, chat_template=SKILL_CHAT_TEMPLATE)

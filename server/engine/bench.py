@@ -18,7 +18,7 @@ import torch
 
 from compression.artifact import Residual, SingleCheckpoint
 from compression.plan import is_compressed, rank_for_rate
-from compression.report import _table
+from compression.report import text_table
 from server.engine.model import FamilyModel
 from server.engine.runner import FamilyRunner, Sequence
 from server.engine.sampling import SamplingParams
@@ -170,12 +170,12 @@ def bench_engine(args) -> dict:
         heads += ", static decode" + (" in CUDA graphs" if device.type == "cuda" else " (eager on the CPU)")
     print(f"engine, shape {args.shape}, {args.dtype} on {device}, rate {args.rate}, {heads}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(_table(["configuration", "batch", "decode tok/s", "vs dense", "end-to-end tok/s"], rows))
+    print(text_table(["configuration", "batch", "decode tok/s", "vs dense", "end-to-end tok/s"], rows))
     if args.hf_baseline:
         b = report["hf_baseline"]
         print(f"\nsame weights ({args.hf_baseline}), greedy, prompt {args.prompt}, {args.new_tokens} new tokens")
         rows = [[k, f"{v:.1f}"] for k, v in b["tok_s"].items()]
-        print(_table(["run", "tok/s"], rows))
+        print(text_table(["run", "tok/s"], rows))
         print(f"engine vs generate: batch 1 {b['engine_vs_generate_batch1']:.2f}x, "
               f"batch {args.batch} {b['engine_vs_generate_batchB']:.2f}x; "
               f"{args.batch} concurrent vs one after another: {b['concurrent_vs_sequential']:.2f}x")
