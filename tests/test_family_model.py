@@ -26,8 +26,9 @@ def artifact(request, family, tmp_path_factory):
     return Artifact(out)
 
 
-def test_each_branch_matches_its_export(artifact, tmp_path):
-    model = FamilyModel.from_artifact(artifact)
+@pytest.mark.parametrize("rank_multiple", [1, 64])  # 64: ranks padded with zeros, as on CUDA
+def test_each_branch_matches_its_export(artifact, rank_multiple, tmp_path):
+    model = FamilyModel.from_artifact(artifact, rank_multiple=rank_multiple)
     model.allocate_cache(slots=4, max_seq=64)
     for b, name in enumerate(model.branches):
         ref = hf_logits(export_branch(artifact.path, name, tmp_path / name, progress=False), PROMPTS[0])
@@ -36,9 +37,10 @@ def test_each_branch_matches_its_export(artifact, tmp_path):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_mixed_batch_and_incremental_decode_match(artifact, tmp_path):
+@pytest.mark.parametrize("rank_multiple", [1, 64])
+def test_mixed_batch_and_incremental_decode_match(artifact, rank_multiple, tmp_path):
     """Rows of different branches at different positions in one step equal each branch alone."""
-    model = FamilyModel.from_artifact(artifact)
+    model = FamilyModel.from_artifact(artifact, rank_multiple=rank_multiple)
     model.allocate_cache(slots=3, max_seq=64)
     refs = {name: hf_logits(export_branch(artifact.path, name, tmp_path / name, progress=False), PROMPTS[i])
             for i, name in enumerate(model.branches)}

@@ -1,10 +1,12 @@
-"""Static-shape decode steps, one per batch bucket, replayed from CUDA graphs on a GPU.
+"""Static-shape decode steps, one per (batch bucket, branch mix), replayed from CUDA graphs on a GPU.
 
 A decode batch of n rows is padded up to the next bucket (1, 2, 4, ... max_batch)
 with rows that write into a scratch KV slot and are dropped from the output. The
 inputs are copied into per-bucket static buffers, so a captured graph replays on
-new values without re-launching hundreds of small kernels. On the CPU the same
-buffers and padding run eagerly: that is what the tests check.
+new values without re-launching hundreds of small kernels. A batch whose rows all
+share one branch replays that branch's own graph, which reads only its residual;
+a mixed batch replays the graph that reads every branch's residual with a mask.
+On the CPU the same buffers and padding run eagerly: that is what the tests check.
 """
 
 from __future__ import annotations
@@ -31,41 +33,48 @@ class DecodeGraphs:
                            "start": torch.zeros(b, dtype=torch.long, device=dev),
                            "slots": torch.full((b,), scratch_slot, dtype=torch.long, device=dev),
                            "branch": torch.zeros(b, dtype=torch.long, device=dev)} for b in self.sizes}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # Keyed by (bucket, branch of every row or None for a mix). Graphs of one pool share its memory.
+        self.graphs: dict[tuple[int, int | None], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int | None], torch.Tensor] = {}
+        self.pool = None
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.sizes if b >= n)
 
-    def _forward(self, buf: dict) -> torch.Tensor:
-        return self.model(buf["tokens"], buf["start"], buf["slots"], buf["branch"])[:, 0]
+    def _forward(self, buf: dict, single: int | None) -> torch.Tensor:
+        return self.model(buf["tokens"], buf["start"], buf["slots"], buf["branch"], single=single)[:, 0]
 
-    def _capture(self, b: int) -> None:
-        buf = self.inputs[b]
+    def _capture(self, key: tuple[int, int | None]) -> None:
+        buf = self.inputs[key[0]]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up the kernels outside the capture
             for _ in range(2):
-                self._forward(buf)
+                self._forward(buf, key[1])
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.outputs[b] = self._forward(buf)
-        self.graphs[b] = graph
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.outputs[key] = self._forward(buf, key[1])
+        self.graphs[key] = graph
 
     def run(self, tokens: list[int], start: list[int], slots: list[int], branch: list[int]) -> torch.Tensor:
         """One decode step for n rows -> (n, V) logits."""
         n = len(tokens)
         b = self.bucket(n)
+        single = branch[0] if all(x == branch[0] for x in branch) else None
         buf = self.inputs[b]
         pad = b - n
+        pad_branch = branch[0]  # padding rows never add a branch to the mix
         buf["tokens"].copy_(torch.tensor([[t] for t in tokens] + [[0]] * pad))
         buf["start"].copy_(torch.tensor(start + [0] * pad))
         buf["slots"].copy_(torch.tensor(slots + [self.scratch_slot] * pad))
-        buf["branch"].copy_(torch.tensor(branch + [0] * pad))
+        buf["branch"].copy_(torch.tensor(branch + [pad_branch] * pad))
         if not self.capture:
-            return self._forward(buf)[:n]
-        if b not in self.graphs:
-            self._capture(b)
-        self.graphs[b].replay()
-        return self.outputs[b][:n]
+            return self._forward(buf, single)[:n]
+        key = (b, single)
+        if key not in self.graphs:
+            self._capture(key)
+        self.graphs[key].replay()
+        return self.outputs[key][:n]

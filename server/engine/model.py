@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +27,12 @@ from torch import nn
 from compression.artifact import Artifact
 from compression.errors import UserError
 
+# The linear layers of a block, grouped by the input they read: each group is one BranchLinear.
 LINEARS = {
-    "self_attn.q_proj": "q",
-    "self_attn.k_proj": "k",
-    "self_attn.v_proj": "v",
-    "self_attn.o_proj": "o",
-    "mlp.gate_proj": "gate",
-    "mlp.up_proj": "up",
-    "mlp.down_proj": "down",
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
 }
 
 
@@ -120,53 +119,110 @@ class Rows:
     static: bool = False  # no shape or branch mix read back to the host (CUDA-graph friendly)
 
 
+class Member(NamedTuple):
+    """One linear layer of a family: its trunk and, per branch, its scale and low-rank residual factors."""
+
+    trunk: torch.Tensor  # (out, in)
+    scales: list[float]
+    us: list[torch.Tensor | None]  # (out, r) per branch, None: no residual
+    vs: list[torch.Tensor | None]  # (r, in)
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
 class BranchLinear(nn.Module):
-    """A linear layer whose weight for branch b is s[b] * (T + U_b V_b)."""
+    """Linear layers that read one input (q/k/v, gate/up, or just one); member j's weight for branch b is
+    s_j[b] * (T_j + U_jb V_jb).
 
-    def __init__(self, trunk: torch.Tensor, scales: list[float], us: list[torch.Tensor | None],
-                 vs: list[torch.Tensor | None]):
+    One matrix holds every member's trunk and then every residual's V rows (member-major, branch-minor,
+    each block padded with zero rows to a multiple of ``rank_multiple``), so a mixed batch reads x once:
+
+        z = x [T_1 .. T_m | V]^T,  h = z[:, O:] * mask[b],  y_j = s_j[b] * (z_j + h_j U_j^T)
+
+    A batch of one branch multiplies by the trunk rows and by that branch's V rows only.
+    """
+
+    def __init__(self, members: list[Member], rank_multiple: int = 1):
         super().__init__()
-        self.trunk = nn.Parameter(trunk, requires_grad=False)  # (out, in)
-        self.register_buffer("scales", torch.tensor(scales, dtype=trunk.dtype), persistent=False)
-        self.scale_list = [float(x) for x in scales]  # the single-branch path multiplies by a Python float
-        self.spans: list[tuple[int, int]] = []  # (first column, rank) of each branch in the concatenation
-        offset = 0
-        for u in us:
-            r = 0 if u is None else u.shape[1]
-            self.spans.append((offset, r))
-            offset += r
-        self.has_residual = offset > 0
-        if self.has_residual:
-            self.register_buffer("V", torch.cat([v for v in vs if v is not None]), persistent=False)  # (R, in)
-            self.register_buffer("UT", torch.cat([u.T for u in us if u is not None]).contiguous(),
-                                 persistent=False)  # (R, out)
-            owner = torch.cat([torch.full((r,), b) for b, (_, r) in enumerate(self.spans)])
-            self.register_buffer("owner", owner, persistent=False)  # (R,) branch of each column
+        self.out_spans: list[tuple[int, int]] = []  # (first output column in z, width) of each member
+        self.h_spans: list[tuple[int, int]] = []  # (first column in h, width) of each member's residual block
+        self.spans: list[list[tuple[int, int]]] = []  # per member, per branch: (first column in h, padded rank)
+        self.scale_list = [[float(s) for s in m.scales] for m in members]  # the single-branch path: Python floats
+        v_blocks, owner, offset = [], [], 0
+        for j, m in enumerate(members):
+            self.out_spans.append((sum(w for _, w in self.out_spans), m.trunk.shape[0]))
+            start, uts, spans = offset, [], []
+            for b, (u, v) in enumerate(zip(m.us, m.vs)):
+                r = 0 if u is None else u.shape[1]
+                padded = -(-r // rank_multiple) * rank_multiple
+                if padded:
+                    v_blocks.append(_pad_rows(v, padded))
+                    uts.append(_pad_rows(u.T, padded))
+                    owner.append(torch.full((padded,), b))
+                spans.append((offset, padded))
+                offset += padded
+            self.spans.append(spans)
+            self.h_spans.append((start, offset - start))
+            if uts:
+                self.register_buffer(f"UT{j}", torch.cat(uts).contiguous(), persistent=False)  # (R_j, out_j)
+        self.trunk_rows = sum(w for _, w in self.out_spans)
+        self.rank = offset
+        self.weight = nn.Parameter(torch.cat([m.trunk for m in members] + v_blocks), requires_grad=False)
+        self.register_buffer("scales", torch.tensor(self.scale_list, dtype=self.weight.dtype), persistent=False)
+        if offset:
+            self.register_buffer("owner", torch.cat(owner).to(self.weight.device), persistent=False)  # (R,)
 
-    def forward(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
-        y = F.linear(x, self.trunk)
+    @property
+    def trunk(self) -> torch.Tensor:
+        return self.weight[:self.trunk_rows]
+
+    def _ut(self, j: int) -> torch.Tensor:
+        return getattr(self, f"UT{j}")
+
+    def forward(self, x: torch.Tensor, rows: Rows) -> list[torch.Tensor]:
+        lead, n_in = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, n_in)
+        O, outs = self.trunk_rows, []
         if rows.single is not None:
-            off, r = self.spans[rows.single]
+            b = rows.single
+            t = F.linear(x2, self.trunk)
+            for j, (o0, width) in enumerate(self.out_spans):
+                y = t[:, o0:o0 + width]
+                off, r = self.spans[j][b]
+                if r:
+                    h = F.linear(x2, self.weight[O + off:O + off + r])
+                    start = off - self.h_spans[j][0]
+                    y = torch.addmm(y, h, self._ut(j)[start:start + r])
+                outs.append((y * self.scale_list[j][b]).view(*lead, width))
+            return outs[0] if len(outs) == 1 else outs
+        z = F.linear(x, self.weight)  # (B, L, O + R)
+        if self.rank:
+            h = (z[..., O:] * (self.owner == rows.branch[:, None, None])).reshape(-1, self.rank)
+        z = z.reshape(-1, z.shape[-1])
+        scales = self.scales[:, rows.branch][..., None, None]  # (m, B, 1, 1)
+        for j, (o0, width) in enumerate(self.out_spans):
+            y = z[:, o0:o0 + width]
+            h0, r = self.h_spans[j]
             if r:
-                y = y + F.linear(x, self.V[off:off + r]) @ self.UT[off:off + r]
-            return y * self.scale_list[rows.single]
-        if self.has_residual:
-            h = F.linear(x, self.V) * (self.owner == rows.branch[:, None, None])  # (B, L, R)
-            y = y + h @ self.UT
-        return y * self.scales[rows.branch][:, None, None]
+                y = torch.addmm(y, h[:, h0:h0 + r], self._ut(j))
+            outs.append(y.view(*lead, width) * scales[j])
+        return outs[0] if len(outs) == 1 else outs
 
     def lookup(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """Rows ``tokens`` (B, L) of each row's branch weight (a compressed embedding): (B, L, in)."""
-        x = self.trunk[tokens]
+        """Rows ``tokens`` (B, L) of each row's branch weight (a compressed embedding; one member): (B, L, in)."""
+        O = self.trunk_rows
+        x = self.weight[:O][tokens]
         if rows.single is not None:
-            off, r = self.spans[rows.single]
+            off, r = self.spans[0][rows.single]
             if r:
-                x = x + self.UT[off:off + r].T[tokens] @ self.V[off:off + r]
-            return x * self.scale_list[rows.single]
-        if self.has_residual:
-            u = self.UT.T[tokens] * (self.owner == rows.branch[:, None, None])  # (B, L, R)
-            x = x + u @ self.V
-        return x * self.scales[rows.branch][:, None, None]
+                x = x + self.UT0[off:off + r].T[tokens] @ self.weight[O + off:O + off + r]
+            return x * self.scale_list[0][rows.single]
+        if self.rank:
+            u = self.UT0.T[tokens] * (self.owner == rows.branch[:, None, None])  # (B, L, R)
+            x = x + u @ self.weight[O:]
+        return x * self.scales[0][rows.branch][:, None, None]
 
 
 class PerBranch(nn.Module):
@@ -218,16 +274,17 @@ class Block(nn.Module):
     def __init__(self, cfg: FamilyConfig, linears: dict[str, BranchLinear], norms: dict[str, PerBranch]):
         super().__init__()
         self.cfg = cfg
-        self.q, self.k, self.v, self.o = linears["q"], linears["k"], linears["v"], linears["o"]
-        self.gate, self.up, self.down = linears["gate"], linears["up"], linears["down"]
+        self.qkv, self.o = linears["qkv"], linears["o"]  # q, k and v read one input: one fused matrix
+        self.gate_up, self.down = linears["gate_up"], linears["down"]
         self.attn_norm, self.mlp_norm = norms["input_layernorm"], norms["post_attention_layernorm"]
 
     def attention(self, x: torch.Tensor, rows: Rows, k_cache: torch.Tensor, v_cache: torch.Tensor):
         cfg = self.cfg
         B, L, _ = x.shape
-        q = self.q(x, rows).view(B, L, cfg.num_heads, cfg.head_dim)
-        k = self.k(x, rows).view(B, L, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v(x, rows).view(B, L, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self.qkv(x, rows)
+        q = q.view(B, L, cfg.num_heads, cfg.head_dim)
+        k = k.view(B, L, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(B, L, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, rows.cos, rows.sin), apply_rope(k, rows.cos, rows.sin)
         if k_cache is None:  # a one-off forward (router embeddings): attend to this input only
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
@@ -244,7 +301,8 @@ class Block(nn.Module):
         eps = self.cfg.rms_norm_eps
         x = x + self.attention(rms_norm(x, self.attn_norm.select(rows.branch), eps), rows, k_cache, v_cache)
         h = rms_norm(x, self.mlp_norm.select(rows.branch), eps)
-        return x + self.down(F.silu(self.gate(h, rows)) * self.up(h, rows), rows)
+        gate, up = self.gate_up(h, rows)
+        return x + self.down(F.silu(gate) * up, rows)
 
 
 class FamilyModel(nn.Module):
@@ -279,7 +337,8 @@ class FamilyModel(nn.Module):
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
         self.max_seq = max_seq
 
-    def _rows(self, branch: torch.Tensor, start: torch.Tensor, slots: torch.Tensor | None, L: int) -> Rows:
+    def _rows(self, branch: torch.Tensor, start: torch.Tensor, slots: torch.Tensor | None, L: int,
+              single: int | None | str = "find") -> Rows:
         pos = start[:, None] + torch.arange(L, device=start.device)  # (B, L)
         if slots is not None:
             # Padding past the cache's end (right-padded prefill rows) is written onto its last entry.
@@ -289,7 +348,8 @@ class FamilyModel(nn.Module):
         mask = torch.arange(Lk, device=start.device)[None, None, :] <= pos[:, :, None]  # (B, L, Lk)
         freqs = pos[..., None].float() * self.inv_freq  # (B, L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        single = None if static else (int(branch[0]) if bool((branch == branch[0]).all()) else None)
+        if single == "find":  # reads the branch ids back from the device; callers that know them say so
+            single = None if static else (int(branch[0]) if bool((branch == branch[0]).all()) else None)
         return Rows(branch, single, pos, slots, mask[:, None], emb.cos().to(self.dtype), emb.sin().to(self.dtype),
                     static)
 
@@ -301,7 +361,7 @@ class FamilyModel(nn.Module):
         """
         t = torch.tensor([tokens], device=self.device)
         b = torch.tensor([branch], device=self.device)
-        rows = self._rows(b, torch.zeros(1, dtype=torch.long, device=self.device), None, len(tokens))
+        rows = self._rows(b, torch.zeros(1, dtype=torch.long, device=self.device), None, len(tokens), branch)
         x = self.embed.lookup(t, rows)
         states = [x]
         for block in self.blocks:
@@ -312,15 +372,17 @@ class FamilyModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, branch: torch.Tensor,
-                last: torch.Tensor | None = None) -> torch.Tensor:
+                last: torch.Tensor | None = None, single: int | None | str = "find") -> torch.Tensor:
         """tokens (B, L) at positions start[b] + 0..L-1 of slot slots[b] for branch branch[b] -> logits.
 
         Returns (B, L, V), or with ``last`` (B,) only each row's logits at index last[b]: (B, V).
         Rows may be right-padded past their real tokens: the padding's cache entries lie
         beyond the row's length, are never attended to, and are overwritten as it grows.
+        ``single``: the branch of every row when all rows share one, None when they do not; by default
+        it is found from ``branch``, which reads it back from the device.
         """
         B, L = tokens.shape
-        rows = self._rows(branch, start, slots, L)
+        rows = self._rows(branch, start, slots, L, single)
         x = self.embed.lookup(tokens, rows)
         for block, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
             x = block(x, rows, kc, vc)
@@ -332,7 +394,13 @@ class FamilyModel(nn.Module):
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, branches: list[str] | None = None,
-                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "FamilyModel":
+                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                      rank_multiple: int | None = None) -> "FamilyModel":
+        """``rank_multiple``: pad each residual's rank with zeros to a multiple of this (default 64 on CUDA,
+        where aligned GEMM shapes are faster than the bytes saved, and 1 elsewhere)."""
+        device = torch.device(device)
+        if rank_multiple is None:
+            rank_multiple = 64 if device.type == "cuda" else 1
         branches = branches or artifact.branches
         for b in branches:
             artifact.check_branch(b)
@@ -345,7 +413,7 @@ class FamilyModel(nn.Module):
         def per_branch(name: str) -> PerBranch:
             return PerBranch([load(artifact.own(b, name)) for b in branches])
 
-        def matrix(name: str) -> BranchLinear:
+        def member(name: str) -> Member:
             us, vs = [], []
             for b in branches:
                 r = artifact.residual(b, name)
@@ -358,19 +426,20 @@ class FamilyModel(nn.Module):
                 else:
                     us.append(None)
                     vs.append(None)
-            return BranchLinear(load(artifact.trunk(name)), [artifact.scale(b, name) for b in branches], us, vs)
+            return Member(load(artifact.trunk(name)), [artifact.scale(b, name) for b in branches], us, vs)
 
         def matrix_or_per_branch(name: str):
-            return matrix(name) if artifact.is_compressed(name) else per_branch(name)
+            return BranchLinear([member(name)], rank_multiple) if artifact.is_compressed(name) else per_branch(name)
 
         blocks = []
         for i in range(cfg.num_layers):
             linears = {}
-            for hf_name, short in LINEARS.items():
-                name = f"model.layers.{i}.{hf_name}.weight"
-                if not artifact.is_compressed(name):
-                    raise UserError(f"{artifact.path}: {name} is not stored as trunk + residual")
-                linears[short] = matrix(name)
+            for group, hf_names in LINEARS.items():
+                names = [f"model.layers.{i}.{n}.weight" for n in hf_names]
+                for name in names:
+                    if not artifact.is_compressed(name):
+                        raise UserError(f"{artifact.path}: {name} is not stored as trunk + residual")
+                linears[group] = BranchLinear([member(name) for name in names], rank_multiple)
             norms = {n: per_branch(f"model.layers.{i}.{n}.weight")
                      for n in ("input_layernorm", "post_attention_layernorm")}
             blocks.append(Block(cfg, linears, norms))

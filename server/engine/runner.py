@@ -214,6 +214,7 @@ class FamilyRunner(Runner):
             self._tensor([s.slot for s in seqs]),
             self._tensor([s.branch for s in seqs]),
             last=self._tensor([len(chunk) - 1 for _, chunk in batch]),
+            single=_single(seqs),
         )
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -225,7 +226,14 @@ class FamilyRunner(Runner):
             self._tensor([s.length - 1 for s in seqs]),
             self._tensor([s.slot for s in seqs]),
             self._tensor([s.branch for s in seqs]),
+            single=_single(seqs),
         )[:, 0]
+
+
+def _single(seqs: list[Sequence]) -> int | None:
+    """The branch of every sequence when they share one (a batch that reads one residual), else None."""
+    first = seqs[0].branch
+    return first if all(s.branch == first for s in seqs) else None
 
 
 class StandaloneRunner(Runner):
