@@ -119,8 +119,8 @@ def cmd_bench_engine(args) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    if args.branches < 1 or args.batch < 1 or args.new_tokens < 1 or args.prompt < 1:
-        raise UserError("--branches, --batch, --prompt and --new-tokens must be at least 1")
+    if min(args.branches, args.batch, args.new_tokens, args.prompt, args.ttft_prompt) < 1:
+        raise UserError("--branches, --batch, --prompt, --new-tokens and --ttft-prompt must be at least 1")
     if not 0 < args.rate < 1:
         raise UserError(f"--rate must be within (0, 1) for the engine benchmark, got {args.rate}")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-branch lm_heads as trunk + residual (one trunk head read per step, not N heads)")
     be.add_argument("--cuda-graphs", action="store_true",
                     help="static-shape decode steps per batch bucket, captured as CUDA graphs on CUDA")
+    be.add_argument("--ttft-prompt", type=int, default=512, help="prompt tokens for the time-to-first-token column")
+    be.add_argument("--standalone", choices=["small", "7b"], default=None,
+                    help="also load a random standalone model of this shape next to the mixed family and report "
+                         "the memory of both")
     be.add_argument("--hf-baseline", metavar="PATH", default=None,
                     help="also compare with transformers generate on this HF Llama checkpoint")
     be.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -325,3 +325,23 @@ def test_incremental_text_matches_a_full_decode(family):
         if stopped:
             break
     assert stopped and out == "Grüße, 世界! naïve "
+
+
+def test_bench_engine_reports_bytes_bandwidth_ttft_and_memory():
+    import json
+
+    from tests.conftest import run_cli
+
+    out = run_cli("bench", "engine", "--shape", "tiny", "--batch", "4", "--prompt", "4", "--new-tokens", "3",
+                  "--ttft-prompt", "16", "--standalone", "small", "--cuda-graphs", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    by = {(r["config"], r["batch"]): r for r in report["results"]}
+    assert by[("dense", 4)]["vs_dense"] == 1.0
+    # A mixed batch reads every branch's residual and head: more bytes than one branch, which reads more than dense.
+    read = [by[(config, 4)]["read_bytes"] for config in ("dense", "one branch", "4 branches mixed")]
+    assert read == sorted(set(read))
+    assert all(r["ttft_s"] > 0 for r in report["results"] if r["batch"] == 1)
+    assert report["copy_bytes_per_s"] > 0 and report["memory"]["bytes"]["standalone weights"] > 0
+    bad = run_cli("bench", "engine", "--shape", "tiny", "--ttft-prompt", "0")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1

@@ -113,3 +113,26 @@ def test_compressed_embeddings_and_heads_match_their_export(which, request, tmp_
     got = model(ids, torch.zeros(n, dtype=torch.long), torch.arange(n), torch.arange(n))
     for b, name in enumerate(model.branches):
         torch.testing.assert_close(got[b], refs[name], rtol=1e-4, atol=1e-4)
+
+
+def test_step_read_bytes_count_the_trunk_once_and_only_the_residuals_in_use(family, tmp_path):
+    """What `bench engine` divides by the step time: checked against the artifact's own tensors."""
+    compress(family, tmp_path / "art", CompressOptions(rate=0.9, progress=False))
+    artifact = Artifact(tmp_path / "art")
+    model = FamilyModel.from_artifact(artifact)
+    model.allocate_cache(slots=4, max_seq=64)
+    size = model.dtype.itemsize
+    linears = [n for n in artifact.tensor_names if artifact.is_compressed(n) and ".layers." in n]
+    trunk = sum(artifact.trunk(n).numel() for n in linears) * size
+
+    def residual(b):
+        factors = [artifact.residual(b, n) for n in linears]
+        return sum(r.U.numel() + r.V.numel() for r in factors if r.kind == "lowrank") * size
+
+    head = artifact.own(model.branches[0], "lm_head.weight").numel() * size
+    cfg = model.cfg
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * size
+    assert residual(model.branches[1]) > 0
+    assert model.step_read_bytes([1], [10]) == trunk + residual(model.branches[1]) + head + 10 * kv
+    mixed = trunk + sum(residual(b) for b in model.branches) + len(model.branches) * head + (10 + 20 + 30) * kv
+    assert model.step_read_bytes([0, 1, 2], [10, 20, 30]) == mixed

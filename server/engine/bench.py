@@ -130,47 +130,113 @@ def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read plus bytes written per second by a device-to-device copy of a large buffer: the rate a
+    decode step that streams its weights could at best read them at."""
+    nbytes = (2 << 30) if device.type == "cuda" else (512 << 20)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(6):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_to_first_token(runner: FamilyRunner, length: int, vocab: int, tries: int = 3) -> float:
+    """Seconds from a request's arrival to its first token, alone in the engine (best of ``tries``)."""
+    return min(run_batch(runner, _prompts(1, length, vocab, 2 + i), [0], 1)["seconds"] for i in range(tries))
+
+
 def bench_engine(args) -> dict:
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
+    copy_bw = copy_bandwidth(device)
     results = []
-    max_seq = args.prompt + args.new_tokens + 1
+    max_seq = max(args.prompt + args.new_tokens, args.ttft_prompt) + 1
     configs = [("dense", None, 1), ("one branch", args.rate, 1), (f"{args.branches} branches mixed", args.rate,
                                                                      args.branches)]
+    model = None
     for label, rate, n_branches in configs:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         source = RandomFamily(args.shape, n_branches if rate is not None else 1, rate, device, dtype,
                               embeddings=args.compress_embeddings and rate is not None)
         model = FamilyModel.from_artifact(source, device=device, dtype=dtype)
         vocab = source.config["vocab_size"]
         for batch in (1, args.batch):
-            runner = FamilyRunner(model, max_batch=batch, max_seq=max_seq, prefill_chunk=max(512, args.prompt),
-                                  static_decode=args.cuda_graphs)
+            runner = FamilyRunner(model, max_batch=batch, max_seq=max_seq,
+                                  prefill_chunk=max(512, args.prompt, args.ttft_prompt), static_decode=args.cuda_graphs)
             run_batch(runner, _prompts(batch, args.prompt, vocab, 1), [0] * batch, 4)  # warm-up
             branches = [i % n_branches for i in range(batch)]
             r = run_batch(runner, _prompts(batch, args.prompt, vocab), branches, args.new_tokens)
+            # Bytes per decode step at the run's mean context; steps/s = tokens/s / batch.
+            r["read_bytes"] = model.step_read_bytes(branches, [args.prompt + args.new_tokens // 2] * batch)
+            r["read_bytes_per_s"] = r["read_bytes"] * r["decode_tok_s"] / batch
+            r["of_copy_bandwidth"] = r["read_bytes_per_s"] / copy_bw
+            r["weight_bytes"] = model.weight_bytes()
+            if batch == 1:
+                r["ttft_s"] = time_to_first_token(runner, args.ttft_prompt, vocab)
+            if device.type == "cuda":
+                r["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
             results.append({"config": label, "batch": batch, **r})
-        del model
+            del runner
     dense = {r["batch"]: r["decode_tok_s"] for r in results if r["config"] == "dense"}
     for r in results:
         r["vs_dense"] = r["decode_tok_s"] / dense[r["batch"]]
     report = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "rate": args.rate,
               "compress_embeddings": args.compress_embeddings, "cuda_graphs": args.cuda_graphs,
               "branches": args.branches, "prompt": args.prompt, "new_tokens": args.new_tokens,
+              "ttft_prompt": args.ttft_prompt, "copy_bytes_per_s": copy_bw,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name()
+    if args.standalone:
+        report["memory"] = bench_memory(model, args, device, dtype, max_seq)
+    del model
     if args.hf_baseline:
         report["hf_baseline"] = bench_hf_baseline(args.hf_baseline, device, dtype, args)
     if args.json:
         print(json.dumps(report, indent=2))
         return report
-    rows = [[r["config"], str(r["batch"]), f"{r['decode_tok_s']:.1f}", f"{r['vs_dense']:.2f}x", f"{r['tok_s']:.1f}"]
-            for r in results]
+    print_engine_report(report, args, device)
+    return report
+
+
+def print_engine_report(report: dict, args, device: torch.device) -> None:
+    gb = 1e9
+    rows = [[r["config"], str(r["batch"]), f"{r['decode_tok_s']:.1f}", f"{r['vs_dense']:.2f}x",
+             f"{r['read_bytes'] / 1e6:.1f}", f"{r['read_bytes_per_s'] / gb:.1f}", f"{100 * r['of_copy_bandwidth']:.0f}%",
+             f"{1000 * r['ttft_s']:.1f}" if "ttft_s" in r else "", f"{r['weight_bytes'] / gb:.2f}"]
+            for r in report["results"]]
     heads = "embeddings/heads compressed" if args.compress_embeddings else "per-branch embeddings/heads"
     if args.cuda_graphs:
         heads += ", static decode" + (" in CUDA graphs" if device.type == "cuda" else " (eager on the CPU)")
-    print(f"engine, shape {args.shape}, {args.dtype} on {device}, rate {args.rate}, {heads}, prompt {args.prompt}, "
-          f"{args.new_tokens} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(text_table(["configuration", "batch", "decode tok/s", "vs dense", "end-to-end tok/s"], rows))
+    where = report.get("gpu", f"{device}, {report['threads']} threads")
+    print(f"engine, shape {args.shape}, {args.dtype} on {where}, rate {args.rate}, {heads}, prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens, torch {torch.__version__}")
+    print(text_table(["configuration", "batch", "decode tok/s", "vs dense", "MB read/step", "GB/s read",
+                      "of copy bw", f"TTFT {args.ttft_prompt} ms", "weights GB"], rows))
+    print(f"copy bandwidth (read + write) {report['copy_bytes_per_s'] / gb:.1f} GB/s; MB read/step: weights the "
+          f"step's branches use + KV at the mean context")
+    if "memory" in report:
+        m = report["memory"]
+        print(f"\nmemory: {args.branches}-branch family + {args.standalone} standalone, {args.dtype}")
+        print(text_table(["item", "GB"], [[k, f"{v / gb:.2f}"] for k, v in m["bytes"].items()]))
+        if "cuda_allocated" in m:
+            print(f"CUDA memory allocated with both loaded: {m['cuda_allocated'] / gb:.2f} GB "
+                  f"(peak {m['cuda_peak'] / gb:.2f} GB) of {m['cuda_total'] / gb:.1f} GB")
     if args.hf_baseline:
         b = report["hf_baseline"]
         print(f"\nsame weights ({args.hf_baseline}), greedy, prompt {args.prompt}, {args.new_tokens} new tokens")
@@ -179,7 +245,39 @@ def bench_engine(args) -> dict:
         print(f"engine vs generate: batch 1 {b['engine_vs_generate_batch1']:.2f}x, "
               f"batch {args.batch} {b['engine_vs_generate_batchB']:.2f}x; "
               f"{args.batch} concurrent vs one after another: {b['concurrent_vs_sequential']:.2f}x")
-    return report
+
+
+# Standalone models of another architecture served next to the family (random weights, transformers' Mistral).
+STANDALONE_SHAPES = {
+    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=4, vocab_size=8192),
+    "7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000),  # Mistral-7B: 7.24 B parameters
+}
+
+
+def bench_memory(family: FamilyModel, args, device: torch.device, dtype: torch.dtype, max_seq: int) -> dict:
+    """The family (as last loaded, with its KV cache) and a standalone model held together on one device."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    cfg = MistralConfig(**STANDALONE_SHAPES[args.standalone], max_position_embeddings=8192)
+    with torch.device(device):
+        standalone = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
+        * dtype.itemsize
+    out = {"bytes": {
+        "family weights": family.weight_bytes(),
+        f"family KV cache ({args.batch} x {max_seq})": sum(t.numel() * t.element_size()
+                                                          for t in family.k_cache + family.v_cache),
+        "standalone weights": sum(p.numel() * p.element_size() for p in standalone.parameters()),
+        f"standalone KV cache ({args.batch} x {max_seq}, on paper)": args.batch * max_seq * kv_token,
+    }}
+    out["bytes"]["total"] = sum(out["bytes"].values())
+    if device.type == "cuda":
+        out.update(cuda_allocated=torch.cuda.memory_allocated(), cuda_peak=torch.cuda.max_memory_allocated(),
+                   cuda_total=torch.cuda.get_device_properties(device).total_memory)
+    del standalone
+    return out
 
 
 def bench_hf_baseline(path: str, device: torch.device, dtype: torch.dtype, args) -> dict:

@@ -210,6 +210,14 @@ class BranchLinear(nn.Module):
             outs.append(y.view(*lead, width) * scales[j])
         return outs[0] if len(outs) == 1 else outs
 
+    def read_bytes(self, single: int | None) -> int:
+        """Bytes of weight one forward reads: the trunk and one branch's residual, or every residual (a mix)."""
+        n_in, size = self.weight.shape[1], self.weight.element_size()
+        if single is None:
+            return (self.weight.numel() + sum(self._ut(j).numel() for j, (_, r) in enumerate(self.h_spans) if r)) * size
+        residual = sum(self.spans[j][single][1] * (n_in + width) for j, (_, width) in enumerate(self.out_spans))
+        return (self.trunk_rows * n_in + residual) * size
+
     def lookup(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Rows ``tokens`` (B, L) of each row's branch weight (a compressed embedding; one member): (B, L, in)."""
         O = self.trunk_rows
@@ -236,6 +244,11 @@ class PerBranch(nn.Module):
 
     def select(self, branch: torch.Tensor) -> torch.Tensor:
         return self.weight[0] if self.shared else self.weight[branch]
+
+    def read_bytes(self, present: int, static: bool) -> int:
+        """Bytes one pass as an lm_head reads for rows of ``present`` branches (static: every head)."""
+        heads = 1 if self.shared else (self.weight.shape[0] if static and present > 1 else present)
+        return heads * self.weight[0].numel() * self.weight.element_size()
 
     def lookup(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Embedding rows: tokens (B, L) of each row's branch -> (B, L, H), without copying whole tables."""
@@ -352,6 +365,33 @@ class FamilyModel(nn.Module):
             single = None if static else (int(branch[0]) if bool((branch == branch[0]).all()) else None)
         return Rows(branch, single, pos, slots, mask[:, None], emb.cos().to(self.dtype), emb.sin().to(self.dtype),
                     static)
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight and buffer the model holds (each storage once), without the KV cache."""
+        seen, total = set(), 0
+        for t in list(self.parameters()) + list(self.buffers()):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    def step_read_bytes(self, branches: list[int], context: list[int]) -> int:
+        """Bytes one decode step must read from memory: the weights its rows' branches use, each once, and
+        each row's cached keys and values (``context`` tokens per row; a static step reads the whole cache
+        of each row). Norms and the embedding rows are left out: they are under 0.1 % at every shape."""
+        present = sorted(set(branches))
+        single = present[0] if len(present) == 1 else None
+        static = getattr(self, "static", False)
+        total = 0
+        for block in self.blocks:
+            total += sum(m.read_bytes(single) for m in (block.qkv, block.o, block.gate_up, block.down))
+        head = self.heads or self.embed
+        total += head.read_bytes(single) if isinstance(head, BranchLinear) else head.read_bytes(len(present), static)
+        cfg = self.cfg
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        tokens = len(context) * self.max_seq if static else sum(context)
+        return total + tokens * per_token
 
     @torch.inference_mode()
     def hidden(self, tokens: list[int], branch: int, layer: int = -1) -> torch.Tensor:
