@@ -108,6 +108,8 @@ def cmd_bench_quality(args) -> int:
 def cmd_bench_compress(args) -> int:
     from compression.bench import bench_compress
 
+    if args.members < 2 or args.layers < 1:
+        raise UserError("--members must be at least 2 and --layers at least 1")
     bench_compress(args)
     return 0
 
@@ -187,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--layers", type=int, default=4)
     bc.add_argument("--rates", default="0,0.5,0.9,0.95,1")
     bc.add_argument("--backends", default="fbpca,torch")
+    bc.add_argument("--shape", choices=["llama3-8b"], default=None,
+                    help="time compression alone on layers of this shape (read, rSVD, write); --hidden is ignored")
+    bc.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="with --shape")
     bc.add_argument("--json", action="store_true", help="print JSON instead of the table")
     bc.set_defaults(func=cmd_bench_compress)
     bq = bsub.add_parser("quality", help="skill accuracy kept by compression on the demo's real fine-tunes")
