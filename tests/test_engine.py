@@ -267,12 +267,15 @@ def test_top_k_and_top_p_limits():
 def test_static_decode_buckets_give_the_same_tokens(paths):
     """The CUDA-graph path's static shapes, bucket padding and scratch slot, run eagerly on the CPU."""
     from server.engine.graphs import buckets
+    from server.engine.model import kv_bucket
 
     assert buckets(16) == [1, 2, 4, 8, 16] and buckets(12) == [1, 2, 4, 8, 12]
+    assert [kv_bucket(n, 1000) for n in (1, 256, 257, 600, 999)] == [256, 256, 512, 1000, 1000]
     results = {}
     for static in (False, True):
         e = Engine()
-        runner = e.add_family(paths["artifact"], max_batch=4, max_seq=64, prefill_chunk=8, static_decode=static)
+        # max_seq 300: decode steps attend over a 256-position span of the cache, not all of it.
+        runner = e.add_family(paths["artifact"], max_batch=4, max_seq=300, prefill_chunk=8, static_decode=static)
         e.start()
         try:
             requests = [("math", PROMPTS["math"], 9), ("code", PROMPTS["code"], 7), ("chat", PROMPTS["chat"], 5)]
@@ -282,6 +285,9 @@ def test_static_decode_buckets_give_the_same_tokens(paths):
             e.stop()
         if static:
             assert runner.graphs is not None and runner.model.k_cache[0].shape[0] == 5  # + the scratch slot
+            used = runner.graphs.used  # (batch bucket, attention span, single branch or None)
+            assert {span for _, span, _ in used} == {256}
+            assert {(1, 0), (1, 1), (1, 2), (4, None)} <= {(b, single) for b, _, single in used}
     for static in (False, True):
         alone, together = results[static]
         assert [t[1] for t in together] == [a[1] for a in alone]

@@ -1,9 +1,10 @@
-"""Static-shape decode steps, one per (batch bucket, branch mix), replayed from CUDA graphs on a GPU.
+"""Static-shape decode steps, one per (batch bucket, attention span, branch mix), replayed from CUDA graphs.
 
 A decode batch of n rows is padded up to the next bucket (1, 2, 4, ... max_batch)
 with rows that write into a scratch KV slot and are dropped from the output. The
 inputs are copied into per-bucket static buffers, so a captured graph replays on
-new values without re-launching hundreds of small kernels. A batch whose rows all
+new values without re-launching hundreds of small kernels. Attention reads the
+cache up to a power-of-two span past the longest row (model.kv_bucket). A batch whose rows all
 share one branch replays that branch's own graph, which reads only its residual;
 a mixed batch replays the graph that reads every branch's residual with a mask.
 On the CPU the same buffers and padding run eagerly: that is what the tests check.
@@ -12,6 +13,8 @@ On the CPU the same buffers and padding run eagerly: that is what the tests chec
 from __future__ import annotations
 
 import torch
+
+from server.engine.model import kv_bucket
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -33,30 +36,33 @@ class DecodeGraphs:
                            "start": torch.zeros(b, dtype=torch.long, device=dev),
                            "slots": torch.full((b,), scratch_slot, dtype=torch.long, device=dev),
                            "branch": torch.zeros(b, dtype=torch.long, device=dev)} for b in self.sizes}
-        # Keyed by (bucket, branch of every row or None for a mix). Graphs of one pool share its memory.
-        self.graphs: dict[tuple[int, int | None], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int | None], torch.Tensor] = {}
+        # Keyed by (batch bucket, attention span, branch of every row or None for a mix); captured when first
+        # needed. All graphs share one memory pool.
+        self.graphs: dict[tuple[int, int, int | None], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int, int | None], torch.Tensor] = {}
         self.pool = None
+        self.used: set[tuple[int, int, int | None]] = set()  # the keys run so far, captured or not
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.sizes if b >= n)
 
-    def _forward(self, buf: dict, single: int | None) -> torch.Tensor:
-        return self.model(buf["tokens"], buf["start"], buf["slots"], buf["branch"], single=single)[:, 0]
-
-    def _capture(self, key: tuple[int, int | None]) -> None:
+    def _forward(self, key: tuple[int, int, int | None]) -> torch.Tensor:
         buf = self.inputs[key[0]]
+        return self.model(buf["tokens"], buf["start"], buf["slots"], buf["branch"], kv_len=key[1],
+                          single=key[2])[:, 0]
+
+    def _capture(self, key: tuple[int, int, int | None]) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up the kernels outside the capture
             for _ in range(2):
-                self._forward(buf, key[1])
+                self._forward(key)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.outputs[key] = self._forward(buf, key[1])
+            self.outputs[key] = self._forward(key)
         self.graphs[key] = graph
 
     def run(self, tokens: list[int], start: list[int], slots: list[int], branch: list[int]) -> torch.Tensor:
@@ -71,9 +77,10 @@ class DecodeGraphs:
         buf["start"].copy_(torch.tensor(start + [0] * pad))
         buf["slots"].copy_(torch.tensor(slots + [self.scratch_slot] * pad))
         buf["branch"].copy_(torch.tensor(branch + [pad_branch] * pad))
+        key = (b, kv_bucket(max(start) + 1, self.model.max_seq), single)
+        self.used.add(key)
         if not self.capture:
-            return self._forward(buf, single)[:n]
-        key = (b, single)
+            return self._forward(key)[:n]
         if key not in self.graphs:
             self._capture(key)
         self.graphs[key].replay()

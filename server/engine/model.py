@@ -98,6 +98,16 @@ def rope_inv_freq(cfg: FamilyConfig) -> torch.Tensor:
     raise UserError(f"rope scaling {kind!r} is not supported by the family model (default, linear, llama3 are)")
 
 
+def kv_bucket(length: int, max_seq: int, smallest: int = 256) -> int:
+    """The cached positions a static decode step attends over for rows of up to ``length`` tokens: a power
+    of two, at least ``smallest`` and at most ``max_seq``. Few spans mean few CUDA graphs, and short
+    contexts do not read the whole cache."""
+    span = smallest
+    while span < length:
+        span *= 2
+    return min(span, max_seq)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, L, heads, hd); cos/sin: (B, L, 1, hd). Half-split rotation, as HF Llama checkpoints expect.
     x1, x2 = x.chunk(2, dim=-1)
@@ -341,7 +351,8 @@ class FamilyModel(nn.Module):
         return self.norm.weight.dtype
 
     def allocate_cache(self, slots: int, max_seq: int, static: bool = False) -> None:
-        """``static``: decode steps attend over the whole cache and never read shapes back to the host,
+        """``static``: decode steps attend over a span of the cache given by the caller and never read
+        shapes back to the host,
         so that they can be captured as CUDA graphs."""
         self.static = static
         cfg = self.cfg
@@ -351,13 +362,13 @@ class FamilyModel(nn.Module):
         self.max_seq = max_seq
 
     def _rows(self, branch: torch.Tensor, start: torch.Tensor, slots: torch.Tensor | None, L: int,
-              single: int | None | str = "find") -> Rows:
+              single: int | None | str = "find", kv_len: int | None = None) -> Rows:
         pos = start[:, None] + torch.arange(L, device=start.device)  # (B, L)
         if slots is not None:
             # Padding past the cache's end (right-padded prefill rows) is written onto its last entry.
             pos = pos.clamp(max=self.max_seq - 1)
         static = slots is not None and L == 1 and getattr(self, "static", False)
-        Lk = self.max_seq if static else int(pos.max()) + 1
+        Lk = kv_len or (self.max_seq if static else int(pos.max()) + 1)
         mask = torch.arange(Lk, device=start.device)[None, None, :] <= pos[:, :, None]  # (B, L, Lk)
         freqs = pos[..., None].float() * self.inv_freq  # (B, L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
@@ -378,8 +389,8 @@ class FamilyModel(nn.Module):
 
     def step_read_bytes(self, branches: list[int], context: list[int]) -> int:
         """Bytes one decode step must read from memory: the weights its rows' branches use, each once, and
-        each row's cached keys and values (``context`` tokens per row; a static step reads the whole cache
-        of each row). Norms and the embedding rows are left out: they are under 0.1 % at every shape."""
+        each row's cached keys and values (``context`` tokens per row; a static step reads every row's
+        cache up to the longest row's span, see kv_bucket). Norms and the embedding rows are left out: they are under 0.1 % at every shape."""
         present = sorted(set(branches))
         single = present[0] if len(present) == 1 else None
         static = getattr(self, "static", False)
@@ -390,7 +401,7 @@ class FamilyModel(nn.Module):
         total += head.read_bytes(single) if isinstance(head, BranchLinear) else head.read_bytes(len(present), static)
         cfg = self.cfg
         per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
-        tokens = len(context) * self.max_seq if static else sum(context)
+        tokens = len(context) * kv_bucket(max(context), self.max_seq) if static else sum(context)
         return total + tokens * per_token
 
     @torch.inference_mode()
@@ -412,17 +423,19 @@ class FamilyModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, branch: torch.Tensor,
-                last: torch.Tensor | None = None, single: int | None | str = "find") -> torch.Tensor:
+                last: torch.Tensor | None = None, single: int | None | str = "find",
+                kv_len: int | None = None) -> torch.Tensor:
         """tokens (B, L) at positions start[b] + 0..L-1 of slot slots[b] for branch branch[b] -> logits.
 
         Returns (B, L, V), or with ``last`` (B,) only each row's logits at index last[b]: (B, V).
         Rows may be right-padded past their real tokens: the padding's cache entries lie
         beyond the row's length, are never attended to, and are overwritten as it grows.
         ``single``: the branch of every row when all rows share one, None when they do not; by default
-        it is found from ``branch``, which reads it back from the device.
+        it is found from ``branch``, which reads it back from the device. ``kv_len``: the cached positions
+        to attend over, at least every row's last position + 1; by default found the same way.
         """
         B, L = tokens.shape
-        rows = self._rows(branch, start, slots, L, single)
+        rows = self._rows(branch, start, slots, L, single, kv_len)
         x = self.embed.lookup(tokens, rows)
         for block, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
             x = block(x, rows, kc, vc)

@@ -215,6 +215,7 @@ class FamilyRunner(Runner):
             self._tensor([s.branch for s in seqs]),
             last=self._tensor([len(chunk) - 1 for _, chunk in batch]),
             single=_single(seqs),
+            kv_len=min(max(s.prefilled for s in seqs) + longest, self.max_seq),
         )
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -227,6 +228,7 @@ class FamilyRunner(Runner):
             self._tensor([s.slot for s in seqs]),
             self._tensor([s.branch for s in seqs]),
             single=_single(seqs),
+            kv_len=min(max(s.length for s in seqs), self.max_seq),
         )[:, 0]
 
 
