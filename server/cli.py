@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-branch lm_heads as trunk + residual (one trunk head read per step, not N heads)")
     be.add_argument("--cuda-graphs", action="store_true",
                     help="static-shape decode steps per batch bucket, captured as CUDA graphs on CUDA")
+    be.add_argument("--compile", action="store_true",
+                    help="static decode steps through torch.compile (inductor), then CUDA graphs on CUDA")
     be.add_argument("--ttft-prompt", type=int, default=512, help="prompt tokens for the time-to-first-token column")
     be.add_argument("--standalone", choices=["small", "7b"], default=None,
                     help="also load a random standalone model of this shape next to the mixed family and report "

@@ -48,6 +48,8 @@ class Limits(_Strict):
     prefill_chunk: int = Field(512, ge=16)
     # Family decode steps with static shapes, padded to batch buckets and, on CUDA, replayed from CUDA graphs.
     cuda_graphs: bool = False
+    # Those static decode steps compiled by torch.compile (inductor) first; implies cuda_graphs' static shapes.
+    compile: bool = False
 
 
 class RouterConfig(_Strict):

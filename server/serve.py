@@ -66,7 +66,7 @@ def build_engine(config: ServerConfig) -> Engine:
         engine.add_family(fam.artifact, fam.branches, device=fam.device,
                           dtype=DTYPES[fam.dtype] if fam.dtype else None,
                           defaults=fam.sampling.model_dump(exclude_none=True),
-                          static_decode=limits.cuda_graphs, **common)
+                          static_decode=limits.cuda_graphs or limits.compile, compile=limits.compile, **common)
     for sa in config.standalone:
         engine.add_standalone(sa.name, sa.path, device=sa.device, dtype=DTYPES[sa.dtype] if sa.dtype else None,
                               trust_remote_code=sa.trust_remote_code,

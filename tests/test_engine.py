@@ -294,6 +294,25 @@ def test_static_decode_buckets_give_the_same_tokens(paths):
     assert [t[1] for t in results[True][1]] == [t[1] for t in results[False][1]]
 
 
+def test_compiled_static_decode_gives_the_same_tokens(paths):
+    """limits.compile: the static decode step through torch.compile (inductor; ~20 s to compile here)."""
+    tokens = {}
+    for compile in (False, True):
+        e = Engine()
+        runner = e.add_family(paths["artifact"], max_batch=1, max_seq=64, prefill_chunk=32, static_decode=True,
+                              compile=compile)
+        e.start()
+        try:
+            async def one():
+                return await collect(e.submit("math", PROMPTS["math"], greedy(6)))
+
+            tokens[compile] = asyncio.run(one())[1]
+        finally:
+            e.stop()
+    assert len(runner.graphs.compiled) == 1
+    assert tokens[True] == tokens[False] and len(tokens[True]) == 6
+
+
 def test_sliding_window_models_are_held_inside_their_window(tmp_path):
     import json
 

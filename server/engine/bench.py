@@ -177,9 +177,10 @@ def bench_engine(args) -> dict:
         vocab = source.config["vocab_size"]
         for batch in (1, args.batch):
             runner = FamilyRunner(model, max_batch=batch, max_seq=max_seq,
-                                  prefill_chunk=max(512, args.prompt, args.ttft_prompt), static_decode=args.cuda_graphs)
-            run_batch(runner, _prompts(batch, args.prompt, vocab, 1), [0] * batch, 4)  # warm-up
+                                  prefill_chunk=max(512, args.prompt, args.ttft_prompt),
+                                  static_decode=args.cuda_graphs or args.compile, compile=args.compile)
             branches = [i % n_branches for i in range(batch)]
+            run_batch(runner, _prompts(batch, args.prompt, vocab, 1), branches, 4)  # warm-up (captures, compiles)
             r = run_batch(runner, _prompts(batch, args.prompt, vocab), branches, args.new_tokens)
             # Bytes per decode step at the run's mean context; steps/s = tokens/s / batch.
             r["read_bytes"] = model.step_read_bytes(branches, [args.prompt + args.new_tokens // 2] * batch)
@@ -196,7 +197,7 @@ def bench_engine(args) -> dict:
     for r in results:
         r["vs_dense"] = r["decode_tok_s"] / dense[r["batch"]]
     report = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "rate": args.rate,
-              "compress_embeddings": args.compress_embeddings, "cuda_graphs": args.cuda_graphs,
+              "compress_embeddings": args.compress_embeddings, "cuda_graphs": args.cuda_graphs, "compile": args.compile,
               "branches": args.branches, "prompt": args.prompt, "new_tokens": args.new_tokens,
               "ttft_prompt": args.ttft_prompt, "copy_bytes_per_s": copy_bw,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
@@ -221,8 +222,9 @@ def print_engine_report(report: dict, args, device: torch.device) -> None:
              f"{1000 * r['ttft_s']:.1f}" if "ttft_s" in r else "", f"{r['weight_bytes'] / gb:.2f}"]
             for r in report["results"]]
     heads = "embeddings/heads compressed" if args.compress_embeddings else "per-branch embeddings/heads"
-    if args.cuda_graphs:
-        heads += ", static decode" + (" in CUDA graphs" if device.type == "cuda" else " (eager on the CPU)")
+    if args.cuda_graphs or args.compile:
+        heads += ", static decode" + (", torch.compile" if args.compile else "") + \
+            (" in CUDA graphs" if device.type == "cuda" else " (no graphs on the CPU)")
     where = report.get("gpu", f"{device}, {report['threads']} threads")
     print(f"engine, shape {args.shape}, {args.dtype} on {where}, rate {args.rate}, {heads}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, torch {torch.__version__}")

@@ -12,6 +12,8 @@ On the CPU the same buffers and padding run eagerly: that is what the tests chec
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from server.engine.model import kv_bucket
@@ -26,11 +28,13 @@ def buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, max_batch: int, scratch_slot: int, capture: bool):
+    def __init__(self, model, max_batch: int, scratch_slot: int, capture: bool, compile: bool = False):
         self.model = model
         self.sizes = buckets(max_batch)
         self.scratch_slot = scratch_slot
         self.capture = capture  # CUDA graphs; False: eager replay of the same static buffers
+        self.compile = compile  # each key's step through torch.compile (inductor) before it is captured
+        self.compiled: dict[tuple[int, int, int | None], object] = {}
         dev = model.device
         self.inputs = {b: {"tokens": torch.zeros(b, 1, dtype=torch.long, device=dev),
                            "start": torch.zeros(b, dtype=torch.long, device=dev),
@@ -47,6 +51,13 @@ class DecodeGraphs:
         return next(b for b in self.sizes if b >= n)
 
     def _forward(self, key: tuple[int, int, int | None]) -> torch.Tensor:
+        if self.compile:
+            if key not in self.compiled:  # one compiled function per key: each has static shapes and branches
+                self.compiled[key] = torch.compile(functools.partial(self._step, key), dynamic=False)
+            return self.compiled[key]()
+        return self._step(key)
+
+    def _step(self, key: tuple[int, int, int | None]) -> torch.Tensor:
         buf = self.inputs[key[0]]
         return self.model(buf["tokens"], buf["start"], buf["slots"], buf["branch"], kv_len=key[1],
                           single=key[2])[:, 0]

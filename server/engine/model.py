@@ -421,7 +421,7 @@ class FamilyModel(nn.Module):
         states[-1] = rms_norm(x, self.norm.select(b), self.cfg.rms_norm_eps)
         return states[layer][0]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: torch.compile cannot trace steps over the (normal) static buffers
     def forward(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, branch: torch.Tensor,
                 last: torch.Tensor | None = None, single: int | None | str = "find",
                 kv_len: int | None = None) -> torch.Tensor:

@@ -176,18 +176,19 @@ class Runner:
 
 class FamilyRunner(Runner):
     def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
-                 static_decode: bool = False):
+                 static_decode: bool = False, compile: bool = False):
         """``static_decode``: decode steps with static shapes, padded to batch buckets; on CUDA they are
-        captured as CUDA graphs (server/engine/graphs.py)."""
+        captured as CUDA graphs (server/engine/graphs.py). ``compile``: those steps go through
+        torch.compile first (implies ``static_decode``)."""
         super().__init__(model.device, max_batch, max_seq, prefill_chunk)
         self.model = model
         self.graphs = None
-        if static_decode:
+        if static_decode or compile:
             from server.engine.graphs import DecodeGraphs
 
             model.allocate_cache(max_batch + 1, max_seq, static=True)  # one more slot for padding rows
             self.graphs = DecodeGraphs(model, max_batch, scratch_slot=max_batch,
-                                       capture=model.device.type == "cuda")
+                                       capture=model.device.type == "cuda", compile=compile)
         else:
             model.allocate_cache(max_batch, max_seq)
         self.free_slots = list(range(max_batch))

@@ -101,7 +101,7 @@ class Engine:
     def add_family(self, artifact_dir: str | Path, names: dict[str, str] | None = None, device: str = "cpu",
                    dtype: torch.dtype | None = None, max_batch: int = 16, max_seq: int = 2048,
                    prefill_chunk: int = 256, defaults: dict | None = None,
-                   static_decode: bool = False) -> FamilyRunner:
+                   static_decode: bool = False, compile: bool = False) -> FamilyRunner:
         """Serve an artifact's branches; ``names`` maps exposed name -> branch (default: every branch as itself)."""
         from compression.artifact import Artifact
         from server.engine.model import FamilyModel
@@ -110,7 +110,7 @@ class Engine:
         names = names or {b: b for b in artifact.branches}
         branches = list(dict.fromkeys(names.values()))
         model = FamilyModel.from_artifact(artifact, branches, device=device, dtype=dtype)
-        runner = FamilyRunner(model, max_batch, max_seq, prefill_chunk, static_decode)
+        runner = FamilyRunner(model, max_batch, max_seq, prefill_chunk, static_decode, compile)
         tokenizers = {}
         for b in branches:
             path = artifact.branch_dir(b)
