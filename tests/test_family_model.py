@@ -52,6 +52,10 @@ def test_mixed_batch_and_incremental_decode_match(artifact, rank_multiple, tmp_p
     got = model(last, start, torch.arange(3), torch.arange(3))[:, 0]
     for i, name in enumerate(model.branches):
         torch.testing.assert_close(got[i], refs[name][-1], rtol=1e-4, atol=1e-4)
+    # Per-branch heads on last hidden states only, as after a graph replay: only the present heads.
+    hidden = model(last, start, torch.arange(3), torch.arange(3), head=False)[:, 0]
+    two = torch.tensor([2, 0])
+    torch.testing.assert_close(model.project(hidden[[2, 0]], two, [0, 2]), got[[2, 0]], rtol=1e-5, atol=1e-5)
 
 
 def test_llama3_rope_scaling_and_tied_head(tmp_path):
@@ -113,6 +117,10 @@ def test_compressed_embeddings_and_heads_match_their_export(which, request, tmp_
     got = model(ids, torch.zeros(n, dtype=torch.long), torch.arange(n), torch.arange(n))
     for b, name in enumerate(model.branches):
         torch.testing.assert_close(got[b], refs[name], rtol=1e-4, atol=1e-4)
+    # The head alone on last hidden states, as a graph-replayed decode step uses it.
+    hidden = model(ids, torch.zeros(n, dtype=torch.long), torch.arange(n), torch.arange(n), head=False)
+    projected = model.project(hidden[:, -1], torch.arange(n), list(range(n)))
+    torch.testing.assert_close(projected, got[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_step_read_bytes_count_the_trunk_once_and_only_the_residuals_in_use(family, tmp_path):

@@ -127,6 +127,7 @@ class Rows:
     cos: torch.Tensor
     sin: torch.Tensor
     static: bool = False  # no shape or branch mix read back to the host (CUDA-graph friendly)
+    present: list[int] | None = None  # the branches among the rows, when the host knows them
 
 
 class Member(NamedTuple):
@@ -207,11 +208,12 @@ class BranchLinear(nn.Module):
                     y = torch.addmm(y, h, self._ut(j)[start:start + r])
                 outs.append((y * self.scale_list[j][b]).view(*lead, width))
             return outs[0] if len(outs) == 1 else outs
-        z = F.linear(x, self.weight)  # (B, L, O + R)
+        per_row = (-1,) + (1,) * (x.dim() - 1)  # a row's value broadcast over its tokens and columns
+        z = F.linear(x, self.weight)  # (B, [L,] O + R)
         if self.rank:
-            h = (z[..., O:] * (self.owner == rows.branch[:, None, None])).reshape(-1, self.rank)
+            h = (z[..., O:] * (self.owner == rows.branch.view(per_row))).reshape(-1, self.rank)
         z = z.reshape(-1, z.shape[-1])
-        scales = self.scales[:, rows.branch][..., None, None]  # (m, B, 1, 1)
+        scales = self.scales[:, rows.branch].view(len(self.out_spans), *per_row)  # (m, B, [1,] 1)
         for j, (o0, width) in enumerate(self.out_spans):
             y = z[:, o0:o0 + width]
             h0, r = self.h_spans[j]
@@ -255,10 +257,9 @@ class PerBranch(nn.Module):
     def select(self, branch: torch.Tensor) -> torch.Tensor:
         return self.weight[0] if self.shared else self.weight[branch]
 
-    def read_bytes(self, present: int, static: bool) -> int:
-        """Bytes one pass as an lm_head reads for rows of ``present`` branches (static: every head)."""
-        heads = 1 if self.shared else (self.weight.shape[0] if static and present > 1 else present)
-        return heads * self.weight[0].numel() * self.weight.element_size()
+    def read_bytes(self, present: int) -> int:
+        """Bytes one pass as an lm_head reads for rows of ``present`` branches: each of their heads once."""
+        return (1 if self.shared else present) * self.weight[0].numel() * self.weight.element_size()
 
     def lookup(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Embedding rows: tokens (B, L) of each row's branch -> (B, L, H), without copying whole tables."""
@@ -273,13 +274,8 @@ class PerBranch(nn.Module):
             return F.linear(x, self.weight[0])
         if rows.single is not None:
             return F.linear(x, self.weight[rows.single])
-        if rows.static:  # every head for every row, then each row's own: no host sync, N heads read
-            n, vocab, hidden = self.weight.shape
-            every = F.linear(x, self.weight.view(n * vocab, hidden)).view(*x.shape[:-1], n, vocab)
-            index = rows.branch.view(-1, *([1] * (x.dim() - 1)), 1).expand(*x.shape[:-1], 1, vocab)
-            return every.gather(-2, index).squeeze(-2)
         out = torch.empty(*x.shape[:-1], self.weight.shape[1], dtype=x.dtype, device=x.device)
-        for b in rows.branch.unique().tolist():
+        for b in rows.present if rows.present is not None else rows.branch.unique().tolist():
             idx = (rows.branch == b).nonzero().squeeze(1)
             out[idx] = F.linear(x[idx], self.weight[b])
         return out
@@ -398,7 +394,7 @@ class FamilyModel(nn.Module):
         for block in self.blocks:
             total += sum(m.read_bytes(single) for m in (block.qkv, block.o, block.gate_up, block.down))
         head = self.heads or self.embed
-        total += head.read_bytes(single) if isinstance(head, BranchLinear) else head.read_bytes(len(present), static)
+        total += head.read_bytes(single) if isinstance(head, BranchLinear) else head.read_bytes(len(present))
         cfg = self.cfg
         per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
         tokens = len(context) * kv_bucket(max(context), self.max_seq) if static else sum(context)
@@ -424,7 +420,7 @@ class FamilyModel(nn.Module):
     @torch.no_grad()  # not inference_mode: torch.compile cannot trace steps over the (normal) static buffers
     def forward(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, branch: torch.Tensor,
                 last: torch.Tensor | None = None, single: int | None | str = "find",
-                kv_len: int | None = None) -> torch.Tensor:
+                kv_len: int | None = None, head: bool = True) -> torch.Tensor:
         """tokens (B, L) at positions start[b] + 0..L-1 of slot slots[b] for branch branch[b] -> logits.
 
         Returns (B, L, V), or with ``last`` (B,) only each row's logits at index last[b]: (B, V).
@@ -433,6 +429,7 @@ class FamilyModel(nn.Module):
         ``single``: the branch of every row when all rows share one, None when they do not; by default
         it is found from ``branch``, which reads it back from the device. ``kv_len``: the cached positions
         to attend over, at least every row's last position + 1; by default found the same way.
+        ``head=False`` stops before the lm_head: final normed hidden states (see ``project``).
         """
         B, L = tokens.shape
         rows = self._rows(branch, start, slots, L, single, kv_len)
@@ -442,8 +439,18 @@ class FamilyModel(nn.Module):
         if last is not None:
             x = x[torch.arange(B, device=x.device), last][:, None]
         x = rms_norm(x, self.norm.select(branch), self.cfg.rms_norm_eps)
+        if not head:
+            return x[:, 0] if last is not None else x
         logits = (self.heads or self.embed)(x, rows)
         return logits[:, 0] if last is not None else logits
+
+    @torch.no_grad()
+    def project(self, x: torch.Tensor, branch: torch.Tensor, present: list[int]) -> torch.Tensor:
+        """Each row's own lm_head over final hidden states x (B, ..., H); ``present``: the branches among the
+        rows, known on the host, so that only their heads are read, without reading ``branch`` back."""
+        rows = Rows(branch, present[0] if len(present) == 1 else None, None, None, None, None, None,
+                    present=present)
+        return (self.heads or self.embed)(x, rows)
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, branches: list[str] | None = None,
