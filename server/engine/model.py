@@ -181,7 +181,8 @@ class BranchLinear(nn.Module):
         self.trunk_rows = sum(w for _, w in self.out_spans)
         self.rank = offset
         self.weight = nn.Parameter(torch.cat([m.trunk for m in members] + v_blocks), requires_grad=False)
-        self.register_buffer("scales", torch.tensor(self.scale_list, dtype=self.weight.dtype), persistent=False)
+        self.register_buffer("scales", torch.tensor(self.scale_list, dtype=self.weight.dtype,
+                                                    device=self.weight.device), persistent=False)
         if offset:
             self.register_buffer("owner", torch.cat(owner).to(self.weight.device), persistent=False)  # (R,)
 
@@ -246,13 +247,12 @@ class BranchLinear(nn.Module):
 
 
 class PerBranch(nn.Module):
-    """A stack of per-branch tensors (norm weights, embeddings), gathered per row."""
+    """A stack of per-branch tensors (norm weights, embeddings), gathered per row; one tensor: shared by all."""
 
     def __init__(self, tensors: list[torch.Tensor]):
         super().__init__()
-        shared = all(t is tensors[0] or torch.equal(t, tensors[0]) for t in tensors[1:])
-        self.shared = shared
-        self.weight = nn.Parameter(torch.stack(tensors[:1] if shared else tensors), requires_grad=False)
+        self.shared = len(tensors) == 1
+        self.weight = nn.Parameter(torch.stack(tensors), requires_grad=False)
 
     def select(self, branch: torch.Tensor) -> torch.Tensor:
         return self.weight[0] if self.shared else self.weight[branch]
@@ -471,7 +471,9 @@ class FamilyModel(nn.Module):
             return t.to(device=device, dtype=dtype)
 
         def per_branch(name: str) -> PerBranch:
-            return PerBranch([load(artifact.own(b, name)) for b in branches])
+            host = [artifact.own(b, name) for b in branches]  # compared on the host: equal ones load once
+            shared = all(t is host[0] or torch.equal(t, host[0]) for t in host[1:])
+            return PerBranch([load(t) for t in (host[:1] if shared else host)])
 
         def member(name: str) -> Member:
             us, vs = [], []
@@ -506,4 +508,5 @@ class FamilyModel(nn.Module):
         embed = matrix_or_per_branch("model.embed_tokens.weight")
         heads = None if cfg.tie_word_embeddings or "lm_head.weight" not in artifact.tensor_names \
             else matrix_or_per_branch("lm_head.weight")
-        return cls(cfg, list(branches), blocks, embed, per_branch("model.norm.weight"), heads).eval()
+        model = cls(cfg, list(branches), blocks, embed, per_branch("model.norm.weight"), heads)
+        return model.to(device).eval()  # the buffers built on the host (rope frequencies) join the weights
