@@ -96,16 +96,15 @@ def run_batch(runner: FamilyRunner, prompts: list[list[int]], branches: list[int
                        _NoText(), branch)
         runner.add(seq)
         seqs.append(seq)
-    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     decode_s = decode_tokens = 0.0
-    sync()
+    _sync(runner.device)
     started = time.perf_counter()
     while runner.has_work():
         prefilling = bool(runner.waiting) or any(s.prefilled < len(s.prompt) for s in runner.running)
         before = sum(len(s.output) for s in seqs)
         t0 = time.perf_counter()
         runner.step()
-        sync()
+        _sync(runner.device)
         if not prefilling:
             decode_s += time.perf_counter() - t0
             decode_tokens += sum(len(s.output) for s in seqs) - before
@@ -218,7 +217,8 @@ def bench_engine(args) -> dict:
 def print_engine_report(report: dict, args, device: torch.device) -> None:
     gb = 1e9
     rows = [[r["config"], str(r["batch"]), f"{r['decode_tok_s']:.1f}", f"{r['vs_dense']:.2f}x",
-             f"{r['read_bytes'] / 1e6:.1f}", f"{r['read_bytes_per_s'] / gb:.1f}", f"{100 * r['of_copy_bandwidth']:.0f}%",
+             f"{r['read_bytes'] / 1e6:.1f}", f"{r['read_bytes_per_s'] / gb:.1f}",
+             f"{100 * r['of_copy_bandwidth']:.0f}%",
              f"{1000 * r['ttft_s']:.1f}" if "ttft_s" in r else "", f"{r['weight_bytes'] / gb:.2f}"]
             for r in report["results"]]
     heads = "embeddings/heads compressed" if args.compress_embeddings else "per-branch embeddings/heads"

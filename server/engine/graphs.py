@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from server.engine.model import kv_bucket
+from server.engine.model import kv_bucket, single_branch
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -83,7 +83,7 @@ class DecodeGraphs:
         """One decode step for n rows -> (n, V) logits."""
         n = len(tokens)
         b = self.bucket(n)
-        single = branch[0] if all(x == branch[0] for x in branch) else None
+        single = single_branch(branch)
         buf = self.inputs[b]
         pad = b - n
         pad_branch = branch[0]  # padding rows never add a branch to the mix

@@ -1,12 +1,14 @@
 """The family model: one Llama-family forward that serves every branch of an artifact at once.
 
 Read it top to bottom like gpt-fast's model.py. The one new idea is the branch
-id carried by every row of the batch: each ``BranchLinear`` runs the shared
-trunk once for the whole batch, then all present branches' low-rank residuals
-in two more matmuls, with a column mask so that each row only sees its own
-branch's residual; a per-row scale s_branch multiplies both terms:
+id carried by every row of the batch: each ``BranchLinear`` (q/k/v together,
+o, gate/up together, down) multiplies the batch once by one matrix holding the
+shared trunks and every branch's V rows, masks the V part so that each row only
+sees its own branch's residual, adds it back through U, and scales by s_branch:
 
-    y = s[b] * (x T^T + ((x Vcat^T) * mask[b]) Ucat^T)
+    [t | h] = x [T | Vcat]^T,  y = s[b] * (t + (h * mask[b]) Ucat^T)
+
+A batch whose rows share one branch reads only that branch's V and U rows.
 
 Per-branch embeddings, norms and lm_heads are gathered per row. Residuals are
 never densified. The KV cache is preallocated per slot; a row names its slot
@@ -108,6 +110,11 @@ def kv_bucket(length: int, max_seq: int, smallest: int = 256) -> int:
     return min(span, max_seq)
 
 
+def single_branch(branches: list[int]) -> int | None:
+    """The branch of every row when all rows share one (a batch that reads one residual), else None."""
+    return branches[0] if all(b == branches[0] for b in branches) else None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, L, heads, hd); cos/sin: (B, L, 1, hd). Half-split rotation, as HF Llama checkpoints expect.
     x1, x2 = x.chunk(2, dim=-1)
@@ -126,7 +133,6 @@ class Rows:
     mask: torch.Tensor  # (B, 1, L, Lk) attention mask over the cached keys
     cos: torch.Tensor
     sin: torch.Tensor
-    static: bool = False  # no shape or branch mix read back to the host (CUDA-graph friendly)
     present: list[int] | None = None  # the branches among the rows, when the host knows them
 
 
@@ -335,6 +341,7 @@ class FamilyModel(nn.Module):
         self.embed, self.norm = embed, norm
         self.heads = heads  # None: tied to the embeddings
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.static = False  # see allocate_cache
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
 
@@ -348,8 +355,7 @@ class FamilyModel(nn.Module):
 
     def allocate_cache(self, slots: int, max_seq: int, static: bool = False) -> None:
         """``static``: decode steps attend over a span of the cache given by the caller and never read
-        shapes back to the host,
-        so that they can be captured as CUDA graphs."""
+        shapes back to the host, so that they can be captured as CUDA graphs."""
         self.static = static
         cfg = self.cfg
         shape = (slots, max_seq, cfg.num_kv_heads, cfg.head_dim)
@@ -363,15 +369,14 @@ class FamilyModel(nn.Module):
         if slots is not None:
             # Padding past the cache's end (right-padded prefill rows) is written onto its last entry.
             pos = pos.clamp(max=self.max_seq - 1)
-        static = slots is not None and L == 1 and getattr(self, "static", False)
+        static = slots is not None and L == 1 and self.static
         Lk = kv_len or (self.max_seq if static else int(pos.max()) + 1)
         mask = torch.arange(Lk, device=start.device)[None, None, :] <= pos[:, :, None]  # (B, L, Lk)
         freqs = pos[..., None].float() * self.inv_freq  # (B, L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         if single == "find":  # reads the branch ids back from the device; callers that know them say so
             single = None if static else (int(branch[0]) if bool((branch == branch[0]).all()) else None)
-        return Rows(branch, single, pos, slots, mask[:, None], emb.cos().to(self.dtype), emb.sin().to(self.dtype),
-                    static)
+        return Rows(branch, single, pos, slots, mask[:, None], emb.cos().to(self.dtype), emb.sin().to(self.dtype))
 
     def weight_bytes(self) -> int:
         """Bytes of every weight and buffer the model holds (each storage once), without the KV cache."""
@@ -386,18 +391,17 @@ class FamilyModel(nn.Module):
     def step_read_bytes(self, branches: list[int], context: list[int]) -> int:
         """Bytes one decode step must read from memory: the weights its rows' branches use, each once, and
         each row's cached keys and values (``context`` tokens per row; a static step reads every row's
-        cache up to the longest row's span, see kv_bucket). Norms and the embedding rows are left out: they are under 0.1 % at every shape."""
-        present = sorted(set(branches))
-        single = present[0] if len(present) == 1 else None
-        static = getattr(self, "static", False)
+        cache up to the longest row's span, see kv_bucket). Norms and the embedding rows are left out:
+        they are under 0.1 % at every shape."""
+        single = single_branch(branches)
         total = 0
         for block in self.blocks:
             total += sum(m.read_bytes(single) for m in (block.qkv, block.o, block.gate_up, block.down))
         head = self.heads or self.embed
-        total += head.read_bytes(single) if isinstance(head, BranchLinear) else head.read_bytes(len(present))
+        total += head.read_bytes(single) if isinstance(head, BranchLinear) else head.read_bytes(len(set(branches)))
         cfg = self.cfg
         per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
-        tokens = len(context) * kv_bucket(max(context), self.max_seq) if static else sum(context)
+        tokens = len(context) * kv_bucket(max(context), self.max_seq) if self.static else sum(context)
         return total + tokens * per_token
 
     @torch.inference_mode()
@@ -448,8 +452,7 @@ class FamilyModel(nn.Module):
     def project(self, x: torch.Tensor, branch: torch.Tensor, present: list[int]) -> torch.Tensor:
         """Each row's own lm_head over final hidden states x (B, ..., H); ``present``: the branches among the
         rows, known on the host, so that only their heads are read, without reading ``branch`` back."""
-        rows = Rows(branch, present[0] if len(present) == 1 else None, None, None, None, None, None,
-                    present=present)
+        rows = Rows(branch, single_branch(present), None, None, None, None, None, present=present)
         return (self.heads or self.embed)(x, rows)
 
     @classmethod

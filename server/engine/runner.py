@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from server.engine.model import single_branch
 from server.engine.sampling import SamplingParams, sample_rows
 from server.engine.text import IncrementalText
 
@@ -215,7 +216,7 @@ class FamilyRunner(Runner):
             self._tensor([s.slot for s in seqs]),
             self._tensor([s.branch for s in seqs]),
             last=self._tensor([len(chunk) - 1 for _, chunk in batch]),
-            single=_single(seqs),
+            single=single_branch([s.branch for s in seqs]),
             kv_len=min(max(s.prefilled for s in seqs) + longest, self.max_seq),
         )
 
@@ -228,15 +229,9 @@ class FamilyRunner(Runner):
             self._tensor([s.length - 1 for s in seqs]),
             self._tensor([s.slot for s in seqs]),
             self._tensor([s.branch for s in seqs]),
-            single=_single(seqs),
+            single=single_branch([s.branch for s in seqs]),
             kv_len=min(max(s.length for s in seqs), self.max_seq),
         )[:, 0]
-
-
-def _single(seqs: list[Sequence]) -> int | None:
-    """The branch of every sequence when they share one (a batch that reads one residual), else None."""
-    first = seqs[0].branch
-    return first if all(s.branch == first for s in seqs) else None
 
 
 class StandaloneRunner(Runner):
