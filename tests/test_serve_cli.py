@@ -51,7 +51,7 @@ def test_unknown_branch_in_config(tmp_path, capsys, artifact):
 
 def test_sigterm_shuts_down_cleanly(tmp_path, artifact):
     port = free_port()
-    config = write(tmp_path, {"families": [{"artifact": str(artifact)}], "shutdown_grace_s": 5})
+    config = write(tmp_path, {"families": [{"artifact": str(artifact)}], "shutdown_grace_s": 20})
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", config, "--port", str(port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
