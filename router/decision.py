@@ -18,10 +18,12 @@ class Decision:
     runner_up_score: float | None
     fallback: bool  # no route cleared its threshold: the default route was used
     scores: dict[str, float]
+    truncated: bool = False  # only the end of a long input was embedded (the embedder's max tokens)
 
     def to_json(self) -> dict:
         return {"route": self.route, "target": self.target, "score": self.score, "runner_up": self.runner_up,
-                "runner_up_score": self.runner_up_score, "fallback": self.fallback, "scores": self.scores}
+                "runner_up_score": self.runner_up_score, "fallback": self.fallback, "scores": self.scores,
+                "truncated": self.truncated}
 
 
 def route_scores(query: torch.Tensor, matrix: torch.Tensor, owners: torch.Tensor, n_routes: int,

@@ -7,6 +7,10 @@
   tokens, mean-pooled at one layer, are the embedding. Through attention they
   summarise the input. ``suffix=False`` pools the input's own tokens instead,
   to measure what the suffix adds.
+
+Every input is bounded: at most ``max_tokens`` tokens of it are embedded, the
+end of the text (where a request's latest words are), plus the whole template.
+``embed_one`` says whether it cut.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ class Embedder(Protocol):
 
     def embed(self, texts: list[str]) -> torch.Tensor: ...
 
+    def embed_one(self, text: str) -> tuple[torch.Tensor, bool]: ...  # (d,) and whether the input was cut
+
+
+def tail(text: str, chars: int) -> tuple[str, bool]:
+    """The last ``chars`` characters of ``text``, and whether that cut anything."""
+    return (text[-chars:], True) if len(text) > chars else (text, False)
+
 
 def minilm_path() -> Path:
     try:
@@ -41,7 +52,7 @@ def _digest(*parts: str) -> str:
 
 
 class SentenceTransformerEmbedder:
-    def __init__(self, path: str | Path | None = None, device: str = "cpu"):
+    def __init__(self, path: str | Path | None = None, device: str = "cpu", max_tokens: int = 512):
         from sentence_transformers import SentenceTransformer
 
         self.path = Path(path) if path else minilm_path()
@@ -52,11 +63,16 @@ class SentenceTransformerEmbedder:
         weights = next((p for p in sorted(self.path.glob("*.safetensors"))), None)
         size = str(weights.stat().st_size) if weights else ""
         self.fingerprint = f"st-{self.path.name}-{_digest(str(self.path.resolve()), size)}"
+        self.max_chars = 8 * max_tokens  # the model cuts to its own max_seq_length in tokens after this
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        out = self.model.encode(list(texts), normalize_embeddings=True, convert_to_tensor=True,
-                                show_progress_bar=False)
+        out = self.model.encode([tail(t, self.max_chars)[0] for t in texts], normalize_embeddings=True,
+                                convert_to_tensor=True, show_progress_bar=False)
         return out.detach().float().cpu()
+
+    def embed_one(self, text: str) -> tuple[torch.Tensor, bool]:
+        cut, truncated = tail(text, self.max_chars)
+        return self.embed([cut])[0], truncated
 
 
 def suffix_template() -> str:
@@ -64,33 +80,64 @@ def suffix_template() -> str:
 
 
 class DecoderSuffixEmbedder:
-    """``hidden(ids, layer) -> (L, H)`` hidden states of a causal LM at one layer (-1: the last)."""
+    """``hidden(ids, layer) -> (L, H)`` hidden states of a causal LM at one layer (-1: the last); ``ahidden``,
+    when given, the same awaited (a served model's embed job, cancelled with the request)."""
 
     def __init__(self, name: str, tokenizer, hidden: Callable[[list[int], int], torch.Tensor],
-                 template: str | None = None, layer: int = -1, suffix: bool = True, pooling: str = "mean"):
-        self.tokenizer, self.hidden, self.layer, self.suffix = tokenizer, hidden, layer, suffix
+                 template: str | None = None, layer: int = -1, suffix: bool = True, pooling: str = "mean",
+                 max_tokens: int = 512, ahidden: Callable | None = None):
+        self.tokenizer, self.hidden, self.ahidden, self.layer, self.suffix = tokenizer, hidden, ahidden, layer, suffix
         if pooling not in ("mean", "last"):
             raise UserError(f"pooling must be mean or last, got {pooling!r}")
-        self.pooling = pooling
+        if max_tokens < 1:
+            raise UserError("the router's max_input_tokens must be at least 1")
+        self.pooling, self.max_tokens = pooling, max_tokens
         self.template = template if template is not None else suffix_template()
         if "{input}" not in self.template:
             raise UserError("the router suffix template must contain {input}")
-        self.fingerprint = f"decoder-{name}-{_digest(self.template, str(layer), str(suffix), pooling)}"
+        head, tail_text = self.template.split("{input}", 1)
+        encode = self._encode
+        self.head_ids, self.tail_ids = (encode(head), encode(tail_text)) if suffix else ([], [])
+        self.fingerprint = f"decoder-{name}-{_digest(self.template, str(layer), str(suffix), pooling, 'parts')}"
 
-    def _one(self, text: str) -> torch.Tensor:
-        if self.suffix:
-            ids = self.tokenizer(self.template.replace("{input}", text), add_special_tokens=False)["input_ids"]
-            tail = self.template.split("{input}", 1)[1]
-            n = len(self.tokenizer(tail, add_special_tokens=False)["input_ids"])
-        else:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            n = len(ids)
-        states = self.hidden(ids, self.layer)[-n:].float()
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def prepare(self, text: str) -> tuple[list[int], int, bool]:
+        """(token ids to run, how many at the end to pool, whether the input was cut to max_tokens)."""
+        chars, ids = 8 * self.max_tokens, []
+        while True:  # tokenize only a tail of the text, wide enough to hold max_tokens tokens
+            cut, short = tail(text, chars)
+            ids = self._encode(cut)
+            if not short or len(ids) > self.max_tokens:
+                break
+            chars *= 4
+        truncated = len(ids) > self.max_tokens
+        ids = ids[-self.max_tokens:]
+        if not ids:
+            raise UserError("the text to embed has no tokens")
+        full = self.head_ids + ids + self.tail_ids
+        return full, len(self.tail_ids) if self.suffix else len(ids), truncated
+
+    def pool(self, states: torch.Tensor, n: int) -> torch.Tensor:
+        states = states[-n:].float()
         pooled = states.mean(0) if self.pooling == "mean" else states[-1]
         return torch.nn.functional.normalize(pooled, dim=0).cpu()
 
+    def embed_one(self, text: str) -> tuple[torch.Tensor, bool]:
+        ids, n, truncated = self.prepare(text)
+        return self.pool(self.hidden(ids, self.layer), n), truncated
+
+    async def aembed_one(self, text: str) -> tuple[torch.Tensor, bool]:
+        if self.ahidden is None:
+            import asyncio
+
+            return await asyncio.to_thread(self.embed_one, text)
+        ids, n, truncated = self.prepare(text)
+        return self.pool(await self.ahidden(ids, self.layer), n), truncated
+
     def embed(self, texts: list[str]) -> torch.Tensor:
-        return torch.stack([self._one(t) for t in texts])
+        return torch.stack([self.embed_one(t)[0] for t in texts])
 
 
 def hf_hidden(model) -> Callable[[list[int], int], torch.Tensor]:
@@ -104,8 +151,8 @@ def hf_hidden(model) -> Callable[[list[int], int], torch.Tensor]:
     return hidden
 
 
-def load_decoder_path(path: str | Path, layer: int = -1, suffix: bool = True, pooling: str = "mean"
-                      ) -> DecoderSuffixEmbedder:
+def load_decoder_path(path: str | Path, layer: int = -1, suffix: bool = True, pooling: str = "mean",
+                      max_tokens: int = 512) -> DecoderSuffixEmbedder:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -113,4 +160,4 @@ def load_decoder_path(path: str | Path, layer: int = -1, suffix: bool = True, po
         raise UserError(f"no causal LM checkpoint at {path}")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     return DecoderSuffixEmbedder(path.name, AutoTokenizer.from_pretrained(str(path)), hf_hidden(model),
-                                 layer=layer, suffix=suffix, pooling=pooling)
+                                 layer=layer, suffix=suffix, pooling=pooling, max_tokens=max_tokens)

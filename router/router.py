@@ -41,6 +41,11 @@ def check_routes(store: ExemplarStore, default_route: str, targets: set[str] | N
                                 f"(served: {', '.join(sorted(targets))})")
 
 
+def _check_text(text) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise StoreError("text must be a non-empty string")
+
+
 class Router:
     def __init__(self, store: ExemplarStore, embedder: Embedder, cache_dir: str | Path, default_route: str,
                  aggregate: Literal["max", "mean_top_k"] = "max", top_k: int = 3,
@@ -66,16 +71,34 @@ class Router:
                 self._built = (version, routes, matrix, owners)
             return self._built[1], self._built[2], self._built[3]
 
-    def decide_text(self, text: str) -> Decision:
-        if not isinstance(text, str) or not text.strip():
-            raise StoreError("text must be a non-empty string")
+    def _decide(self, query: torch.Tensor, truncated: bool) -> Decision:
         routes, matrix, owners = self._current()
-        query = self.embedder.embed([text])[0]
         scores = route_scores(query, matrix, owners, len(routes), self.aggregate, self.top_k)
-        return decide(scores, routes, self.default_route)
+        decision = decide(scores, routes, self.default_route)
+        decision.truncated = truncated
+        return decision
+
+    def decide_text(self, text: str) -> Decision:
+        _check_text(text)
+        return self._decide(*self.embedder.embed_one(text))
 
     def decide_messages(self, messages: list[dict]) -> Decision:
         return self.decide_text(request_text(messages, self.input))
+
+    async def adecide_text(self, text: str) -> Decision:
+        """As ``decide_text``, for the event loop: a served model's embedding is an engine job, awaited (and
+        cancelled with the awaiting task); anything else runs in a worker thread."""
+        import asyncio
+
+        _check_text(text)
+        if hasattr(self.embedder, "aembed_one"):
+            query, truncated = await self.embedder.aembed_one(text)
+        else:
+            query, truncated = await asyncio.to_thread(self.embedder.embed_one, text)
+        return await asyncio.to_thread(self._decide, query, truncated)  # an edit may need exemplars embedded
+
+    async def adecide_messages(self, messages: list[dict]) -> Decision:
+        return await self.adecide_text(request_text(messages, self.input))
 
     # -- edits that need the router's knowledge, on top of the store's own checks
     def add_route(self, name: str, target: str, **kw) -> Route:

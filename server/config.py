@@ -64,6 +64,8 @@ class RouterConfig(_Strict):
     aggregate: Literal["max", "mean_top_k"] = "max"
     top_k: int = Field(3, ge=1)
     input: Literal["last_user", "conversation"] = "last_user"
+    # At most this many tokens of a request are embedded (the end of its text), plus the suffix template.
+    max_input_tokens: int = Field(512, ge=1, le=8192)
     admin_keys: list[str] = []  # needed for /v1/router edits when api_keys are set
 
 

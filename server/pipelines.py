@@ -9,6 +9,7 @@ the start, never a request.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from dataclasses import dataclass, field
 from importlib import resources
@@ -146,7 +147,7 @@ async def run_pipeline(engine: Engine, pipeline: Pipeline, messages: list[dict],
         user = stage.template.render(**variables).strip()
         history = [m for m in messages[:-1]] if messages and messages[-1]["role"] == "user" else list(messages)
         stage_messages = with_expert([*history, {"role": "user", "content": user}], sc.domain)
-        prompt = render_chat(engine.tokenizer(sc.model), stage_messages)
+        prompt = await asyncio.to_thread(render_chat, engine.tokenizer(sc.model), stage_messages)  # off the loop
         last = i == len(pipeline.stages) - 1
         max_tokens = final_max_tokens if last and final_max_tokens else sc.max_tokens
         context = engine.targets[sc.model].runner.max_seq

@@ -9,7 +9,6 @@ from compression.errors import UserError
 from router.embedders import (
     DecoderSuffixEmbedder,
     SentenceTransformerEmbedder,
-    hf_hidden,
     load_decoder_path,
 )
 from router.router import Router
@@ -33,29 +32,23 @@ def cache_dir() -> Path:
     return data_home() / "router" / "cache"
 
 
-def served_hidden(target):
-    """Hidden states of a served model: a family branch through the family model, else transformers."""
-    if target.kind == "branch":
-        model, branch = target.runner.model, target.branch
-        return lambda ids, layer: model.hidden(ids, branch, layer)
-    return hf_hidden(target.runner.model)
-
-
 def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig | None = None,
-                   suffix: bool = True, pooling: str = "mean"):
+                   suffix: bool = True, pooling: str = "mean", max_tokens: int = 512):
     """minilm | decoder:NAME (a served model, or one named in the config) | decoder:PATH | PATH."""
     if spec == "minilm":
-        return SentenceTransformerEmbedder()
+        return SentenceTransformerEmbedder(max_tokens=max_tokens)
     if spec.startswith("decoder:"):
         name = spec.removeprefix("decoder:")
         if engine is not None and name in engine.targets:
-            target = engine.targets[name]
-            return DecoderSuffixEmbedder(name, target.tokenizer, served_hidden(target), layer=layer, suffix=suffix,
-                                         pooling=pooling)
+            # A served model embeds through engine jobs: the engine thread is the only one that runs it.
+            return DecoderSuffixEmbedder(
+                name, engine.targets[name].tokenizer, lambda ids, lyr: engine.embed_future(name, ids, lyr).result(),
+                layer=layer, suffix=suffix, pooling=pooling, max_tokens=max_tokens,
+                ahidden=lambda ids, lyr: engine.embed(name, ids, lyr))
         if config is not None:
             for sa in config.standalone:
                 if sa.name == name:
-                    return load_decoder_path(sa.path, layer, suffix, pooling)
+                    return load_decoder_path(sa.path, layer, suffix, pooling, max_tokens)
             for fam in config.families:
                 from compression.artifact import Artifact
                 from server.engine.model import FamilyModel
@@ -67,17 +60,19 @@ def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig
                     model = FamilyModel.from_artifact(artifact, [branch])
                     return DecoderSuffixEmbedder(name, load_tokenizer(artifact.branch_dir(branch)),
                                                  lambda ids, lyr: model.hidden(ids, 0, lyr), layer=layer,
-                                                 suffix=suffix, pooling=pooling)
+                                                 suffix=suffix, pooling=pooling, max_tokens=max_tokens)
         if Path(name).is_dir():
-            return load_decoder_path(name, layer, suffix, pooling)
+            return load_decoder_path(name, layer, suffix, pooling, max_tokens)
         raise UserError(f"embedder {spec!r}: {name!r} is neither a served model nor a checkpoint directory")
     if Path(spec).is_dir():
-        return SentenceTransformerEmbedder(spec)
+        return SentenceTransformerEmbedder(spec, max_tokens=max_tokens)
     raise UserError(f"embedder {spec!r}: use minilm, decoder:NAME or the path of a sentence-transformers model")
 
 
 def build_router(config: ServerConfig, engine, pipelines: set[str] = frozenset()) -> Router:
     rc = config.router
-    return Router(exemplar_store(rc), build_embedder(rc.embedder, rc.layer, engine=engine, pooling=rc.pooling),
+    embedder = build_embedder(rc.embedder, rc.layer, engine=engine, pooling=rc.pooling,
+                              max_tokens=rc.max_input_tokens)
+    return Router(exemplar_store(rc), embedder,
                   cache_dir(),
                   rc.default_route, rc.aggregate, rc.top_k, rc.input, targets=set(engine.targets) | set(pipelines))

@@ -231,5 +231,6 @@ def test_gain_allocated_branches_serve_and_export_alike(family, tmp_path):
     model.allocate_cache(slots=1, max_seq=32)
     for b, name in enumerate(model.branches):
         ref = logits(export_branch(out, name, tmp_path / name, progress=False))
-        got = model(PROMPT, torch.tensor([0]), torch.tensor([0]), torch.tensor([b]))
+        got = model(PROMPT, torch.tensor([0]), torch.tensor([b]), torch.tensor([0]), single=b,
+                    own=[(0, 0, PROMPT.shape[1])])
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

@@ -151,7 +151,7 @@ def test_cancel_frees_the_slot(paths):
         deadline = time.monotonic() + 5
         while runner.running and time.monotonic() < deadline:  # the engine reaps right after its last event
             time.sleep(0.01)
-        assert runner.free_slots == [0] and not runner.running
+        assert runner.slots == [] and not runner.running
     finally:
         e.stop()
 
@@ -252,22 +252,40 @@ def test_each_branch_renders_its_own_chat_template(family, tmp_path):
 
 
 def test_top_k_and_top_p_limits():
-    from server.engine.sampling import sample_one
+    """Batched sampling: each row keeps its own top-k/top-p/temperature whatever the neighbours."""
+    from server.engine.sampling import sample_rows
 
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.8])
-    g = torch.Generator().manual_seed(0)
-    draws = {int(sample_one(logits, SamplingParams(top_k=2), g)) for _ in range(200)}
-    assert draws == {1, 2}
-    draws = {int(sample_one(logits, SamplingParams(top_p=0.01), g)) for _ in range(50)}
-    assert draws == {1}
-    draws = {int(sample_one(logits, SamplingParams(temperature=5.0), g)) for _ in range(400)}
-    assert draws == {0, 1, 2, 3, 4}
+    params = [SamplingParams(top_k=2), SamplingParams(top_p=0.01), SamplingParams(temperature=5.0),
+              SamplingParams(temperature=0)]
+    draws = [set() for _ in params]
+    for _ in range(400):
+        tokens = sample_rows(logits.repeat(len(params), 1), params, [None] * len(params))
+        for seen, tok in zip(draws, tokens):
+            seen.add(tok)
+    assert draws == [{1, 2}, {1}, {0, 1, 2, 3, 4}, {1}]
+    # The exponential race draws each token with its probability.
+    probs = torch.softmax(logits, -1)
+    counts = torch.bincount(torch.tensor([sample_rows(logits[None], [SamplingParams()], [None])[0]
+                                          for _ in range(4000)]), minlength=5) / 4000
+    assert (counts - probs).abs().max() < 0.03
+
+
+def test_seeded_rows_reproduce_in_any_batch():
+    from server.engine.sampling import sample_rows
+
+    logits = torch.randn(4, 50)
+    p = SamplingParams(seed=3, top_p=0.9)
+    alone = [sample_rows(logits[2:3], [p], [p.generator(torch.device("cpu"))])[0] for _ in range(1)]
+    g = p.generator(torch.device("cpu"))
+    batch = sample_rows(logits, [SamplingParams(), SamplingParams(temperature=0), p, SamplingParams(top_k=3)],
+                        [None, None, g, None])
+    assert batch[2] == alone[0]
 
 
 def test_static_decode_buckets_give_the_same_tokens(paths):
     """The CUDA-graph path's static shapes, bucket padding and scratch slot, run eagerly on the CPU."""
-    from server.engine.graphs import buckets
-    from server.engine.model import kv_bucket
+    from server.engine.graphs import buckets, kv_bucket
 
     assert buckets(16) == [1, 2, 4, 8, 16] and buckets(12) == [1, 2, 4, 8, 12]
     assert [kv_bucket(n, 1000) for n in (1, 256, 257, 600, 999)] == [256, 256, 512, 1000, 1000]
@@ -283,8 +301,8 @@ def test_static_decode_buckets_give_the_same_tokens(paths):
             results[static] = (alone, together)
         finally:
             e.stop()
+        assert runner.model.k_cache[0].shape[0] == 5  # + the scratch slot
         if static:
-            assert runner.graphs is not None and runner.model.k_cache[0].shape[0] == 5  # + the scratch slot
             used = runner.graphs.used  # (batch bucket, attention span, single branch or None)
             assert {span for _, span, _ in used} == {256}
             assert {(1, 0), (1, 1), (1, 2), (4, None)} <= {(b, single) for b, _, single in used}
@@ -294,23 +312,39 @@ def test_static_decode_buckets_give_the_same_tokens(paths):
     assert [t[1] for t in results[True][1]] == [t[1] for t in results[False][1]]
 
 
-def test_compiled_static_decode_gives_the_same_tokens(paths):
-    """limits.compile: the static decode step through torch.compile (inductor; ~20 s to compile here)."""
+def test_every_decode_step_is_compiled_at_start_and_never_while_serving(paths):
+    """limits.compile: one torch.compile'd step with a dynamic batch and span serves far more than dynamo's 8
+    default versions of a function; every key runs compiled before the engine is ready, and serving many keys
+    afterwards compiles nothing and falls back to eager nowhere (fail_on_recompile_limit_hit would raise)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     tokens = {}
     for compile in (False, True):
         e = Engine()
-        runner = e.add_family(paths["artifact"], max_batch=1, max_seq=64, prefill_chunk=32, static_decode=True,
+        runner = e.add_family(paths["artifact"], max_batch=4, max_seq=600, prefill_chunk=32, static_decode=True,
                               compile=compile)
         e.start()
         try:
-            async def one():
-                return await collect(e.submit("math", PROMPTS["math"], greedy(6)))
-
-            tokens[compile] = asyncio.run(one())[1]
+            e.wait_ready(timeout=600)
+            if compile:
+                keys = runner.graphs.keys  # buckets 1, 2, 4 x spans 256, 512, 600 x branches 0, 1, 2 and a mix
+                assert len(keys) == 36
+                made = dict(counters["stats"])
+                assert 0 < made["unique_graphs"] < len(keys)
+            requests = [("math", PROMPTS["math"] * 16, 6), ("code", PROMPTS["code"], 6), ("chat", PROMPTS["chat"], 6),
+                        ("math", PROMPTS["math"], 6)]
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                tokens[compile] = run_alone_then_together(e, requests)
         finally:
             e.stop()
-    assert len(runner.graphs.compiled) == 1
-    assert tokens[True] == tokens[False] and len(tokens[True]) == 6
+    assert tokens[True] == tokens[False]
+    assert {span for _, span, _ in runner.graphs.used} >= {256, 512}  # long and short rows, several keys served
+    assert len(runner.graphs.used) > 4
+    assert dict(counters["stats"]) == made  # nothing compiled while serving
+    assert not counters["frames"] or counters["frames"]["total"] == counters["frames"]["ok"]
 
 
 def test_sliding_window_models_are_held_inside_their_window(tmp_path):

@@ -8,9 +8,19 @@ from compression.artifact import Artifact
 from compression.compress import CompressOptions, compress
 from compression.export import export_branch
 from compression.synthetic import build_family
-from server.engine.model import FamilyModel
+from server.engine.model import FamilyModel, row_groups, single_branch
 
 PROMPTS = [[5, 80, 17, 200, 33, 101, 7, 64, 250, 3, 99, 42], [9, 8, 7, 6, 5], [120, 121, 122, 123, 124, 125, 126]]
+
+
+def run(model, ids, start, slots, branches, head=True):
+    """A prefill forward as the runner makes one: rows of ``ids`` (lists of equal length) at positions
+    start[i].., written to slots[i], for branches[i]; the host's facts (single branch, row groups) given."""
+    n = len(ids[0])
+    single = single_branch(branches)
+    return model(torch.tensor(ids), torch.tensor(start), torch.tensor(branches), torch.tensor(slots),
+                 single=single, groups=None if single is not None else row_groups(branches, model.device),
+                 own=[(s, p, n) for s, p in zip(slots, start)], head=head)
 
 
 def hf_logits(path, ids):
@@ -32,8 +42,7 @@ def test_each_branch_matches_its_export(artifact, rank_multiple, tmp_path):
     model.allocate_cache(slots=4, max_seq=64)
     for b, name in enumerate(model.branches):
         ref = hf_logits(export_branch(artifact.path, name, tmp_path / name, progress=False), PROMPTS[0])
-        ids = torch.tensor([PROMPTS[0]])
-        got = model(ids, torch.tensor([0]), torch.tensor([b]), torch.tensor([b]))[0]
+        got = run(model, [PROMPTS[0]], [0], [b], [b])[0]
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -46,16 +55,18 @@ def test_mixed_batch_and_incremental_decode_match(artifact, rank_multiple, tmp_p
             for i, name in enumerate(model.branches)}
     # Prefill all but the last token of each prompt, one request per slot, then decode the last tokens together.
     for slot, ids in enumerate(PROMPTS):
-        model(torch.tensor([ids[:-1]]), torch.tensor([0]), torch.tensor([slot]), torch.tensor([slot]))
+        run(model, [ids[:-1]], [0], [slot], [slot])
     last = torch.tensor([[ids[-1]] for ids in PROMPTS])
     start = torch.tensor([len(ids) - 1 for ids in PROMPTS])
-    got = model(last, start, torch.arange(3), torch.arange(3))[:, 0]
+    # A decode step: row i is cache row i, read as a view over the longest row's span.
+    step = dict(single=None, groups=row_groups([0, 1, 2], model.device), span=int(start.max()) + 1)
+    got = model(last, start, torch.arange(3), torch.arange(3), **step)[:, 0]
     for i, name in enumerate(model.branches):
         torch.testing.assert_close(got[i], refs[name][-1], rtol=1e-4, atol=1e-4)
     # Per-branch heads on last hidden states only, as after a graph replay: only the present heads.
-    hidden = model(last, start, torch.arange(3), torch.arange(3), head=False)[:, 0]
+    hidden = model(last, start, torch.arange(3), torch.arange(3), head=False, **step)[:, 0]
     two = torch.tensor([2, 0])
-    torch.testing.assert_close(model.project(hidden[[2, 0]], two, [0, 2]), got[[2, 0]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.project(hidden[[2, 0]], two, [2, 0]), got[[2, 0]], rtol=1e-5, atol=1e-5)
 
 
 def test_llama3_rope_scaling_and_tied_head(tmp_path):
@@ -70,7 +81,7 @@ def test_llama3_rope_scaling_and_tied_head(tmp_path):
     ids = list(range(40, 80))  # longer than the original context, so the scaling matters
     for b, name in enumerate(model.branches):
         ref = hf_logits(export_branch(art.path, name, tmp_path / name, progress=False), ids)
-        got = model(torch.tensor([ids]), torch.tensor([0]), torch.tensor([0]), torch.tensor([b]))
+        got = run(model, [ids], [0], [0], [b])
         torch.testing.assert_close(got[0], ref, rtol=1e-4, atol=1e-4)
 
 
@@ -92,7 +103,7 @@ def test_bfloat16_on_the_cpu_stays_close_to_float32(artifact):
         model = FamilyModel.from_artifact(artifact, dtype=dtype)
         model.allocate_cache(slots=1, max_seq=32)
         assert model.k_cache[0].dtype == dtype
-        outs[dtype] = model(ids, torch.tensor([0]), torch.tensor([0]), torch.tensor([1]))[0, -1].float()
+        outs[dtype] = run(model, ids.tolist(), [0], [0], [1])[0, -1].float()
     assert torch.isfinite(outs[torch.bfloat16]).all()
     assert (outs[torch.bfloat16] - outs[torch.float32]).abs().max() < 0.05 * outs[torch.float32].abs().max() + 0.05
 
@@ -109,22 +120,24 @@ def test_compressed_embeddings_and_heads_match_their_export(which, request, tmp_
     refs = {}
     for b, name in enumerate(model.branches):
         refs[name] = hf_logits(export_branch(out, name, tmp_path / name, progress=False), PROMPTS[0])
-        got = model(torch.tensor([PROMPTS[0]]), torch.tensor([0]), torch.tensor([b]), torch.tensor([b]))[0]
+        got = run(model, [PROMPTS[0]], [0], [b], [b])[0]
         torch.testing.assert_close(got, refs[name], rtol=1e-4, atol=1e-4)
     # All branches in one batch: the masked path for the embedding lookup and the head.
     n = len(model.branches)
-    ids = torch.tensor([PROMPTS[0]] * n)
-    got = model(ids, torch.zeros(n, dtype=torch.long), torch.arange(n), torch.arange(n))
+    ids = [PROMPTS[0]] * n
+    got = run(model, ids, [0] * n, list(range(n)), list(range(n)))
     for b, name in enumerate(model.branches):
         torch.testing.assert_close(got[b], refs[name], rtol=1e-4, atol=1e-4)
     # The head alone on last hidden states, as a graph-replayed decode step uses it.
-    hidden = model(ids, torch.zeros(n, dtype=torch.long), torch.arange(n), torch.arange(n), head=False)
+    hidden = run(model, ids, [0] * n, list(range(n)), list(range(n)), head=False)
     projected = model.project(hidden[:, -1], torch.arange(n), list(range(n)))
     torch.testing.assert_close(projected, got[:, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_step_read_bytes_count_the_trunk_once_and_only_the_residuals_in_use(family, tmp_path):
     """What `bench engine` divides by the step time: checked against the artifact's own tensors."""
+    from server.engine.bench import step_read_bytes
+
     compress(family, tmp_path / "art", CompressOptions(rate=0.9, progress=False))
     artifact = Artifact(tmp_path / "art")
     model = FamilyModel.from_artifact(artifact)
@@ -141,9 +154,21 @@ def test_step_read_bytes_count_the_trunk_once_and_only_the_residuals_in_use(fami
     cfg = model.cfg
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * size
     assert residual(model.branches[1]) > 0
-    assert model.step_read_bytes([1], [10]) == trunk + residual(model.branches[1]) + head + 10 * kv
-    mixed = trunk + sum(residual(b) for b in model.branches) + len(model.branches) * head + (10 + 20 + 30) * kv
-    assert model.step_read_bytes([0, 1, 2], [10, 20, 30]) == mixed
+    # A decode step reads every row's cache over the step's span (row i is cache row i).
+    assert step_read_bytes(model, [1], span=10) == trunk + residual(model.branches[1]) + head + 10 * kv
+    mixed = trunk + sum(residual(b) for b in model.branches) + len(model.branches) * head + 3 * 30 * kv
+    assert step_read_bytes(model, [0, 1, 2], span=30) == mixed
+
+
+def test_a_rate_0_family_holds_each_branch_once(family, tmp_path):
+    """Exact residuals are folded into per-branch weights at load: no trunk, no identity matrices."""
+    from server.engine.bench import weight_bytes
+
+    compress(family, tmp_path / "art", CompressOptions(rate=0.0, progress=False))
+    model = FamilyModel.from_artifact(Artifact(tmp_path / "art"))
+    members = sum(AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).num_parameters() * 4
+                  for p in family.values())
+    assert weight_bytes(model) <= 1.05 * members
 
 
 def test_every_weight_and_buffer_is_on_the_model_device(artifact):
@@ -160,8 +185,9 @@ def test_static_decode_steps_run_on_the_model_device(artifact):
     from server.engine.graphs import DecodeGraphs
 
     model = FamilyModel.from_artifact(artifact, device="meta", rank_multiple=64)
-    model.allocate_cache(slots=5, max_seq=64, static=True)
+    model.allocate_cache(slots=5, max_seq=64)
     graphs = DecodeGraphs(model, 4, scratch_slot=4, capture=False)
     assert graphs.run([1, 2, 3], [5, 6, 7], [0, 1, 2], [1, 1, 1]).shape == (3, model.cfg.vocab_size)
-    hidden = graphs._forward((4, 64, None))  # a mixed step's layers; its heads run after the replay
-    assert hidden.device.type == "meta" and hidden.shape == (4, model.cfg.hidden_size)
+    for mix in graphs.mixes:  # each branch's step, and the mixed one where the layers need no row groups
+        hidden = graphs._forward((4, 64, mix))  # a step's layers; its heads run after the replay
+        assert hidden.device.type == "meta" and hidden.shape == (4, model.cfg.hidden_size)

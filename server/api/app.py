@@ -67,6 +67,7 @@ class State:
         try:
             engine = self.build_engine()
             engine.start()
+            engine.wait_ready()  # every decode step compiled and captured before /health says ok
             if self.build_router is not None:
                 self.router = self.build_router(engine)
             self.engine = engine
@@ -157,6 +158,10 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine],
     return app
 
 
+class ClientGone(Exception):
+    """The client disconnected before there was anything to answer."""
+
+
 class ChatHandler:
     """One chat completion: validate, submit n sequences, answer as JSON or as SSE."""
 
@@ -184,8 +189,13 @@ class ChatHandler:
         router = self.state.router
         if self.body.model != "auto" or router is None:
             return
+        work = asyncio.ensure_future(router.adecide_messages(self._messages()))
+        if not await self._done_unless_gone(work):  # the client went away: its embed job is cancelled
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            raise ClientGone
         try:
-            self.decision = await asyncio.to_thread(router.decide_messages, self._messages())
+            self.decision = work.result()
         except StoreError as e:
             raise errors.bad_request(str(e), param="messages") from None
         d = self.decision
@@ -196,13 +206,14 @@ class ChatHandler:
                  d.score, d.runner_up, "n/a" if d.runner_up_score is None else f"{d.runner_up_score:.3f}",
                  " [default route]" if d.fallback else "")
 
-    def _prompt(self) -> list[int]:
+    async def _prompt(self) -> list[int]:
+        """Input processing: the chat template and tokenization, in a worker thread, off the event loop."""
         target = self.engine.targets.get(self.model)
         if target is None:
             raise errors.model_not_found(self.body.model)
         messages = self._model_messages()
         try:
-            return render_chat(target.tokenizer, messages)
+            return await asyncio.to_thread(render_chat, target.tokenizer, messages)
         except Exception as e:  # the template itself rejects these messages (roles, order)
             raise errors.bad_request(f"messages: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                                      param="messages") from None
@@ -225,10 +236,10 @@ class ChatHandler:
                     top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p)
         return [SamplingParams(seed=None if body.seed is None else body.seed + i, **base) for i in range(body.n)]
 
-    def _submit(self) -> list[RequestStream]:
+    async def _submit(self) -> list[RequestStream]:
         if self.body.unknown_fields():
             log.info("request %s: ignoring unknown fields %s", self.request_id, ", ".join(self.body.unknown_fields()))
-        prompt = self._prompt()
+        prompt = await self._prompt()
         params = self._params(len(prompt))
         streams = []
         try:
@@ -261,11 +272,14 @@ class ChatHandler:
                                    time.perf_counter() - self.started)
 
     async def respond(self):
-        await self._route()
+        try:
+            await self._route()
+        except ClientGone:
+            return Response(status_code=499)
         self.pipeline = self.state.pipelines.get(self.model)
         if self.pipeline is not None:
             return await self._respond_pipeline()
-        streams = self._submit()
+        streams = await self._submit()
         if self.body.stream:
             return StreamingResponse(self._sse(streams), media_type="text/event-stream", headers=self._headers())
         return await self._complete(streams)

@@ -23,7 +23,7 @@ from server.demo.skills import SKILLS, test_set
 from server.engine.model import FamilyModel
 from server.engine.runner import FamilyRunner, Sequence
 from server.engine.sampling import SamplingParams
-from server.engine.text import IncrementalText, load_tokenizer, render_chat, stop_token_ids
+from server.engine.text import load_tokenizer, render_chat, stop_token_ids
 
 
 def accuracy(source, branches: list[str], skills: list[str], n: int = 200, max_batch: int = 32) -> dict[str, float]:
@@ -38,13 +38,13 @@ def accuracy(source, branches: list[str], skills: list[str], n: int = 200, max_b
         seqs = []
         for prompt, _ in cases:
             ids = render_chat(tok, [{"role": "user", "content": prompt}])
-            seq = Sequence(prompt, ids, SamplingParams(max_tokens=12, temperature=0), lambda ev: None,
-                           IncrementalText(tok, []), b, stops)
+            seq = Sequence(prompt, ids, SamplingParams(max_tokens=12, temperature=0), lambda ev: None, b, stops)
             runner.add(seq)
             seqs.append(seq)
         while runner.has_work():
             runner.step()
-        out[skill] = sum(s.text.text.strip() == want for s, (_, want) in zip(seqs, cases)) / n
+        answers = [tok.decode([t for t in s.output if t not in stops], skip_special_tokens=True).strip() for s in seqs]
+        out[skill] = sum(answer == want for answer, (_, want) in zip(answers, cases)) / n
     return out
 
 

@@ -19,7 +19,8 @@ import torch
 from compression.artifact import Residual, SingleCheckpoint
 from compression.plan import is_compressed, rank_for_rate
 from compression.report import text_table
-from server.engine.model import FamilyModel
+from server.engine.graphs import kv_bucket
+from server.engine.model import DenseBranches, FamilyModel, PerBranch, single_branch
 from server.engine.runner import FamilyRunner, Sequence
 from server.engine.sampling import SamplingParams
 
@@ -33,6 +34,84 @@ SHAPES = {
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
+
+
+# -- what a decode step must move: the byte model the bandwidth column divides by
+def linear_read_bytes(m, branches: list[int]) -> int:
+    """Bytes of weight one forward of a BranchLinear or DenseBranches reads for rows of ``branches``: the trunk
+    and one branch's residual, or every residual (a mix); each present branch's dense weight."""
+    size = m.weight.element_size()
+    if isinstance(m, DenseBranches):
+        return len(set(branches)) * m.weight[0].numel() * size
+    single = single_branch(branches)
+    n_in = m.weight.shape[1]
+    if single is None:
+        return (m.weight.numel() + sum(m._ut(j).numel() for j, (_, r) in enumerate(m.h_spans) if r)) * size
+    residual = sum(m.spans[j][single][1] * (n_in + width) for j, (_, width) in enumerate(m.out_spans))
+    return (m.trunk_rows * n_in + residual) * size
+
+
+def step_read_bytes(model: FamilyModel, branches: list[int], span: int) -> int:
+    """Bytes one decode step over rows of ``branches`` must read: the weights those branches use, each once, and
+    every row's cached keys and values over the step's ``span`` (row i reads cache row i up to the span). Norms
+    and the embedding rows are left out: they are under 0.1 % at every shape."""
+    total = 0
+    for block in model.blocks:
+        total += sum(linear_read_bytes(m, branches) for m in (block.qkv, block.o, block.gate_up, block.down))
+    head = model.heads or model.embed
+    if isinstance(head, PerBranch):
+        total += (1 if head.shared else len(set(branches))) * head.weight[0].numel() * head.weight.element_size()
+    else:
+        total += linear_read_bytes(head, branches)
+    cfg = model.cfg
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+    return total + len(branches) * span * per_token
+
+
+def weight_bytes(model: FamilyModel) -> int:
+    """Bytes of every weight and buffer the model holds (each storage once), without the KV cache."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+COPY_OPS = {"aten.index_select", "aten.index", "aten.clone", "aten.copy_", "aten._to_copy", "aten.cat",
+            "aten.stack", "aten.repeat_interleave", "aten.gather", "aten.contiguous", "aten.repeat",
+            "aten._unsafe_index", "aten.expand_copy", "aten.slice_copy"}
+
+
+def kv_copied_bytes(runner: FamilyRunner, step) -> int:
+    """Bytes of KV cache that ``step()`` copies: the output bytes of every copying aten op that reads the
+    cache's storage (an index_select gather, a contiguous(), a GQA expand...). Writing new keys into the cache
+    is not a copy of it. Measured by watching the ops the step really dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    caches = {t.untyped_storage().data_ptr() for t in runner.model.k_cache + runner.model.v_cache}
+
+    def reads_cache(func, args, kwargs) -> bool:
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if func.__name__.startswith("copy_"):  # copy_(dst, src): a copy of the cache if src is the cache
+            tensors = tensors[1:2]
+        return any(t.untyped_storage().data_ptr() in caches for t in tensors)
+
+    class Watch(TorchDispatchMode):
+        copied = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if str(func.overloadpacket) in COPY_OPS and reads_cache(func, args, kwargs or {}):
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in caches:
+                        Watch.copied += t.numel() * t.element_size()
+            return out
+
+    with Watch():
+        step()
+    return Watch.copied
 
 
 class RandomFamily:
@@ -88,20 +167,28 @@ class RandomFamily:
             else self._randn(*shape, std=0.02)
 
 
-def run_batch(runner: FamilyRunner, prompts: list[list[int]], branches: list[int], new_tokens: int) -> dict:
-    """Generate ``new_tokens`` for every prompt at once; decode tok/s counts only steps without prefill."""
+def run_batch(runner: FamilyRunner, prompts: list[list[int]], branches: list[int], new_tokens: int,
+              watch_copies: bool = False) -> dict:
+    """Generate ``new_tokens`` for every prompt at once; decode tok/s counts only steps without prefill.
+    ``watch_copies``: also measure the KV bytes one decode step copies (on a step that is not timed)."""
     seqs = []
     for i, (prompt, branch) in enumerate(zip(prompts, branches)):
         seq = Sequence(str(i), prompt, SamplingParams(max_tokens=new_tokens, temperature=0), lambda ev: None,
-                       _NoText(), branch)
+                       branch)
         runner.add(seq)
         seqs.append(seq)
     decode_s = decode_tokens = 0.0
+    copied = None
     _sync(runner.device)
     started = time.perf_counter()
     while runner.has_work():
         prefilling = bool(runner.waiting) or any(s.prefilled < len(s.prompt) for s in runner.running)
         before = sum(len(s.output) for s in seqs)
+        if watch_copies and copied is None and not prefilling:
+            t0 = time.perf_counter()
+            copied = kv_copied_bytes(runner, runner.step)
+            started += time.perf_counter() - t0  # the watched step is not timed
+            continue
         t0 = time.perf_counter()
         runner.step()
         _sync(runner.device)
@@ -111,17 +198,7 @@ def run_batch(runner: FamilyRunner, prompts: list[list[int]], branches: list[int
     total_s = time.perf_counter() - started
     generated = sum(len(s.output) for s in seqs)
     return {"tokens": generated, "seconds": total_s, "tok_s": generated / total_s,
-            "decode_tok_s": decode_tokens / decode_s if decode_s else None}
-
-
-class _NoText:
-    """Benchmarks count tokens, not text."""
-
-    def add(self, token_id):
-        return "", False
-
-    def flush(self):
-        return ""
+            "decode_tok_s": decode_tokens / decode_s if decode_s else None, "kv_copied_bytes": copied}
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -178,14 +255,20 @@ def bench_engine(args) -> dict:
             runner = FamilyRunner(model, max_batch=batch, max_seq=max_seq,
                                   prefill_chunk=max(512, args.prompt, args.ttft_prompt),
                                   static_decode=args.cuda_graphs or args.compile, compile=args.compile)
+            t0 = time.perf_counter()
+            runner.warm_up()  # compiles and captures every decode step, as the server does before it is ready
+            warm_s = time.perf_counter() - t0
             branches = [i % n_branches for i in range(batch)]
-            run_batch(runner, _prompts(batch, args.prompt, vocab, 1), branches, 4)  # warm-up (captures, compiles)
-            r = run_batch(runner, _prompts(batch, args.prompt, vocab), branches, args.new_tokens)
+            run_batch(runner, _prompts(batch, args.prompt, vocab, 1), branches, 4)  # warm-up (kernels, allocator)
+            r = run_batch(runner, _prompts(batch, args.prompt, vocab), branches, args.new_tokens, watch_copies=True)
+            r["warm_up_s"] = warm_s
             # Bytes per decode step at the run's mean context; steps/s = tokens/s / batch.
-            r["read_bytes"] = model.step_read_bytes(branches, [args.prompt + args.new_tokens // 2] * batch)
+            context = args.prompt + args.new_tokens // 2
+            span = kv_bucket(context, max_seq) if runner.graphs is not None else context
+            r["read_bytes"] = step_read_bytes(model, branches, span) + (r["kv_copied_bytes"] or 0)
             r["read_bytes_per_s"] = r["read_bytes"] * r["decode_tok_s"] / batch
             r["of_copy_bandwidth"] = r["read_bytes_per_s"] / copy_bw
-            r["weight_bytes"] = model.weight_bytes()
+            r["weight_bytes"] = weight_bytes(model)
             if batch == 1:
                 r["ttft_s"] = time_to_first_token(runner, args.ttft_prompt, vocab)
             if device.type == "cuda":
@@ -217,6 +300,7 @@ def bench_engine(args) -> dict:
 def print_engine_report(report: dict, args, device: torch.device) -> None:
     gb = 1e9
     rows = [[r["config"], str(r["batch"]), f"{r['decode_tok_s']:.1f}", f"{r['vs_dense']:.2f}x",
+             f"{(r['kv_copied_bytes'] or 0) / 1e6:.1f}",
              f"{r['read_bytes'] / 1e6:.1f}", f"{r['read_bytes_per_s'] / gb:.1f}",
              f"{100 * r['of_copy_bandwidth']:.0f}%",
              f"{1000 * r['ttft_s']:.1f}" if "ttft_s" in r else "", f"{r['weight_bytes'] / gb:.2f}"]
@@ -228,10 +312,12 @@ def print_engine_report(report: dict, args, device: torch.device) -> None:
     where = report.get("gpu", f"{device}, {report['threads']} threads")
     print(f"engine, shape {args.shape}, {args.dtype} on {where}, rate {args.rate}, {heads}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, torch {torch.__version__}")
-    print(text_table(["configuration", "batch", "decode tok/s", "vs dense", "MB read/step", "GB/s read",
+    print(text_table(["configuration", "batch", "decode tok/s", "vs dense", "KV MB copied/step", "MB read/step",
+                      "GB/s read",
                       "of copy bw", f"TTFT {args.ttft_prompt} ms", "weights GB"], rows))
     print(f"copy bandwidth (read + write) {report['copy_bytes_per_s'] / gb:.1f} GB/s; MB read/step: weights the "
-          f"step's branches use + KV at the mean context")
+          f"step's branches use + every row's KV over the step's span at the mean context + KV copied; KV copied: "
+          f"measured on one decode step by watching the aten ops that read the cache")
     if "memory" in report:
         m = report["memory"]
         print(f"\nmemory: {args.branches}-branch family + {args.standalone} standalone, {args.dtype}")
@@ -268,7 +354,7 @@ def bench_memory(family: FamilyModel, args, device: torch.device, dtype: torch.d
     kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
         * dtype.itemsize
     out = {"bytes": {
-        "family weights": family.weight_bytes(),
+        "family weights": weight_bytes(family),
         f"family KV cache ({args.batch} x {max_seq})": sum(t.numel() * t.element_size()
                                                           for t in family.k_cache + family.v_cache),
         "standalone weights": sum(p.numel() * p.element_size() for p in standalone.parameters()),
@@ -301,6 +387,7 @@ def bench_hf_baseline(path: str, device: torch.device, dtype: torch.dtype, args)
     tok_s = {"transformers generate, batch 1": generate(1), f"transformers generate, static batch {B}": generate(B)}
     model = FamilyModel.from_artifact(SingleCheckpoint(path), device=device, dtype=dtype)
     runner = FamilyRunner(model, max_batch=B, max_seq=P + N + 1, prefill_chunk=max(512, P))
+    runner.warm_up()
     run_batch(runner, _prompts(1, P, vocab, 1), [0], 4)  # warm-up
     one = run_batch(runner, _prompts(1, P, vocab), [0], N)
     tok_s["engine, batch 1"] = one["tok_s"]

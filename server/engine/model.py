@@ -9,11 +9,14 @@ sees its own branch's residual, adds it back through U, and scales by s_branch:
     [t | h] = x [T | Vcat]^T,  y = s[b] * (t + (h * mask[b]) Ucat^T)
 
 A batch whose rows share one branch reads only that branch's V and U rows.
+Per-branch embeddings, norms and lm_heads are gathered per row; residuals are
+never densified. Scales are applied in fp32 on every path, so a row's numbers
+do not depend on which branches share its batch.
 
-Per-branch embeddings, norms and lm_heads are gathered per row. Residuals are
-never densified. The KV cache is preallocated per slot; a row names its slot
-and the position of its first token, so rows at different positions share one
-decode step.
+The KV cache is addressed by row, never gathered: it is preallocated as
+(slots, kv_heads, max_seq, head_dim) per layer. A decode step's row i is cache
+row i (the runner keeps running sequences in slots 0..n-1), so attention reads
+``cache[:B, :, :span]``, a view. A prefill row reads its own slot's rows.
 """
 
 from __future__ import annotations
@@ -100,16 +103,6 @@ def rope_inv_freq(cfg: FamilyConfig) -> torch.Tensor:
     raise UserError(f"rope scaling {kind!r} is not supported by the family model (default, linear, llama3 are)")
 
 
-def kv_bucket(length: int, max_seq: int, smallest: int = 256) -> int:
-    """The cached positions a static decode step attends over for rows of up to ``length`` tokens: a power
-    of two, at least ``smallest`` and at most ``max_seq``. Few spans mean few CUDA graphs, and short
-    contexts do not read the whole cache."""
-    span = smallest
-    while span < length:
-        span *= 2
-    return min(span, max_seq)
-
-
 def single_branch(branches: list[int]) -> int | None:
     """The branch of every row when all rows share one (a batch that reads one residual), else None."""
     return branches[0] if all(b == branches[0] for b in branches) else None
@@ -122,18 +115,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q (B, L, H, hd) over keys/values (B, kv, Lk, hd), which may be strided views of the cache; mask (B, L, Lk)
+    -> (B, L, H * hd). The query heads that share a kv head are folded into the query length, so grouped-query
+    attention never expands (copies) the keys and values."""
+    B, L, H, hd = q.shape
+    kv, Lk = keys.shape[1], keys.shape[2]
+    g = H // kv
+    qf = q.view(B, L, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(B, kv, g * L, hd)
+    m = mask[:, None] if L == 1 else mask[:, None, None].expand(B, 1, g, L, Lk).reshape(B, 1, g * L, Lk)
+    out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=m)  # (B, kv, g * L, hd)
+    return out.view(B, kv, g, L, hd).permute(0, 3, 1, 2, 4).reshape(B, L, H * hd)
+
+
 @dataclass
 class Rows:
-    """Per-forward facts about the batch that every layer needs."""
+    """Per-forward facts about the batch that every layer needs. The host decides them before the forward;
+    nothing here is read back from the device."""
 
     branch: torch.Tensor  # (B,) branch index of each row
     single: int | None  # the branch index when every row has the same one
     pos: torch.Tensor  # (B, L) absolute positions
-    slots: torch.Tensor  # (B,) KV-cache slot of each row
-    mask: torch.Tensor  # (B, 1, L, Lk) attention mask over the cached keys
-    cos: torch.Tensor
+    cos: torch.Tensor  # (B, L, 1, hd)
     sin: torch.Tensor
-    present: list[int] | None = None  # the branches among the rows, when the host knows them
+    slots: torch.Tensor | None = None  # (B,) the cache slot each row writes its new keys and values to
+    span: int | None = None  # decode: row i reads cache row i over this many positions, with decode_mask
+    decode_mask: torch.Tensor | None = None  # (B, 1, span)
+    own: list[tuple[int, int, int]] | None = None  # prefill: each row's (slot, start, real tokens)
+    groups: list[tuple[int, torch.Tensor]] | None = None  # mixed batches: (branch, its row indices) per branch
 
 
 class Member(NamedTuple):
@@ -147,6 +156,13 @@ class Member(NamedTuple):
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def _scaled(y: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """y * scale computed in fp32 and rounded once: a Python float and an fp32 tensor give the same numbers."""
+    if isinstance(scale, float):
+        return y * scale  # the scalar stays in fp32 (or wider) inside the kernel
+    return (y.float() * scale).to(y.dtype)
 
 
 class BranchLinear(nn.Module):
@@ -187,7 +203,8 @@ class BranchLinear(nn.Module):
         self.trunk_rows = sum(w for _, w in self.out_spans)
         self.rank = offset
         self.weight = nn.Parameter(torch.cat([m.trunk for m in members] + v_blocks), requires_grad=False)
-        self.register_buffer("scales", torch.tensor(self.scale_list, dtype=self.weight.dtype,
+        # fp32 whatever the weights' dtype: a bf16 scale (93.7 -> 93.5) would make mixed rows differ from alone.
+        self.register_buffer("scales", torch.tensor(self.scale_list, dtype=torch.float32,
                                                     device=self.weight.device), persistent=False)
         if offset:
             self.register_buffer("owner", torch.cat(owner).to(self.weight.device), persistent=False)  # (R,)
@@ -213,29 +230,21 @@ class BranchLinear(nn.Module):
                     h = F.linear(x2, self.weight[O + off:O + off + r])
                     start = off - self.h_spans[j][0]
                     y = torch.addmm(y, h, self._ut(j)[start:start + r])
-                outs.append((y * self.scale_list[j][b]).view(*lead, width))
+                outs.append(_scaled(y, self.scale_list[j][b]).view(*lead, width))
             return outs[0] if len(outs) == 1 else outs
         per_row = (-1,) + (1,) * (x.dim() - 1)  # a row's value broadcast over its tokens and columns
         z = F.linear(x, self.weight)  # (B, [L,] O + R)
         if self.rank:
             h = (z[..., O:] * (self.owner == rows.branch.view(per_row))).reshape(-1, self.rank)
         z = z.reshape(-1, z.shape[-1])
-        scales = self.scales[:, rows.branch].view(len(self.out_spans), *per_row)  # (m, B, [1,] 1)
+        scales = self.scales[:, rows.branch].view(len(self.out_spans), *per_row)  # (m, B, [1,] 1) fp32
         for j, (o0, width) in enumerate(self.out_spans):
             y = z[:, o0:o0 + width]
             h0, r = self.h_spans[j]
             if r:
                 y = torch.addmm(y, h[:, h0:h0 + r], self._ut(j))
-            outs.append(y.view(*lead, width) * scales[j])
+            outs.append(_scaled(y.view(*lead, width), scales[j]))
         return outs[0] if len(outs) == 1 else outs
-
-    def read_bytes(self, single: int | None) -> int:
-        """Bytes of weight one forward reads: the trunk and one branch's residual, or every residual (a mix)."""
-        n_in, size = self.weight.shape[1], self.weight.element_size()
-        if single is None:
-            return (self.weight.numel() + sum(self._ut(j).numel() for j, (_, r) in enumerate(self.h_spans) if r)) * size
-        residual = sum(self.spans[j][single][1] * (n_in + width) for j, (_, width) in enumerate(self.out_spans))
-        return (self.trunk_rows * n_in + residual) * size
 
     def lookup(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Rows ``tokens`` (B, L) of each row's branch weight (a compressed embedding; one member): (B, L, in)."""
@@ -245,11 +254,36 @@ class BranchLinear(nn.Module):
             off, r = self.spans[0][rows.single]
             if r:
                 x = x + self.UT0[off:off + r].T[tokens] @ self.weight[O + off:O + off + r]
-            return x * self.scale_list[0][rows.single]
+            return _scaled(x, self.scale_list[0][rows.single])
         if self.rank:
             u = self.UT0.T[tokens] * (self.owner == rows.branch[:, None, None])  # (B, L, R)
             x = x + u @ self.weight[O:]
-        return x * self.scales[0][rows.branch][:, None, None]
+        return _scaled(x, self.scales[0][rows.branch][:, None, None])
+
+
+class DenseBranches(nn.Module):
+    """Linear layers stored as one dense weight per branch: s_b * (T + D_b) folded at load (a rate-0 artifact,
+    whose residuals are exact). A mixed batch multiplies each present branch's rows by its own weight."""
+
+    def __init__(self, weights: list[torch.Tensor], widths: list[int]):
+        super().__init__()
+        self.widths = widths  # output width of each member (q, k, v ...)
+        self.weight = nn.Parameter(torch.stack(weights), requires_grad=False)  # (branches, out, in)
+
+    def forward(self, x: torch.Tensor, rows: Rows) -> list[torch.Tensor]:
+        if rows.single is not None:
+            y = F.linear(x, self.weight[rows.single])
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+            per_row = flat.shape[0] // rows.branch.shape[0]
+            out = flat.new_empty(flat.shape[0], self.weight.shape[1])
+            for b, idx in rows.groups:
+                tok = idx if per_row == 1 else (idx[:, None] * per_row + torch.arange(per_row, device=idx.device)
+                                                ).reshape(-1)
+                out[tok] = F.linear(flat[tok], self.weight[b])
+            y = out.view(*x.shape[:-1], -1)
+        outs = list(y.split(self.widths, dim=-1))
+        return outs[0] if len(outs) == 1 else outs
 
 
 class PerBranch(nn.Module):
@@ -263,10 +297,6 @@ class PerBranch(nn.Module):
     def select(self, branch: torch.Tensor) -> torch.Tensor:
         return self.weight[0] if self.shared else self.weight[branch]
 
-    def read_bytes(self, present: int) -> int:
-        """Bytes one pass as an lm_head reads for rows of ``present`` branches: each of their heads once."""
-        return (1 if self.shared else present) * self.weight[0].numel() * self.weight.element_size()
-
     def lookup(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Embedding rows: tokens (B, L) of each row's branch -> (B, L, H), without copying whole tables."""
         if self.shared:
@@ -275,14 +305,13 @@ class PerBranch(nn.Module):
         return self.weight.view(n * vocab, hidden)[rows.branch[:, None] * vocab + tokens]
 
     def __call__(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """As an lm_head: each present branch's head reads its rows only, one pass over each head's bytes."""
+        """As an lm_head: each present branch's head reads its own rows, found by the host (rows.groups)."""
         if self.shared:
             return F.linear(x, self.weight[0])
         if rows.single is not None:
             return F.linear(x, self.weight[rows.single])
-        out = torch.empty(*x.shape[:-1], self.weight.shape[1], dtype=x.dtype, device=x.device)
-        for b in rows.present if rows.present is not None else rows.branch.unique().tolist():
-            idx = (rows.branch == b).nonzero().squeeze(1)
+        out = x.new_empty(*x.shape[:-1], self.weight.shape[1])
+        for b, idx in rows.groups:
             out[idx] = F.linear(x[idx], self.weight[b])
         return out
 
@@ -296,14 +325,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: FamilyConfig, linears: dict[str, BranchLinear], norms: dict[str, PerBranch]):
+    def __init__(self, cfg: FamilyConfig, linears: dict[str, nn.Module], norms: dict[str, PerBranch]):
         super().__init__()
         self.cfg = cfg
         self.qkv, self.o = linears["qkv"], linears["o"]  # q, k and v read one input: one fused matrix
         self.gate_up, self.down = linears["gate_up"], linears["down"]
         self.attn_norm, self.mlp_norm = norms["input_layernorm"], norms["post_attention_layernorm"]
 
-    def attention(self, x: torch.Tensor, rows: Rows, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    def attention(self, x: torch.Tensor, rows: Rows, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None):
         cfg = self.cfg
         B, L, _ = x.shape
         q, k, v = self.qkv(x, rows)
@@ -311,16 +340,24 @@ class Block(nn.Module):
         k = k.view(B, L, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(B, L, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, rows.cos, rows.sin), apply_rope(k, rows.cos, rows.sin)
-        if k_cache is None:  # a one-off forward (router embeddings): attend to this input only
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)
-        else:
-            k_cache[rows.slots[:, None], rows.pos] = k.to(k_cache.dtype)
-            v_cache[rows.slots[:, None], rows.pos] = v.to(v_cache.dtype)
-            Lk = rows.mask.shape[-1]
-            keys = k_cache[:, :Lk].index_select(0, rows.slots).transpose(1, 2)  # (B, kv_heads, Lk, hd)
-            values = v_cache[:, :Lk].index_select(0, rows.slots).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=rows.mask, enable_gqa=True)
-        return self.o(out.transpose(1, 2).reshape(B, L, -1), rows)
+        if k_cache is None:  # a one-off forward (router embeddings): attend to this input only, causally
+            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            out = attend(q, k.transpose(1, 2), v.transpose(1, 2), causal.expand(B, L, L))
+            return self.o(out, rows)
+        # (B, L, kv, hd) into each row's slot at its positions; the cache is (slots, kv, max_seq, hd)
+        k_cache[rows.slots[:, None], :, rows.pos] = k.to(k_cache.dtype)
+        v_cache[rows.slots[:, None], :, rows.pos] = v.to(v_cache.dtype)
+        if rows.span is not None:  # decode: row i is cache row i; a view, never a copy
+            out = attend(q, k_cache[:B, :, :rows.span], v_cache[:B, :, :rows.span], rows.decode_mask)
+        else:  # prefill: each row reads its own slot, its real tokens only
+            out = x.new_zeros(B, L, cfg.num_heads * cfg.head_dim)
+            for i, (slot, start, n) in enumerate(rows.own):
+                end = start + n
+                causal = torch.arange(end, device=x.device)[None, :] <= \
+                    torch.arange(start, end, device=x.device)[:, None]
+                out[i, :n] = attend(q[i:i + 1, :n], k_cache[slot:slot + 1, :, :end], v_cache[slot:slot + 1, :, :end],
+                                    causal[None])[0]
+        return self.o(out, rows)
 
     def forward(self, x, rows: Rows, k_cache, v_cache):
         eps = self.cfg.rms_norm_eps
@@ -328,6 +365,14 @@ class Block(nn.Module):
         h = rms_norm(x, self.mlp_norm.select(rows.branch), eps)
         gate, up = self.gate_up(h, rows)
         return x + self.down(F.silu(gate) * up, rows)
+
+
+def row_groups(branches: list[int], device: torch.device) -> list[tuple[int, torch.Tensor]]:
+    """For a mixed batch: each present branch with the indices of its rows, built on the host."""
+    groups: dict[int, list[int]] = {}
+    for i, b in enumerate(branches):
+        groups.setdefault(b, []).append(i)
+    return [(b, torch.tensor(idx, device=device)) for b, idx in sorted(groups.items())]
 
 
 class FamilyModel(nn.Module):
@@ -341,9 +386,9 @@ class FamilyModel(nn.Module):
         self.embed, self.norm = embed, norm
         self.heads = heads  # None: tied to the embeddings
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.static = False  # see allocate_cache
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
+        self.max_seq = 0
 
     @property
     def device(self) -> torch.device:
@@ -353,90 +398,51 @@ class FamilyModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
 
-    def allocate_cache(self, slots: int, max_seq: int, static: bool = False) -> None:
-        """``static``: decode steps attend over a span of the cache given by the caller and never read
-        shapes back to the host, so that they can be captured as CUDA graphs."""
-        self.static = static
+    @property
+    def row_grouped(self) -> bool:
+        """Whether a mixed batch needs the host's row groups inside the layers (dense per-branch weights),
+        which a captured graph cannot take: only the lm_head then needs them."""
+        return any(isinstance(m, DenseBranches) for b in self.blocks for m in (b.qkv, b.o, b.gate_up, b.down))
+
+    def allocate_cache(self, slots: int, max_seq: int) -> None:
         cfg = self.cfg
-        shape = (slots, max_seq, cfg.num_kv_heads, cfg.head_dim)
+        # One spare position: a decode span never covers the whole cache, so slicing it is never a no-op that
+        # torch.compile would specialize on.
+        shape = (slots, cfg.num_kv_heads, max_seq + 1, cfg.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
         self.max_seq = max_seq
 
-    def _rows(self, branch: torch.Tensor, start: torch.Tensor, slots: torch.Tensor | None, L: int,
-              single: int | None | str = "find", kv_len: int | None = None) -> Rows:
+    def _rows(self, branch: torch.Tensor, start: torch.Tensor, L: int, single: int | None,
+              groups: list | None) -> Rows:
         pos = start[:, None] + torch.arange(L, device=start.device)  # (B, L)
-        if slots is not None:
+        if self.max_seq:
             # Padding past the cache's end (right-padded prefill rows) is written onto its last entry.
             pos = pos.clamp(max=self.max_seq - 1)
-        static = slots is not None and L == 1 and self.static
-        Lk = kv_len or (self.max_seq if static else int(pos.max()) + 1)
-        mask = torch.arange(Lk, device=start.device)[None, None, :] <= pos[:, :, None]  # (B, L, Lk)
         freqs = pos[..., None].float() * self.inv_freq  # (B, L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        if single == "find":  # reads the branch ids back from the device; callers that know them say so
-            single = None if static else (int(branch[0]) if bool((branch == branch[0]).all()) else None)
-        return Rows(branch, single, pos, slots, mask[:, None], emb.cos().to(self.dtype), emb.sin().to(self.dtype))
+        return Rows(branch, single, pos, emb.cos().to(self.dtype), emb.sin().to(self.dtype), groups=groups)
 
-    def weight_bytes(self) -> int:
-        """Bytes of every weight and buffer the model holds (each storage once), without the KV cache."""
-        seen, total = set(), 0
-        for t in list(self.parameters()) + list(self.buffers()):
-            key = t.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-        return total
+    @torch.no_grad()  # not inference_mode: torch.compile cannot trace steps over the (normal) cache tensors
+    def forward(self, tokens: torch.Tensor, start: torch.Tensor, branch: torch.Tensor, slots: torch.Tensor, *,
+                single: int | None, span: int | None = None, own: list[tuple[int, int, int]] | None = None,
+                groups: list[tuple[int, torch.Tensor]] | None = None, last: torch.Tensor | None = None,
+                head: bool = True) -> torch.Tensor:
+        """tokens (B, L) at positions start[b] + 0..L-1 for branch branch[b]; their keys and values are written
+        to slot slots[b] -> logits (B, L, V), or with ``last`` (B,) each row's logits at index last[b]: (B, V).
 
-    def step_read_bytes(self, branches: list[int], context: list[int]) -> int:
-        """Bytes one decode step must read from memory: the weights its rows' branches use, each once, and
-        each row's cached keys and values (``context`` tokens per row; a static step reads every row's
-        cache up to the longest row's span, see kv_bucket). Norms and the embedding rows are left out:
-        they are under 0.1 % at every shape."""
-        single = single_branch(branches)
-        total = 0
-        for block in self.blocks:
-            total += sum(m.read_bytes(single) for m in (block.qkv, block.o, block.gate_up, block.down))
-        head = self.heads or self.embed
-        total += head.read_bytes(single) if isinstance(head, BranchLinear) else head.read_bytes(len(set(branches)))
-        cfg = self.cfg
-        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
-        tokens = len(context) * kv_bucket(max(context), self.max_seq) if self.static else sum(context)
-        return total + tokens * per_token
-
-    @torch.inference_mode()
-    def hidden(self, tokens: list[int], branch: int, layer: int = -1) -> torch.Tensor:
-        """(L, H) hidden states of one branch at one layer, without the KV cache.
-
-        Index 0 is the embeddings and -1 the final normed output, as in transformers' hidden_states.
-        """
-        t = torch.tensor([tokens], device=self.device)
-        b = torch.tensor([branch], device=self.device)
-        rows = self._rows(b, torch.zeros(1, dtype=torch.long, device=self.device), None, len(tokens), branch)
-        x = self.embed.lookup(t, rows)
-        states = [x]
-        for block in self.blocks:
-            x = block(x, rows, None, None)
-            states.append(x)
-        states[-1] = rms_norm(x, self.norm.select(b), self.cfg.rms_norm_eps)
-        return states[layer][0]
-
-    @torch.no_grad()  # not inference_mode: torch.compile cannot trace steps over the (normal) static buffers
-    def forward(self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, branch: torch.Tensor,
-                last: torch.Tensor | None = None, single: int | None | str = "find",
-                kv_len: int | None = None, head: bool = True) -> torch.Tensor:
-        """tokens (B, L) at positions start[b] + 0..L-1 of slot slots[b] for branch branch[b] -> logits.
-
-        Returns (B, L, V), or with ``last`` (B,) only each row's logits at index last[b]: (B, V).
-        Rows may be right-padded past their real tokens: the padding's cache entries lie
-        beyond the row's length, are never attended to, and are overwritten as it grows.
-        ``single``: the branch of every row when all rows share one, None when they do not; by default
-        it is found from ``branch``, which reads it back from the device. ``kv_len``: the cached positions
-        to attend over, at least every row's last position + 1; by default found the same way.
+        Decode (``span``): row i attends over cache row i, positions < span (a static shape: CUDA graphs and
+        torch.compile can take it). Prefill (``own``): row i attends over its own slot; rows may be
+        right-padded past their real tokens, whose cache entries are never read and are overwritten later.
+        ``single``: the branch of every row when all rows share one, None when they do not. ``groups``: for a
+        mixed batch, each branch's row indices as the host knows them (needed by per-branch heads).
         ``head=False`` stops before the lm_head: final normed hidden states (see ``project``).
         """
         B, L = tokens.shape
-        rows = self._rows(branch, start, slots, L, single, kv_len)
+        rows = self._rows(branch, start, L, single, groups)
+        rows.slots, rows.span, rows.own = slots, span, own
+        if span is not None:
+            rows.decode_mask = torch.arange(span, device=tokens.device)[None, None, :] <= rows.pos[:, :, None]
         x = self.embed.lookup(tokens, rows)
         for block, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
             x = block(x, rows, kc, vc)
@@ -449,11 +455,37 @@ class FamilyModel(nn.Module):
         return logits[:, 0] if last is not None else logits
 
     @torch.no_grad()
-    def project(self, x: torch.Tensor, branch: torch.Tensor, present: list[int]) -> torch.Tensor:
-        """Each row's own lm_head over final hidden states x (B, ..., H); ``present``: the branches among the
-        rows, known on the host, so that only their heads are read, without reading ``branch`` back."""
-        rows = Rows(branch, single_branch(present), None, None, None, None, None, present=present)
+    def project(self, x: torch.Tensor, branch: torch.Tensor, branches: list[int]) -> torch.Tensor:
+        """Each row's own lm_head over final hidden states x (B, ..., H); ``branches``: each row's branch as the
+        host knows it, so that only the present heads are read and nothing is read back from the device."""
+        single = single_branch(branches)
+        rows = Rows(branch, single, None, None, None,
+                    groups=None if single is not None else row_groups(branches, x.device))
         return (self.heads or self.embed)(x, rows)
+
+    @torch.inference_mode()
+    def hidden(self, tokens: list[int], branch: int, layer: int = -1) -> torch.Tensor:
+        """(L, H) hidden states of one branch at one layer, without the KV cache (an embed job's forward).
+
+        Index 0 is the embeddings and -1 the final normed output, as in transformers' hidden_states.
+        """
+        t = torch.tensor([tokens], device=self.device)
+        b = torch.tensor([branch], device=self.device)
+        saved, self.max_seq = self.max_seq, 0  # no cache: positions are not clamped to it
+        try:
+            rows = self._rows(b, torch.zeros(1, dtype=torch.long, device=self.device), len(tokens), branch, None)
+        finally:
+            self.max_seq = saved
+        n = len(self.blocks)
+        if not -n - 1 <= layer <= n:
+            raise UserError(f"layer {layer} is out of range: the model has {n} layers (0..{n}, or -1..{-n - 1})")
+        index = layer % (n + 1)
+        x = self.embed.lookup(t, rows)
+        for block in self.blocks[:index]:  # layers past the one asked for are not run
+            x = block(x, rows, None, None)
+        if index == n:
+            x = rms_norm(x, self.norm.select(b), self.cfg.rms_norm_eps)
+        return x[0]
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, branches: list[str] | None = None,
@@ -482,19 +514,39 @@ class FamilyModel(nn.Module):
             us, vs = [], []
             for b in branches:
                 r = artifact.residual(b, name)
-                if r.kind == "lowrank":
-                    us.append(load(r.U))
-                    vs.append(load(r.V))
-                elif r.kind == "dense":  # rate 0: U = D, V = I
-                    us.append(load(r.D))
-                    vs.append(torch.eye(r.D.shape[1], device=device, dtype=dtype))
-                else:
-                    us.append(None)
-                    vs.append(None)
+                us.append(load(r.U) if r.kind == "lowrank" else None)
+                vs.append(load(r.V) if r.kind == "lowrank" else None)
             return Member(load(artifact.trunk(name)), [artifact.scale(b, name) for b in branches], us, vs)
 
+        def has_dense(names: list[str]) -> bool:
+            return any(artifact.residual(b, n).kind == "dense" for b in branches for n in names)
+
+        def dense_branches(names: list[str]) -> DenseBranches:
+            # Exact residuals (rate 0): each branch's own weight, s * (T + D) folded in fp32; no trunk is kept.
+            weights = []
+            for b in branches:
+                parts = []
+                for n in names:
+                    r, t = artifact.residual(b, n), artifact.trunk(n).float()
+                    if r.kind == "dense":
+                        t = t + r.D.float()
+                    elif r.kind == "lowrank":
+                        t = t + r.U.float() @ r.V.float()
+                    parts.append(t * artifact.scale(b, n))
+                weights.append(load(torch.cat(parts)))
+            return DenseBranches(weights, [artifact.trunk(n).shape[0] for n in names])
+
+        def linear(names: list[str]) -> nn.Module:
+            if has_dense(names):
+                return dense_branches(names)
+            return BranchLinear([member(n) for n in names], rank_multiple)
+
         def matrix_or_per_branch(name: str):
-            return BranchLinear([member(name)], rank_multiple) if artifact.is_compressed(name) else per_branch(name)
+            if not artifact.is_compressed(name):
+                return per_branch(name)
+            if has_dense([name]):  # exact residuals: the branches' own tables
+                return PerBranch([dense_branches([name]).weight[i] for i in range(len(branches))])
+            return BranchLinear([member(name)], rank_multiple)
 
         blocks = []
         for i in range(cfg.num_layers):
@@ -504,7 +556,7 @@ class FamilyModel(nn.Module):
                 for name in names:
                     if not artifact.is_compressed(name):
                         raise UserError(f"{artifact.path}: {name} is not stored as trunk + residual")
-                linears[group] = BranchLinear([member(name) for name in names], rank_multiple)
+                linears[group] = linear(names)
             norms = {n: per_branch(f"model.layers.{i}.{n}.weight")
                      for n in ("input_layernorm", "post_attention_layernorm")}
             blocks.append(Block(cfg, linears, norms))

@@ -21,9 +21,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from server.engine.model import single_branch
+from server.engine.model import row_groups, single_branch
 from server.engine.sampling import SamplingParams, sample_rows
-from server.engine.text import IncrementalText
 
 
 @dataclass
@@ -44,7 +43,6 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     emit: Callable[[Event], None]
-    text: IncrementalText
     branch: int = 0  # row's branch index (family runner)
     stop_ids: frozenset = frozenset()
     generator: torch.Generator | None = None
@@ -58,6 +56,12 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.output)
+
+
+def to_device(values, device: torch.device) -> torch.Tensor:
+    """Host values as a long tensor on ``device``: through pinned memory without blocking on CUDA."""
+    t = torch.tensor(values, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 class Runner:
@@ -76,6 +80,9 @@ class Runner:
         """Queue a sequence; the engine has already checked that its prompt fits."""
         seq.generator = seq.params.generator(self.device)
         self.waiting.append(seq)
+
+    def warm_up(self) -> None:
+        """Compile and capture whatever the runner's steps need, before the server says it is ready."""
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -130,22 +137,18 @@ class Runner:
 
     # -- shared mechanics
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sampled tokens go out as they are; text, stop strings and events are the output side's work."""
         tokens = sample_rows(logits, [s.params for s in seqs], [s.generator for s in seqs])
         for seq, tok in zip(seqs, tokens):
             seq.output.append(tok)
             if tok in seq.stop_ids or tok in seq.params.stop_token_ids:
-                seq.emit(Event(seq.text.flush(), [tok]))
-                self._finish(seq, "stop")
-                continue
-            delta, stopped = seq.text.add(tok)
-            if stopped:
-                seq.emit(Event(delta, [tok]))
+                seq.emit(Event("", [tok]))
                 self._finish(seq, "stop")
             elif len(seq.output) >= seq.params.max_tokens or seq.length >= self.max_seq:
-                seq.emit(Event(delta + seq.text.flush(), [tok]))
+                seq.emit(Event("", [tok]))
                 self._finish(seq, "length")
             else:
-                seq.emit(Event(delta, [tok]))
+                seq.emit(Event("", [tok]))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finished = reason
@@ -176,62 +179,100 @@ class Runner:
 
 
 class FamilyRunner(Runner):
+    """The family model. Running sequences hold cache slots 0..n-1 (compact: when one leaves, the last one
+    moves into its slot, one row's cache copied once), so a decode step's row i is slot i and attention reads
+    the cache as a view. A slot still prefilling is a padding row in the decode step: its new keys go to the
+    scratch slot and its output is dropped."""
+
     def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
                  static_decode: bool = False, compile: bool = False):
         """``static_decode``: decode steps with static shapes, padded to batch buckets; on CUDA they are
         captured as CUDA graphs (server/engine/graphs.py). ``compile``: those steps go through
-        torch.compile first (implies ``static_decode``)."""
+        torch.compile first (implies ``static_decode``). Both are prepared by ``warm_up``."""
         super().__init__(model.device, max_batch, max_seq, prefill_chunk)
         self.model = model
+        self.scratch = max_batch  # the slot padding rows write to
+        model.allocate_cache(max_batch + 1, max_seq)
+        self.slots: list[Sequence] = []  # slots[i] holds slot i's sequence
         self.graphs = None
         if static_decode or compile:
             from server.engine.graphs import DecodeGraphs
 
-            model.allocate_cache(max_batch + 1, max_seq, static=True)  # one more slot for padding rows
-            self.graphs = DecodeGraphs(model, max_batch, scratch_slot=max_batch,
-                                       capture=model.device.type == "cuda", compile=compile)
-        else:
-            model.allocate_cache(max_batch, max_seq)
-        self.free_slots = list(range(max_batch))
+            self.graphs = DecodeGraphs(model, max_batch, self.scratch, capture=model.device.type == "cuda",
+                                       compile=compile)
+        self.copied_rows = 0  # cache rows moved to keep slots compact (one per leave that opens a hole)
+
+    def warm_up(self) -> None:
+        if self.graphs is not None:
+            self.graphs.prepare()
 
     def _admit(self, seq: Sequence) -> None:
-        seq.slot = self.free_slots.pop()
+        seq.slot = len(self.slots)
+        self.slots.append(seq)
 
     def _release(self, seqs: list[Sequence]) -> None:
-        self.free_slots += [s.slot for s in seqs]
+        gone = {id(s) for s in seqs}
+        for seq in seqs:
+            hole = seq.slot
+            while self.slots and id(self.slots[-1]) in gone:  # leavers at the end just go
+                self.slots.pop()
+            if hole >= len(self.slots) or id(self.slots[hole]) not in gone:
+                continue
+            last = self.slots.pop()  # the last running sequence moves into the hole
+            n = min(last.length, self.max_seq)
+            for kc, vc in zip(self.model.k_cache, self.model.v_cache):
+                kc[hole, :, :n] = kc[last.slot, :, :n]
+                vc[hole, :, :n] = vc[last.slot, :, :n]
+            self.copied_rows += 1
+            last.slot = hole
+            self.slots[hole] = last
 
     def _reset(self) -> None:
-        self.free_slots = list(range(self.max_batch))
+        self.slots = []
 
     def _tensor(self, values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        return to_device(values, self.device)
 
     def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
         longest = max(len(chunk) for _, chunk in batch)
         tokens = [chunk + [0] * (longest - len(chunk)) for _, chunk in batch]  # right padding
         seqs = [seq for seq, _ in batch]
+        branches = [s.branch for s in seqs]
+        single = single_branch(branches)
         return self.model(
-            self._tensor(tokens),
-            self._tensor([s.prefilled for s in seqs]),
+            self._tensor(tokens), self._tensor([s.prefilled for s in seqs]), self._tensor(branches),
             self._tensor([s.slot for s in seqs]),
-            self._tensor([s.branch for s in seqs]),
+            single=single, groups=None if single is not None else row_groups(branches, self.device),
+            own=[(s.slot, s.prefilled, len(chunk)) for s, chunk in batch],
             last=self._tensor([len(chunk) - 1 for _, chunk in batch]),
-            single=single_branch([s.branch for s in seqs]),
-            kv_len=min(max(s.prefilled for s in seqs) + longest, self.max_seq),
         )
 
+    def decode_rows(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Inputs for one row per occupied slot: (tokens, positions, write slots, branches). Slots that are not
+        decoding are padding rows: token 0 at position 0, written to the scratch slot, on a present branch."""
+        decoding = {id(s) for s in seqs}
+        pad_branch = seqs[0].branch  # padding never adds a branch to the mix
+        tokens, start, write, branch = [], [], [], []
+        for i, s in enumerate(self.slots):
+            real = id(s) in decoding
+            tokens.append(s.output[-1] if real else 0)
+            start.append(s.length - 1 if real else 0)
+            write.append(i if real else self.scratch)
+            branch.append(s.branch if real else pad_branch)
+        return tokens, start, write, branch
+
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        tokens, start, write, branch = self.decode_rows(seqs)
         if self.graphs is not None:
-            return self.graphs.run([s.output[-1] for s in seqs], [s.length - 1 for s in seqs],
-                                   [s.slot for s in seqs], [s.branch for s in seqs])
-        return self.model(
-            self._tensor([[s.output[-1]] for s in seqs]),
-            self._tensor([s.length - 1 for s in seqs]),
-            self._tensor([s.slot for s in seqs]),
-            self._tensor([s.branch for s in seqs]),
-            single=single_branch([s.branch for s in seqs]),
-            kv_len=min(max(s.length for s in seqs), self.max_seq),
-        )[:, 0]
+            logits = self.graphs.run(tokens, start, write, branch)
+        else:
+            single = single_branch(branch)
+            logits = self.model(
+                self._tensor([[t] for t in tokens]), self._tensor(start), self._tensor(branch), self._tensor(write),
+                single=single, groups=None if single is not None else row_groups(branch, self.device),
+                span=min(max(start) + 1, self.max_seq))[:, 0]
+        order = [s.slot for s in seqs]
+        return logits if order == list(range(len(self.slots))) else logits[self._tensor(order)]
 
 
 class StandaloneRunner(Runner):

@@ -1,8 +1,14 @@
-"""Per-request sampling. Each request owns its generator, so a seed reproduces whatever the batch neighbours."""
+"""Sampling for a whole batch at once.
+
+Temperature, top-k and top-p are applied to every sampled row in one pass (one
+sort for the batch), and the draw is an exponential race: argmax(p / E) with
+E ~ Exp(1) picks token i with probability p_i, and needs no ``multinomial``.
+A request with a seed draws its E from its own generator, so its tokens
+reproduce whatever the neighbours; the others share one draw.
+"""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 import torch
@@ -32,31 +38,47 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        seed = self.seed if self.seed is not None else random.getrandbits(63)
-        return torch.Generator(device=device).manual_seed(seed)
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The request's own generator when it has a seed; None: it shares the batch's draw."""
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
 
 
-def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """logits (V,) -> a 0-d token tensor, drawn with this request's own generator."""
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+                  ) -> torch.Tensor:
+    """logits (B, V) fp32; per row: temperature (B,), top_k (B,) with 0 for off, top_p (B,) -> masked logits."""
+    logits = logits / temperature[:, None]
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    drop = rank >= k[:, None]  # outside the top k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+    drop |= probs.cumsum(dim=-1) - probs >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """logits (B, V): greedy rows in one argmax, the others one by one; one device sync at the end."""
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> list[int]:
+    """logits (B, V) -> one token per row: greedy rows by argmax, the others in one batched draw; one
+    device sync at the end."""
     tokens = logits.argmax(dim=-1)
-    for i, (p, g) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            tokens[i] = sample_one(logits[i], p, g)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        dev = logits.device
+        rows = [params[i] for i in sampled]
+        filtered = filter_logits(
+            logits[torch.tensor(sampled, device=dev)].float(),
+            torch.tensor([p.temperature for p in rows], device=dev),
+            torch.tensor([p.top_k for p in rows], device=dev),
+            torch.tensor([p.top_p for p in rows], device=dev))
+        probs = filtered.softmax(dim=-1)
+        race = torch.empty_like(probs).exponential_()  # one draw for the rows without a seed
+        for j, i in enumerate(sampled):
+            if generators[i] is not None:
+                race[j].exponential_(generator=generators[i])
+        tokens[torch.tensor(sampled, device=dev)] = (probs / race).argmax(dim=-1)
     return tokens.tolist()

@@ -1,4 +1,13 @@
-"""The engine: every served model's runner, stepped by one background thread, behind an asyncio API.
+"""The engine core: one thread owns every served model and runs two kinds of jobs, behind an asyncio API.
+
+- generate jobs: sequences in each model's runner, stepped with continuous batching;
+- embed jobs: a prefill-only forward that returns one layer's hidden states (the router's decoder
+  embeddings), run between steps, bounded in tokens, cancellable like any request.
+
+No other thread touches a model or a device. Input processing (chat templates,
+tokenization) happens before ``submit``, in the caller's worker pool; output
+processing (detokenization, stop strings) happens in ``RequestStream`` on the
+caller's event loop, never on the engine thread.
 
     engine = Engine()
     engine.add_family("artifacts/fam", device="cpu")          # exposes each branch by name
@@ -7,6 +16,7 @@
     stream = engine.submit("math", prompt_ids, SamplingParams(temperature=0))
     async for event in stream: ...                            # text deltas, then a finish reason
     stream.cancel()                                           # frees the slot at the next step
+    states = await engine.embed("math", token_ids, layer=-1)  # (L, H) hidden states, on the host
 
 ``submit`` checks everything it can (model name, prompt length, queue room)
 before returning, so a caller can answer a bad request before streaming.
@@ -15,6 +25,7 @@ before returning, so a caller can answer a bad request before streaming.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -53,10 +64,14 @@ class Target:
 
 
 class RequestStream:
-    def __init__(self, seq: Sequence, events: asyncio.Queue, wake: threading.Event):
+    """One request's events, detokenized here (the output side), with stop strings cut exactly."""
+
+    def __init__(self, seq: Sequence, events: asyncio.Queue, wake: threading.Event, tokenizer):
         self.seq, self._events, self._wake = seq, events, wake
+        self._text = IncrementalText(tokenizer, seq.params.stop)
         self.finish_reason: str | None = None
         self.prompt_tokens = len(seq.prompt)
+        self.completion_tokens = 0  # tokens delivered: a stop string ends the count where it cut
 
     @property
     def id(self) -> str:
@@ -68,23 +83,44 @@ class RequestStream:
     async def __anext__(self) -> Event:
         if self.finish_reason is not None:
             raise StopAsyncIteration
-        event = await self._events.get()
-        if event.finish_reason is not None:
+        while True:
+            event = await self._events.get()
+            if event.finish_reason is None:
+                self.completion_tokens += len(event.token_ids)
+                ids = [t for t in event.token_ids if t not in self.seq.stop_ids
+                       and t not in self.seq.params.stop_token_ids]
+                text, stopped = "", False
+                for tok in ids:
+                    delta, stopped = self._text.add(tok)
+                    text += delta
+                    if stopped:
+                        break
+                if stopped:  # the engine may be a step ahead: end here and free the slot
+                    self.finish_reason = "stop"
+                    self.cancel()
+                    return Event(text, event.token_ids, "stop", self.prompt_tokens, self.completion_tokens)
+                return Event(text, event.token_ids)
             self.finish_reason = event.finish_reason
-        return event
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.seq.output)
+            tail = self._text.flush() if event.finish_reason in ("stop", "length") else ""
+            return Event(tail, [], event.finish_reason, self.prompt_tokens, self.completion_tokens, event.error)
 
     def cancel(self) -> None:
         self.seq.cancelled.set()
         self._wake.set()
 
 
+@dataclass
+class EmbedJob:
+    target: "Target"
+    tokens: list[int]
+    layer: int
+    future: concurrent.futures.Future
+
+
 class Engine:
-    def __init__(self, max_waiting: int = 256):
+    def __init__(self, max_waiting: int = 256, max_embed_tokens: int = 8448):
         self.max_waiting = max_waiting
+        self.max_embed_tokens = max_embed_tokens
         self.targets: dict[str, Target] = {}
         self.runners: list[Runner] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -144,8 +180,19 @@ class Engine:
 
     # -- lifecycle
     def start(self) -> None:
+        """Start the engine thread; it prepares every runner's steps (compile, capture) before taking work,
+        and ``ready`` is set once it has."""
+        self.ready = threading.Event()
+        self.start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="branchserve-engine", daemon=True)
         self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the warm-up is done; raises what it raised."""
+        if not self.ready.wait(timeout):
+            raise TimeoutError("the engine warm-up did not finish in time")
+        if self.start_error is not None:
+            raise self.start_error
 
     def stop(self) -> None:
         self._stop.set()
@@ -183,29 +230,87 @@ class Engine:
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(event: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+                seq.cancelled.set()
 
-        seq = Sequence(request_id or uuid.uuid4().hex, list(prompt), params, emit,
-                       IncrementalText(target.tokenizer, params.stop), target.branch, target.stop_ids)
+        seq = Sequence(request_id or uuid.uuid4().hex, list(prompt), params, emit, target.branch, target.stop_ids)
         self._inbox.put((runner, seq))
         self._wake.set()
-        return RequestStream(seq, events, self._wake)
+        return RequestStream(seq, events, self._wake, target.tokenizer)
+
+    def embed_future(self, model: str, tokens: list[int], layer: int = -1) -> concurrent.futures.Future:
+        """Queue an embed job: ``model``'s hidden states at ``layer`` for ``tokens`` -> a future of an (L, H)
+        float32 tensor on the host. Cancelling the future before the engine reaches it drops the job."""
+        target = self._target(model)
+        if not tokens:
+            raise ValueError("nothing to embed")
+        if len(tokens) > self.max_embed_tokens:
+            raise ValueError(f"{len(tokens)} tokens to embed; the limit is {self.max_embed_tokens}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(EmbedJob(target, list(tokens), layer, future))
+        self._wake.set()
+        return future
+
+    async def embed(self, model: str, tokens: list[int], layer: int = -1):
+        """As ``embed_future``, awaited; cancelling the awaiting task cancels the job."""
+        return await asyncio.wrap_future(self.embed_future(model, tokens, layer))
 
     # -- the engine thread
+    def _run_embed(self, job: EmbedJob) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return  # cancelled while it waited
+        try:
+            target = job.target
+            model = target.runner.model
+            if target.kind == "branch":
+                states = model.hidden(job.tokens, target.branch, job.layer)
+            else:
+                with torch.inference_mode():
+                    out = model(input_ids=torch.tensor([job.tokens], device=model.device), output_hidden_states=True,
+                                use_cache=False)
+                states = out.hidden_states[job.layer][0]
+            job.future.set_result(states.float().cpu())
+        except Exception as e:  # this job fails alone
+            log.exception("embed job failed")
+            job.future.set_exception(e)
+
     def _loop(self) -> None:
+        try:
+            for runner in self.runners:
+                runner.warm_up()
+        except BaseException as e:  # reported by wait_ready; the engine takes no work
+            log.exception("engine warm-up failed")
+            self.start_error = e
+            self.ready.set()
+            return
+        self.ready.set()
         while not self._stop.is_set():
+            embeds = []
             while True:
                 try:
-                    runner, seq = self._inbox.get_nowait()
+                    item = self._inbox.get_nowait()
                 except queue.Empty:
                     break
+                if isinstance(item, EmbedJob):
+                    embeds.append(item)
+                    continue
+                runner, seq = item
                 try:
                     runner.add(seq)
                 except Exception as e:  # this request fails; the engine goes on
                     log.exception("could not queue request %s", seq.id)
                     seq.emit(Event("", [], "error", len(seq.prompt), 0, error=f"{type(e).__name__}: {e}"))
-            busy = False
+            for job in embeds:  # bounded prefill-only forwards, between decode steps
+                if self._stop.is_set():
+                    job.future.cancel()
+                    continue
+                self._run_embed(job)
+            busy = bool(embeds)
             for runner in self.runners:
+                if self._stop.is_set():
+                    break
                 if runner.has_work():
                     busy = True
                     try:
