@@ -404,3 +404,34 @@ def test_bench_engine_reports_bytes_bandwidth_ttft_and_memory():
     assert report["copy_bytes_per_s"] > 0 and report["memory"]["bytes"]["standalone weights"] > 0
     bad = run_cli("bench", "engine", "--shape", "tiny", "--ttft-prompt", "0")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_bfloat16_tokens_do_not_depend_on_the_neighbours(paths):
+    """Scales are fp32 on every path: in bf16 a request's greedy tokens are the same alone (one branch, its own
+    path) and inside a batch that mixes other branches."""
+    e = Engine()
+    e.add_family(paths["artifact"], dtype=torch.bfloat16, max_batch=4, max_seq=128, prefill_chunk=64)
+    e.start()
+    try:
+        requests = [("code", PROMPTS["code"], 16), ("math", PROMPTS["math"], 16), ("chat", PROMPTS["chat"], 16)]
+        alone, together = run_alone_then_together(e, requests)
+    finally:
+        e.stop()
+    assert e.targets["code"].runner.peak_mixed == 3
+    assert [t[1] for t in together] == [a[1] for a in alone]
+    assert all(len(a[1]) == 16 for a in alone)
+
+
+def test_standalone_rows_join_and_leave_without_copying_the_cache(paths):
+    """The standalone runner's row cache: a joiner writes only its own slot; a leaver moves one row."""
+    e = Engine()
+    runner = e.add_standalone("phi3", paths["phi3"], max_batch=4, max_seq=128, prefill_chunk=32)
+    e.start()
+    try:
+        requests = [("phi3", PROMPTS["phi3"], 4), ("phi3", PROMPTS["phi3"][:5], 12), ("phi3", PROMPTS["phi3"][:7], 8)]
+        alone, together = run_alone_then_together(e, requests)
+    finally:
+        e.stop()
+    assert [t[1] for t in together] == [a[1] for a in alone]
+    assert runner.peak_batch == 3 and runner.slots == []
+    assert runner.copied_rows >= 1  # the first to finish left a hole that the last running row filled

@@ -115,7 +115,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+           scale: float | None = None) -> torch.Tensor:
     """q (B, L, H, hd) over keys/values (B, kv, Lk, hd), which may be strided views of the cache; mask (B, L, Lk)
     -> (B, L, H * hd). The query heads that share a kv head are folded into the query length, so grouped-query
     attention never expands (copies) the keys and values."""
@@ -124,7 +125,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     g = H // kv
     qf = q.view(B, L, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(B, kv, g * L, hd)
     m = mask[:, None] if L == 1 else mask[:, None, None].expand(B, 1, g, L, Lk).reshape(B, 1, g * L, Lk)
-    out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=m)  # (B, kv, g * L, hd)
+    out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=m, scale=scale)  # (B, kv, g * L, hd)
     return out.view(B, kv, g, L, hd).permute(0, 3, 1, 2, 4).reshape(B, L, H * hd)
 
 

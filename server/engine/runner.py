@@ -5,10 +5,11 @@ A step admits waiting sequences into free slots, runs at most one prefill chunk
 decode step for every sequence that is generating. Finished and cancelled
 sequences leave between steps.
 
-``FamilyRunner`` drives the family model (a preallocated KV-cache slot per
-sequence, branches mixed in one forward). ``StandaloneRunner`` drives any
-transformers causal LM: its running sequences share one left-padded cache that
-newcomers are padded into and leavers are cut out of.
+Both runners keep a preallocated KV-cache slot per sequence, addressed by row:
+running sequences hold slots 0..n-1, so a decode step's row i is slot i and
+attention reads the cache as a view. ``FamilyRunner`` drives the family model
+(branches mixed in one forward); ``StandaloneRunner`` drives any transformers
+causal LM through the same slots (server/engine/rowcache.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from server.engine.model import row_groups, single_branch
 from server.engine.sampling import SamplingParams, sample_rows
@@ -51,7 +51,6 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     finished: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    state: object = None  # runner-specific (standalone: the newcomer's own cache while it prefills)
 
     @property
     def length(self) -> int:
@@ -74,6 +73,9 @@ class Runner:
         self.running: list[Sequence] = []
         self.peak_batch = 0  # most sequences in one decode step
         self.peak_mixed = 0  # most distinct branches in one decode step
+        self.slots: list[Sequence] = []  # slots[i] holds slot i's sequence
+        self.scratch = max_batch  # the cache slot padding rows write to
+        self.copied_rows = 0  # cache rows moved to keep slots compact (one per leave that opens a hole)
 
     # -- the scheduler's side
     def add(self, seq: Sequence) -> None:
@@ -170,47 +172,14 @@ class Runner:
             return True
         return False
 
-    # -- what each model does differently
-    def _admit(self, seq: Sequence) -> None: ...
-    def _release(self, seqs: list[Sequence]) -> None: ...
-    def _reset(self) -> None: ...
-    def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor: ...  # -> (B, V) at chunk ends
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor: ...  # -> (B, V)
-
-
-class FamilyRunner(Runner):
-    """The family model. Running sequences hold cache slots 0..n-1 (compact: when one leaves, the last one
-    moves into its slot, one row's cache copied once), so a decode step's row i is slot i and attention reads
-    the cache as a view. A slot still prefilling is a padding row in the decode step: its new keys go to the
-    scratch slot and its output is dropped."""
-
-    def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
-                 static_decode: bool = False, compile: bool = False):
-        """``static_decode``: decode steps with static shapes, padded to batch buckets; on CUDA they are
-        captured as CUDA graphs (server/engine/graphs.py). ``compile``: those steps go through
-        torch.compile first (implies ``static_decode``). Both are prepared by ``warm_up``."""
-        super().__init__(model.device, max_batch, max_seq, prefill_chunk)
-        self.model = model
-        self.scratch = max_batch  # the slot padding rows write to
-        model.allocate_cache(max_batch + 1, max_seq)
-        self.slots: list[Sequence] = []  # slots[i] holds slot i's sequence
-        self.graphs = None
-        if static_decode or compile:
-            from server.engine.graphs import DecodeGraphs
-
-            self.graphs = DecodeGraphs(model, max_batch, self.scratch, capture=model.device.type == "cuda",
-                                       compile=compile)
-        self.copied_rows = 0  # cache rows moved to keep slots compact (one per leave that opens a hole)
-
-    def warm_up(self) -> None:
-        if self.graphs is not None:
-            self.graphs.prepare()
-
+    # -- cache slots: running sequences hold slots 0..n-1
     def _admit(self, seq: Sequence) -> None:
         seq.slot = len(self.slots)
         self.slots.append(seq)
 
     def _release(self, seqs: list[Sequence]) -> None:
+        """Leavers free their slots; the last running sequence moves into each hole (one row's cache copied
+        once), so slots stay compact and a decode step reads the cache's first rows as a view."""
         gone = {id(s) for s in seqs}
         for seq in seqs:
             hole = seq.slot
@@ -218,9 +187,9 @@ class FamilyRunner(Runner):
                 self.slots.pop()
             if hole >= len(self.slots) or id(self.slots[hole]) not in gone:
                 continue
-            last = self.slots.pop()  # the last running sequence moves into the hole
+            last = self.slots.pop()
             n = min(last.length, self.max_seq)
-            for kc, vc in zip(self.model.k_cache, self.model.v_cache):
+            for kc, vc in self._caches():
                 kc[hole, :, :n] = kc[last.slot, :, :n]
                 vc[hole, :, :n] = vc[last.slot, :, :n]
             self.copied_rows += 1
@@ -229,6 +198,57 @@ class FamilyRunner(Runner):
 
     def _reset(self) -> None:
         self.slots = []
+
+    def decode_rows(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Inputs for one row per occupied slot: (tokens, positions, write slots, branches). Slots that are not
+        decoding (still prefilling) are padding rows: token 0 at position 0, written to the scratch slot, on a
+        present branch, their output dropped."""
+        decoding = {id(s) for s in seqs}
+        pad_branch = seqs[0].branch  # padding never adds a branch to the mix
+        tokens, start, write, branch = [], [], [], []
+        for i, s in enumerate(self.slots):
+            real = id(s) in decoding
+            tokens.append(s.output[-1] if real else 0)
+            start.append(s.length - 1 if real else 0)
+            write.append(i if real else self.scratch)
+            branch.append(s.branch if real else pad_branch)
+        return tokens, start, write, branch
+
+    def in_slot_order(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Rows of a decode step (one per slot) -> rows of ``seqs``, in their order."""
+        order = [s.slot for s in seqs]
+        return logits if order == list(range(len(self.slots))) else logits[to_device(order, self.device)]
+
+    # -- what each model does differently
+    def _caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]: ...  # (keys, values) per layer, slot first
+    def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor: ...  # -> (B, V) at chunk ends
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor: ...  # -> (B, V)
+
+
+class FamilyRunner(Runner):
+    """The family model, branches mixed in one forward."""
+
+    def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
+                 static_decode: bool = False, compile: bool = False):
+        """``static_decode``: decode steps with static shapes, padded to batch buckets; on CUDA they are
+        captured as CUDA graphs (server/engine/graphs.py). ``compile``: those steps go through
+        torch.compile first (implies ``static_decode``). Both are prepared by ``warm_up``."""
+        super().__init__(model.device, max_batch, max_seq, prefill_chunk)
+        self.model = model
+        model.allocate_cache(max_batch + 1, max_seq)  # + the scratch slot
+        self.graphs = None
+        if static_decode or compile:
+            from server.engine.graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, max_batch, self.scratch, capture=model.device.type == "cuda",
+                                       compile=compile)
+
+    def warm_up(self) -> None:
+        if self.graphs is not None:
+            self.graphs.prepare()
+
+    def _caches(self):
+        return list(zip(self.model.k_cache, self.model.v_cache))
 
     def _tensor(self, values) -> torch.Tensor:
         return to_device(values, self.device)
@@ -247,20 +267,6 @@ class FamilyRunner(Runner):
             last=self._tensor([len(chunk) - 1 for _, chunk in batch]),
         )
 
-    def decode_rows(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[int]]:
-        """Inputs for one row per occupied slot: (tokens, positions, write slots, branches). Slots that are not
-        decoding are padding rows: token 0 at position 0, written to the scratch slot, on a present branch."""
-        decoding = {id(s) for s in seqs}
-        pad_branch = seqs[0].branch  # padding never adds a branch to the mix
-        tokens, start, write, branch = [], [], [], []
-        for i, s in enumerate(self.slots):
-            real = id(s) in decoding
-            tokens.append(s.output[-1] if real else 0)
-            start.append(s.length - 1 if real else 0)
-            write.append(i if real else self.scratch)
-            branch.append(s.branch if real else pad_branch)
-        return tokens, start, write, branch
-
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         tokens, start, write, branch = self.decode_rows(seqs)
         if self.graphs is not None:
@@ -271,83 +277,54 @@ class FamilyRunner(Runner):
                 self._tensor([[t] for t in tokens]), self._tensor(start), self._tensor(branch), self._tensor(write),
                 single=single, groups=None if single is not None else row_groups(branch, self.device),
                 span=min(max(start) + 1, self.max_seq))[:, 0]
-        order = [s.slot for s in seqs]
-        return logits if order == list(range(len(self.slots))) else logits[self._tensor(order)]
+        return self.in_slot_order(logits, seqs)
 
 
 class StandaloneRunner(Runner):
-    """Any transformers causal LM. Running rows share one left-padded DynamicCache."""
+    """Any transformers causal LM, on a ``RowCache``: per-row slots like the family's, nothing copied when a
+    sequence joins, one row when one leaves."""
 
     def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256):
+        from server.engine.rowcache import ATTENTION, RowCache
+
         super().__init__(model.device, max_batch, max_seq, prefill_chunk)
         self.model = model
-        self._reset()
+        model.config._attn_implementation = ATTENTION  # views of the cache, grouped heads folded, no copies
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        self.cache = RowCache(cfg.num_hidden_layers, max_batch + 1, getattr(cfg, "num_key_value_heads", None) or heads,
+                              max_seq, head_dim, model.dtype, model.device)
 
-    def _reset(self) -> None:
-        self.cache = None  # the shared cache of self.rows
-        self.rows: list[Sequence] = []
-        self.pad: list[int] = []  # left padding of each row in the shared cache
+    def _caches(self):
+        return list(zip(self.cache.k, self.cache.v))
 
-    def _admit(self, seq: Sequence) -> None:
-        from transformers import DynamicCache
-
-        seq.state = DynamicCache(config=self.model.config)
+    def _forward(self, tokens: list[list[int]], start: list[int], slots: list[int], mask: torch.Tensor,
+                 read: tuple[int, int], decoding: bool, **kw):
+        L = len(tokens[0])
+        pos = to_device(start, self.device)[:, None] + torch.arange(L, device=self.device)
+        self.cache.slots, self.cache.pos = to_device(slots, self.device), pos.clamp(max=self.max_seq - 1)
+        self.cache.read, self.cache.decoding = read, decoding
+        return self.model(input_ids=to_device(tokens, self.device), position_ids=pos, attention_mask=mask,
+                          past_key_values=self.cache, use_cache=True, **kw).logits
 
     @torch.inference_mode()
     def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
-        # Each newcomer fills its own cache; it joins the shared one when its prompt is done.
         logits = []
-        for seq, chunk in batch:
-            ids = torch.tensor([chunk], device=self.device)
-            pos = torch.arange(seq.prefilled, seq.prefilled + len(chunk), device=self.device)[None]
-            out = self.model(input_ids=ids, position_ids=pos, past_key_values=seq.state, use_cache=True,
-                             logits_to_keep=1)
-            if seq.prefilled + len(chunk) == len(seq.prompt):
-                self._join(seq)
-            logits.append(out.logits[0, -1])
+        for seq, chunk in batch:  # one row at a time, each over its own slot
+            start, end = seq.prefilled, seq.prefilled + len(chunk)
+            causal = torch.arange(end, device=self.device)[None, :] <= \
+                torch.arange(start, end, device=self.device)[:, None]
+            out = self._forward([chunk], [start], [seq.slot], causal[None, None], (seq.slot, end), False,
+                                logits_to_keep=1)
+            logits.append(out[0, -1])
         return torch.stack(logits)
-
-    def _join(self, seq: Sequence) -> None:
-        """Pad the newcomer's cache and the shared one to a common length and stack them."""
-        own = seq.state
-        seq.state = None
-        if self.cache is None:
-            self.cache, self.rows, self.pad = own, [seq], [0]
-            return
-        shared_len, own_len = self.cache.get_seq_length(), own.get_seq_length()
-        length = max(shared_len, own_len)
-        for shared_layer, own_layer in zip(self.cache.layers, own.layers):
-            for attr in ("keys", "values"):
-                a = F.pad(getattr(shared_layer, attr), (0, 0, length - shared_len, 0))
-                b = F.pad(getattr(own_layer, attr), (0, 0, length - own_len, 0))
-                setattr(shared_layer, attr, torch.cat([a, b]))
-        self.pad = [p + length - shared_len for p in self.pad] + [length - own_len]
-        self.rows.append(seq)
-
-    def _release(self, seqs: list[Sequence]) -> None:
-        keep = [i for i, s in enumerate(self.rows) if s not in seqs]
-        if not keep:
-            self._reset()
-            return
-        trim = min(self.pad[i] for i in keep)
-        index = torch.tensor(keep, device=self.device)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
-            layer.values = layer.values.index_select(0, index)[:, :, trim:]
-        self.rows = [self.rows[i] for i in keep]
-        self.pad = [self.pad[i] - trim for i in keep]
 
     @torch.inference_mode()
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        # Every row of the shared cache is generating: seqs are self.rows, possibly in another order.
-        order = {id(s): i for i, s in enumerate(self.rows)}
-        length = self.cache.get_seq_length()
-        ids = torch.tensor([[s.output[-1]] for s in self.rows], device=self.device)
-        mask = torch.ones(len(self.rows), length + 1, dtype=torch.long, device=self.device)
-        for i, p in enumerate(self.pad):
-            mask[i, :p] = 0
-        pos = torch.tensor([[length - p] for p in self.pad], device=self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True)
-        logits = out.logits[:, -1]
-        return logits[torch.tensor([order[id(s)] for s in seqs], device=self.device)]
+        tokens, start, write, _ = self.decode_rows(seqs)
+        span = min(max(start) + 1, self.max_seq)
+        mask = torch.arange(span, device=self.device)[None, :] <= to_device(start, self.device)[:, None]
+        logits = self._forward([[t] for t in tokens], start, write, mask[:, None, None], (len(tokens), span),
+                               True)[:, -1]
+        return self.in_slot_order(logits, seqs)
