@@ -346,3 +346,43 @@ def test_exemplars_cli_on_a_file(tmp_path, capsys):
     assert main(["exemplars", "--file", str(ex), "remove", "math", new_id]) == 0
     assert main(["exemplars", "--file", str(ex), "remove", "math", new_id]) == 2
     assert "no exemplar" in capsys.readouterr().err
+
+
+def test_a_huge_message_is_routed_on_its_bounded_end_by_an_engine_job(tiny_models, tmp_path, monkeypatch):
+    """decoder:NAME embeddings are engine embed jobs over at most max_input_tokens of the text (its end): a
+    2 MB message to "auto" is answered at once, the decision says it was cut, and the server keeps serving."""
+    import time
+
+    monkeypatch.setenv("BRANCHSERVE_HOME", str(tmp_path / "home"))
+    config = router_config(tiny_models, write_exemplars(tmp_path / "ex.yaml"),
+                           router={"embedder": "decoder:math", "max_input_tokens": 64})
+    server = start(config)
+    try:
+        engine = server.app.state.branchserve.engine
+        embed_future = engine.embed_future
+        threads = []
+
+        def watched(*args, **kw):  # the job is queued to the engine thread, never run by the caller
+            future = embed_future(*args, **kw)
+            future.add_done_callback(lambda f: threads.append(f.result().shape))
+            return future
+
+        monkeypatch.setattr(engine, "embed_future", watched)
+        huge = "Please reverse the following text. " + "lorem ipsum dolor sit amet " * 80_000  # ~2.2 MB
+        t0 = time.monotonic()
+        decided = httpx.post(server.url + "/v1/router/decide", json={"text": huge}, timeout=30)
+        assert decided.status_code == 200 and decided.json()["truncated"] is True
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                       json={"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": huge}]})
+        assert time.monotonic() - t0 < 10
+        assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+        embedder = server.app.state.branchserve.router.embedder
+        bound = 64 + len(embedder.head_ids) + len(embedder.tail_ids)  # the text's last 64 tokens in the template
+        assert threads and all(shape[0] == bound for shape in threads)
+        short = httpx.post(server.url + "/v1/router/decide", json={"text": "What is 45 times 3?"}).json()
+        assert short["truncated"] is False
+        ok = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                        json={"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        assert ok.status_code == 200
+    finally:
+        server.close()
