@@ -59,7 +59,7 @@ def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig
                 if branch is not None:
                     model = FamilyModel.from_artifact(artifact, [branch])
                     return DecoderSuffixEmbedder(name, load_tokenizer(artifact.branch_dir(branch)),
-                                                 lambda ids, lyr: model.hidden(ids, 0, lyr), layer=layer,
+                                                 lambda ids, lyr: model.hidden([ids], [0], lyr)[0], layer=layer,
                                                  suffix=suffix, pooling=pooling, max_tokens=max_tokens)
         if Path(name).is_dir():
             return load_decoder_path(name, layer, suffix, pooling, max_tokens)

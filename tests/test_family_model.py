@@ -93,7 +93,11 @@ def test_hidden_states_match_transformers(artifact, tmp_path):
         with torch.no_grad():
             ref = hf(torch.tensor([PROMPTS[0]]), output_hidden_states=True).hidden_states
         for layer in (1, -1):
-            torch.testing.assert_close(model.hidden(PROMPTS[0], b, layer), ref[layer][0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(model.hidden([PROMPTS[0]], [b], layer)[0], ref[layer][0], rtol=1e-4, atol=1e-4)
+    # An embed job batch: right-padded sequences of several branches give each one's states alone.
+    together = model.hidden([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [1, 0, 2], 1)
+    for got, ids, b in zip(together, [PROMPTS[1], PROMPTS[0], PROMPTS[2]], [1, 0, 2]):
+        torch.testing.assert_close(got, model.hidden([ids], [b], 1)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_on_the_cpu_stays_close_to_float32(artifact):

@@ -149,7 +149,7 @@ def test_decoder_suffix_embedder_on_tiny_models(tiny_models):
     art = Artifact(tiny_models["artifact"])
     model = FamilyModel.from_artifact(art)
     branch = DecoderSuffixEmbedder("math", load_tokenizer(art.branch_dir("math")),
-                                   lambda ids, layer: model.hidden(ids, 0, layer), layer=2)
+                                   lambda ids, layer: model.hidden([ids], [0], layer)[0], layer=2)
     assert branch.embed(["hello"]).shape == (1, 64)
 
 

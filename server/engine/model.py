@@ -465,28 +465,32 @@ class FamilyModel(nn.Module):
         return (self.heads or self.embed)(x, rows)
 
     @torch.inference_mode()
-    def hidden(self, tokens: list[int], branch: int, layer: int = -1) -> torch.Tensor:
-        """(L, H) hidden states of one branch at one layer, without the KV cache (an embed job's forward).
+    def hidden(self, tokens: list[list[int]], branches: list[int], layer: int = -1) -> list[torch.Tensor]:
+        """Each sequence's (L_i, H) hidden states at one layer, for its branch, without the KV cache: an embed
+        job's forward. The sequences are right-padded into one batch; causal attention keeps the padding out.
 
         Index 0 is the embeddings and -1 the final normed output, as in transformers' hidden_states.
         """
-        t = torch.tensor([tokens], device=self.device)
-        b = torch.tensor([branch], device=self.device)
-        saved, self.max_seq = self.max_seq, 0  # no cache: positions are not clamped to it
-        try:
-            rows = self._rows(b, torch.zeros(1, dtype=torch.long, device=self.device), len(tokens), branch, None)
-        finally:
-            self.max_seq = saved
         n = len(self.blocks)
         if not -n - 1 <= layer <= n:
             raise UserError(f"layer {layer} is out of range: the model has {n} layers (0..{n}, or -1..{-n - 1})")
         index = layer % (n + 1)
+        longest = max(len(t) for t in tokens)
+        t = torch.tensor([ids + [0] * (longest - len(ids)) for ids in tokens], device=self.device)
+        b = torch.tensor(branches, device=self.device)
+        single = single_branch(branches)
+        saved, self.max_seq = self.max_seq, 0  # no cache: positions are not clamped to it
+        try:
+            rows = self._rows(b, torch.zeros(len(tokens), dtype=torch.long, device=self.device), longest, single,
+                              None if single is not None else row_groups(branches, self.device))
+        finally:
+            self.max_seq = saved
         x = self.embed.lookup(t, rows)
         for block in self.blocks[:index]:  # layers past the one asked for are not run
             x = block(x, rows, None, None)
         if index == n:
             x = rms_norm(x, self.norm.select(b), self.cfg.rms_norm_eps)
-        return x[0]
+        return [x[i, :len(ids)] for i, ids in enumerate(tokens)]
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, branches: list[str] | None = None,

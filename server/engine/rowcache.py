@@ -23,8 +23,15 @@ ATTENTION = "branchserve"
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    # query (B, H, L, hd); key/value (B, kv, Lk, hd) views of the cache; attention_mask (B, 1, L, Lk) bool
-    out = attend(query.transpose(1, 2), key, value, attention_mask[:, 0], scale=scaling)
+    # query (B, H, L, hd); key/value (B, kv, Lk, hd) views of the cache; attention_mask (B, 1, L, Lk) bool, or
+    # None for a forward without the runner (an embed job): causal over the input, which is right-padded
+    L, Lk = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        causal = torch.arange(Lk, device=query.device)[None, :] <= torch.arange(Lk - L, Lk, device=query.device)[:, None]
+        mask = causal.expand(query.shape[0], L, Lk)
+    else:
+        mask = attention_mask[:, 0]
+    out = attend(query.transpose(1, 2), key, value, mask, scale=scaling)
     B, L = out.shape[:2]
     return out.view(B, L, query.shape[1], query.shape[3]), None
 

