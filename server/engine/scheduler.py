@@ -109,6 +109,11 @@ class RequestStream:
         self._wake.set()
 
 
+def _deliver(batch: list) -> None:
+    for events, event, _ in batch:
+        events.put_nowait(event)
+
+
 @dataclass
 class EmbedJob:
     target: "Target"
@@ -124,6 +129,7 @@ class Engine:
         self.targets: dict[str, Target] = {}
         self.runners: list[Runner] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: list = []  # (event loop, queue, event, sequence) emitted during a step, engine thread only
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -229,11 +235,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def emit(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-                seq.cancelled.set()
+        def emit(event: Event) -> None:  # on the engine thread: delivered in one batch per step (_flush)
+            self._outbox.append((loop, events, event, seq))
 
         seq = Sequence(request_id or uuid.uuid4().hex, list(prompt), params, emit, target.branch, target.stop_ids)
         self._inbox.put((runner, seq))
@@ -330,6 +333,23 @@ class Engine:
                     except Exception as e:  # a failed step must not take the engine down
                         log.exception("engine step failed")
                         runner.fail_all(f"engine error: {type(e).__name__}: {e}")
+                    self._flush()
+            self._flush()
             if not busy:
                 self._wake.wait(0.1)
                 self._wake.clear()
+
+    def _flush(self) -> None:
+        """Hand a step's events to their event loops: one thread-safe call per loop, not one per token."""
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+        by_loop: dict = {}
+        for loop, events, event, seq in items:
+            by_loop.setdefault(loop, []).append((events, event, seq))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+                for _, _, seq in batch:
+                    seq.cancelled.set()
