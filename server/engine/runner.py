@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from server.engine.model import row_groups, single_branch
+from server.engine.model import linear, row_groups, single_branch
 from server.engine.sampling import SamplingParams, sample_rows
 
 
@@ -280,6 +280,11 @@ class FamilyRunner(Runner):
         return self.in_slot_order(logits, seqs)
 
 
+def _cpu_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    y = linear(x, self.weight)
+    return y if self.bias is None else y + self.bias
+
+
 class StandaloneRunner(Runner):
     """Any transformers causal LM, on a ``RowCache``: per-row slots like the family's, nothing copied when a
     sequence joins, one row when one leaves."""
@@ -290,6 +295,10 @@ class StandaloneRunner(Runner):
         super().__init__(model.device, max_batch, max_seq, prefill_chunk)
         self.model = model
         model.config._attn_implementation = ATTENTION  # views of the cache, grouped heads folded, no copies
+        if model.device.type == "cpu":  # the family model's CPU GEMM layout for a few rows (model.linear)
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.forward = _cpu_linear.__get__(module)
         cfg = model.config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
