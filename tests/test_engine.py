@@ -435,3 +435,16 @@ def test_standalone_rows_join_and_leave_without_copying_the_cache(paths):
     assert [t[1] for t in together] == [a[1] for a in alone]
     assert runner.peak_batch == 3 and runner.slots == []
     assert runner.copied_rows >= 1  # the first to finish left a hole that the last running row filled
+
+
+def test_embed_jobs_are_bounded_and_checked_before_queueing(paths):
+    e = Engine(max_embed_tokens=32)
+    e.add_family(paths["artifact"], max_batch=1, max_seq=64)
+    with pytest.raises(ValueError, match="limit is 32"):
+        e.embed_future("math", list(range(33)))
+    with pytest.raises(ValueError, match="nothing"):
+        e.embed_future("math", [])
+    with pytest.raises(UnknownModel):
+        e.embed_future("nobody", [1])
+    with pytest.raises(TimeoutError):
+        e.wait_ready(timeout=0.01)  # not started: no warm-up has run

@@ -81,7 +81,6 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int, int | None], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int, int | None], torch.Tensor] = {}
         self.pool = None
-        self.prepared = False
         self.used: set[tuple[int, int, int | None]] = set()  # the keys run so far
 
     @property
@@ -111,7 +110,6 @@ class DecodeGraphs:
                 self._forward(key)
         for buf in self.inputs.values():
             buf["branch"].zero_()
-        self.prepared = True
         log.info("decode steps ready: %d keys (%d batch buckets x %d spans x %d branch mixes)%s%s in %.1f s",
                  len(self.keys), len(self.sizes), len(self.spans), len(self.mixes),
                  ", compiled" if self.step is not self._step else "", ", captured" if self.capture else "",
@@ -139,14 +137,15 @@ class DecodeGraphs:
         pad = b - n
         key = (b, kv_bucket(max(start) + 1, self.model.max_seq), single)
         if single is None and None not in self.mixes:  # a mix that needs the host's row groups: eager
-            from server.engine.runner import to_device
             from server.engine.model import row_groups
+            from server.engine.runner import to_device
 
             dev = self.model.device
-            hidden = self.model(to_device([[t] for t in tokens], dev), to_device(start, dev),
-                                to_device(branch, dev), to_device(slots, dev), single=None, span=key[1],
-                                groups=row_groups(branch, dev), head=False)[:, 0]
-            return self.model.project(hidden, to_device(branch, dev), branch)
+            rows = to_device(branch, dev)
+            hidden = self.model(to_device([[t] for t in tokens], dev), to_device(start, dev), rows,
+                                to_device(slots, dev), single=None, span=key[1], groups=row_groups(branch, dev),
+                                head=False)[:, 0]
+            return self.model.project(hidden, rows, branch)
         buf = self.inputs[b]
         host = torch.tensor([tokens + [0] * pad, start + [0] * pad, slots + [self.scratch_slot] * pad,
                              branch + [branch[0]] * pad], dtype=torch.long)

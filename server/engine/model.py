@@ -426,9 +426,9 @@ class FamilyModel(nn.Module):
         self.max_seq = max_seq
 
     def _rows(self, branch: torch.Tensor, start: torch.Tensor, L: int, single: int | None,
-              groups: list | None) -> Rows:
+              groups: list | None, cached: bool = True) -> Rows:
         pos = start[:, None] + torch.arange(L, device=start.device)  # (B, L)
-        if self.max_seq:
+        if cached:
             # Padding past the cache's end (right-padded prefill rows) is written onto its last entry.
             pos = pos.clamp(max=self.max_seq - 1)
         freqs = pos[..., None].float() * self.inv_freq  # (B, L, hd/2)
@@ -490,12 +490,8 @@ class FamilyModel(nn.Module):
         t = torch.tensor([ids + [0] * (longest - len(ids)) for ids in tokens], device=self.device)
         b = torch.tensor(branches, device=self.device)
         single = single_branch(branches)
-        saved, self.max_seq = self.max_seq, 0  # no cache: positions are not clamped to it
-        try:
-            rows = self._rows(b, torch.zeros(len(tokens), dtype=torch.long, device=self.device), longest, single,
-                              None if single is not None else row_groups(branches, self.device))
-        finally:
-            self.max_seq = saved
+        rows = self._rows(b, torch.zeros(len(tokens), dtype=torch.long, device=self.device), longest, single,
+                          None if single is not None else row_groups(branches, self.device), cached=False)
         x = self.embed.lookup(t, rows)
         for block in self.blocks[:index]:  # layers past the one asked for are not run
             x = block(x, rows, None, None)

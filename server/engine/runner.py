@@ -308,23 +308,23 @@ class StandaloneRunner(Runner):
     def _caches(self):
         return list(zip(self.cache.k, self.cache.v))
 
-    def _forward(self, tokens: list[list[int]], start: list[int], slots: list[int], mask: torch.Tensor,
-                 read: tuple[int, int], decoding: bool, **kw):
+    def _forward(self, tokens: list[list[int]], start: list[int], slots: list[int], read: tuple[int, int],
+                 decoding: bool, **kw):
+        """``read``: (rows, span) for a decode step, (slot, end) for one prefill row; either way the keys
+        attended over are the first read[1] positions, and a query at position p sees those <= p."""
         L = len(tokens[0])
-        pos = to_device(start, self.device)[:, None] + torch.arange(L, device=self.device)
+        pos = to_device(start, self.device)[:, None] + torch.arange(L, device=self.device)  # (B, L)
+        mask = torch.arange(read[1], device=self.device)[None, None, :] <= pos[:, :, None]  # (B, L, keys)
         self.cache.slots, self.cache.pos = to_device(slots, self.device), pos.clamp(max=self.max_seq - 1)
         self.cache.read, self.cache.decoding = read, decoding
-        return self.model(input_ids=to_device(tokens, self.device), position_ids=pos, attention_mask=mask,
+        return self.model(input_ids=to_device(tokens, self.device), position_ids=pos, attention_mask=mask[:, None],
                           past_key_values=self.cache, use_cache=True, **kw).logits
 
     @torch.inference_mode()
     def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
         logits = []
         for seq, chunk in batch:  # one row at a time, each over its own slot
-            start, end = seq.prefilled, seq.prefilled + len(chunk)
-            causal = torch.arange(end, device=self.device)[None, :] <= \
-                torch.arange(start, end, device=self.device)[:, None]
-            out = self._forward([chunk], [start], [seq.slot], causal[None, None], (seq.slot, end), False,
+            out = self._forward([chunk], [seq.prefilled], [seq.slot], (seq.slot, seq.prefilled + len(chunk)), False,
                                 logits_to_keep=1)
             logits.append(out[0, -1])
         return torch.stack(logits)
@@ -333,7 +333,5 @@ class StandaloneRunner(Runner):
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         tokens, start, write, _ = self.decode_rows(seqs)
         span = min(max(start) + 1, self.max_seq)
-        mask = torch.arange(span, device=self.device)[None, :] <= to_device(start, self.device)[:, None]
-        logits = self._forward([[t] for t in tokens], start, write, mask[:, None, None], (len(tokens), span),
-                               True)[:, -1]
+        logits = self._forward([[t] for t in tokens], start, write, (len(tokens), span), True)[:, -1]
         return self.in_slot_order(logits, seqs)

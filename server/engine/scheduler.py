@@ -133,6 +133,8 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.ready = threading.Event()  # set by the engine thread once its warm-up is done
+        self.start_error: BaseException | None = None
 
     # -- configuration
     def _expose(self, target: Target) -> None:
@@ -188,8 +190,6 @@ class Engine:
     def start(self) -> None:
         """Start the engine thread; it prepares every runner's steps (compile, capture) before taking work,
         and ``ready`` is set once it has."""
-        self.ready = threading.Event()
-        self.start_error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="branchserve-engine", daemon=True)
         self._thread.start()
 
