@@ -13,11 +13,12 @@ from router.store import Route
 class Decision:
     route: str
     target: str
-    score: float  # the chosen route's score (for a fallback: the best route's score that failed its threshold)
+    score: float | None  # the chosen route's score (for a fallback: the best route's score that failed its
+    # threshold; None when no route has an exemplar to score)
     runner_up: str | None
     runner_up_score: float | None
     fallback: bool  # no route cleared its threshold: the default route was used
-    scores: dict[str, float]
+    scores: dict[str, float | None]  # None: the route has no exemplars
     truncated: bool = False  # only the end of a long input was embedded (the embedder's max tokens)
 
     def to_json(self) -> dict:
@@ -45,19 +46,24 @@ def route_scores(query: torch.Tensor, matrix: torch.Tensor, owners: torch.Tensor
     return scores
 
 
-def decide(scores: torch.Tensor, routes: list[Route], default_route: str) -> Decision:
-    """Best route wins if it clears its threshold; ties go to the route named first alphabetically."""
+def decide(scores: torch.Tensor, routes: list[Route], default_route: str,
+           thresholds: dict[str, float | None] | None = None) -> Decision:
+    """Best route wins if it clears its threshold; ties go to the route named first alphabetically. A route with
+    no exemplars never wins. ``thresholds`` overrides the routes' own (a name mapped to None: no threshold)."""
+    scores = scores.clamp(max=1.0)  # a cosine; rounding must not report 1.0000001
     order = sorted(range(len(routes)), key=lambda i: (-float(scores[i]), routes[i].name))
     by_name = {r.name: r for r in routes}
-    score_map = {routes[i].name: round(float(scores[i]), 6) for i in range(len(routes))}
+    score_map = {routes[i].name: round(float(scores[i]), 6) if scores[i] > float("-inf") else None
+                 for i in range(len(routes))}
     if not order or scores[order[0]] == float("-inf"):
         d = by_name[default_route]
-        return Decision(d.name, d.target, float("-inf"), None, None, True, score_map)
+        return Decision(d.name, d.target, None, None, None, True, score_map)
     best = routes[order[0]]
     runner = routes[order[1]] if len(order) > 1 and scores[order[1]] != float("-inf") else None
     best_score = float(scores[order[0]])
     runner_score = float(scores[order[1]]) if runner else None
-    if best.threshold is not None and best_score < best.threshold:
+    threshold = thresholds[best.name] if thresholds is not None and best.name in thresholds else best.threshold
+    if threshold is not None and best_score < threshold:
         d = by_name[default_route]
         return Decision(d.name, d.target, best_score, best.name, best_score, True, score_map)
     return Decision(best.name, best.target, best_score, runner.name if runner else None, runner_score, False,

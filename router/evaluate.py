@@ -44,7 +44,9 @@ def _percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def evaluate(router: Router, examples: list[tuple[str, str]]) -> dict:
+def evaluate(router: Router, examples: list[tuple[str, str]],
+             thresholds: dict[str, float | None] | None = None) -> dict:
+    """Accuracy and more of ``router`` on labeled examples, with the stored thresholds or ``thresholds``."""
     known = set(router.store.routes) | {NONE}
     unknown = sorted({label for _, label in examples} - known)
     if unknown:
@@ -52,7 +54,7 @@ def evaluate(router: Router, examples: list[tuple[str, str]]) -> dict:
     expected, predicted, latencies = [], [], []
     for text, label in examples:
         t0 = time.perf_counter()
-        decision = router.decide_text(text)
+        decision = router.decide_text(text, thresholds)
         latencies.append((time.perf_counter() - t0) * 1000)
         expected.append(router.default_route if label == NONE else label)
         predicted.append(decision.route)
@@ -81,27 +83,25 @@ def fit_thresholds(router: Router, examples: list[tuple[str, str]]) -> dict[str,
     default route when its score is below t. Only the examples whose best route
     is R depend on R's threshold, so each route is fitted on its own, exactly.
     """
-    saved = {name: r.threshold for name, r in router.store.routes.items()}
-    for r in router.store.routes.values():
-        r.threshold = None  # look at raw best routes
-    try:
-        outcomes: dict[str, list[tuple[float, bool, bool]]] = {}
-        for text, label in examples:
-            d = router.decide_text(text)
-            want = router.default_route if label == NONE else label
-            outcomes.setdefault(d.route, []).append((d.score, d.route == want, router.default_route == want))
-    finally:
-        for name, t in saved.items():
-            router.store.routes[name].threshold = t
+    _, routes = router.store.snapshot()
+    saved = {r.name: r.threshold for r in routes}
+    raw = {name: None for name in saved}  # no thresholds: every example's best route
+    outcomes: dict[str, list[tuple[float, bool, bool]]] = {}
+    for text, label in examples:
+        d = router.decide_text(text, raw)
+        if d.score is None:  # no route has exemplars
+            continue
+        want = router.default_route if label == NONE else label
+        outcomes.setdefault(d.route, []).append((d.score, d.route == want, router.default_route == want))
     fitted: dict[str, float | None] = {}
-    for route in router.store.routes:
+    for route in saved:
         rows = outcomes.get(route, [])
         if route == router.default_route or not rows:
             fitted[route] = saved[route]
             continue
         best_t, best_right = None, sum(kept for _, kept, _ in rows)
         for score, _, _ in sorted(rows):
-            t = round(score + 1e-6, 6)  # everything scoring below t falls to the default route
+            t = min(round(score + 1e-6, 6), 1.0)  # everything scoring below t falls to the default route
             right = sum(fell if s < t else kept for s, kept, fell in rows)
             if right > best_right:
                 best_t, best_right = t, right

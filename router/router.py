@@ -6,6 +6,7 @@ edit takes effect on the next request; cached embeddings make that cheap.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,7 @@ from router.decision import Decision, decide, route_scores
 from router.embedders import Embedder
 from router.store import ExemplarStore, Route, StoreError
 
+log = logging.getLogger("branchserve.router")
 
 def request_text(messages: list[dict], mode: Literal["last_user", "conversation"] = "last_user") -> str:
     """What the router embeds: the last user message, or the whole conversation."""
@@ -58,29 +60,53 @@ class Router:
         self.cache = EmbeddingCache(cache_dir, embedder.fingerprint)
         self._lock = threading.Lock()
         self._built = (-1, [], torch.empty(0, 0), torch.empty(0, dtype=torch.long))
+        self._rejected = -1
         self._current()  # embed the exemplars now, not on the first request
 
     def _current(self) -> tuple[list[Route], torch.Tensor, torch.Tensor]:
+        """The routes and exemplar matrix, rebuilt after any edit, ours or another process's (the file is
+        checked on every call: one stat). An outside change that breaks the file, drops the default route or
+        targets an unserved name is logged and the last good routes keep serving."""
         with self._lock:
+            try:
+                self.store.refresh()
+            except UserError as e:
+                log.warning("ignoring the exemplar file's new contents: %s", e)
             version = self.store.version
             if self._built[0] != version:
                 version, routes = self.store.snapshot()
+                problem = self._problem(routes)
+                if problem and self._built[0] >= 0:
+                    if self._rejected != version:
+                        log.warning("ignoring the exemplar file's new contents: %s", problem)
+                        self._rejected = version
+                    return self._built[1], self._built[2], self._built[3]
                 texts = [e.text for r in routes for e in r.exemplars]
                 owners = torch.tensor([i for i, r in enumerate(routes) for _ in r.exemplars], dtype=torch.long)
                 matrix = self.cache.get(texts, self.embedder.embed)
                 self._built = (version, routes, matrix, owners)
             return self._built[1], self._built[2], self._built[3]
 
-    def _decide(self, query: torch.Tensor, truncated: bool) -> Decision:
+    def _problem(self, routes: list[Route]) -> str | None:
+        names = {r.name for r in routes}
+        if self.default_route not in names:
+            return f"the default route {self.default_route!r} is gone"
+        for r in routes:
+            if self.targets is not None and r.target not in self.targets:
+                return f"route {r.name!r} targets {r.target!r}, which is not served"
+        return None
+
+    def _decide(self, query: torch.Tensor, truncated: bool, thresholds: dict | None = None) -> Decision:
         routes, matrix, owners = self._current()
         scores = route_scores(query, matrix, owners, len(routes), self.aggregate, self.top_k)
-        decision = decide(scores, routes, self.default_route)
+        decision = decide(scores, routes, self.default_route, thresholds)
         decision.truncated = truncated
         return decision
 
-    def decide_text(self, text: str) -> Decision:
+    def decide_text(self, text: str, thresholds: dict[str, float | None] | None = None) -> Decision:
+        """``thresholds`` overrides the stored ones for this decision (evaluation and fitting)."""
         _check_text(text)
-        return self._decide(*self.embedder.embed_one(text))
+        return self._decide(*self.embedder.embed_one(text), thresholds)
 
     def decide_messages(self, messages: list[dict]) -> Decision:
         return self.decide_text(request_text(messages, self.input))

@@ -9,21 +9,30 @@
           - What is 17 times 23?    # a plain text gets a stable id derived from it
           - {id: ex-1f2e, text: Solve 3x + 7 = 22.}
 
-Every edit is written atomically (temporary file, fsync, rename) under a lock,
-so concurrent edits lose nothing and a crash never leaves half a file.
+Every edit is written atomically (temporary file, fsync, rename) under a file
+lock, after a re-read of whatever another process wrote, so concurrent edits
+lose nothing and a crash never leaves half a file. Edits keep the file's
+comments and layout.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import math
 import os
 import re
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from filelock import FileLock
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.util import load_yaml_guess_indent
 
 from compression.errors import UserError
 
@@ -81,6 +90,16 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_threshold(value) -> float | None:
+    """A threshold is a cosine similarity: a number in [-1, 1], or none."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not -1 <= value <= 1:
+        raise StoreError(f"threshold must be a number in [-1, 1], got {value!r}")
+    return float(value)
+
+
 def _fail(path: Path, node, message: str):
     raise UserError(f"{path}:{node.start_mark.line + 1}: {message}")
 
@@ -127,9 +146,9 @@ def parse_routes(path: Path, text: str) -> dict[str, Route]:
                     route.target = _scalar(path, v, "target")
                 elif k.value == "threshold":
                     try:
-                        route.threshold = float(_scalar(path, v, "threshold"))
-                    except ValueError:
-                        _fail(path, v, "threshold must be a number")
+                        route.threshold = check_threshold(float(_scalar(path, v, "threshold")))
+                    except ValueError as e:
+                        _fail(path, v, str(e) if isinstance(e, StoreError) else "threshold must be a number")
                 elif k.value == "description":
                     route.description = _scalar(path, v, "description")
                 elif k.value == "exemplars":
@@ -164,44 +183,148 @@ def parse_routes(path: Path, text: str) -> dict[str, Route]:
 
 
 def write_atomically(path: Path, text: str) -> None:
+    """Temporary file, fsync, rename, fsync of the directory: a crash leaves the old file or the new one. An
+    existing file keeps its mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, for every thread at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _round_trip() -> YAML:
+    y = YAML(typ="rt")
+    y.width = 100
+    y.preserve_quotes = True
+    return y
 
 
 class ExemplarStore:
+    """The routes of one YAML file, safe across threads and processes.
+
+    Every edit takes a file lock (``.<name>.lock`` beside the file), re-reads the file if anything changed it,
+    applies the change to the file's own YAML (comments, order and style are kept), and writes it atomically
+    before it returns. ``refresh()`` picks up an outside change (another server, ``branchserve exemplars
+    --file``, a hand edit); ``version`` changes whenever the routes may have.
+
+    A missing file with a ``seed`` is served from the seed and written at the first edit or ``materialize()``,
+    so a server that fails to start leaves nothing behind.
+    """
+
     def __init__(self, path: str | Path, seed: str | Path | None = None):
         self.path = Path(path)
         self._lock = threading.RLock()
-        if not self.path.exists():
-            if seed is None:
-                raise UserError(f"exemplar file not found: {self.path}")
-            seed = Path(seed)
-            write_atomically(self.path, seed.read_text())
+        self._file_lock = FileLock(str(self.path.parent / f".{self.path.name}.lock"))
+        self.version = 0
+        self._key = None  # (inode, size, mtime) of the file the routes came from; None: from the seed
+        if self.path.exists():
+            self._text, self._key = self._read()
+        elif seed is not None:
+            try:
+                self._text = Path(seed).read_text()
+            except OSError as e:
+                raise UserError(f"cannot read {seed}: {e.strerror or e}") from None
+        else:
+            raise UserError(f"exemplar file not found: {self.path}")
+        self.routes: dict[str, Route] = parse_routes(self.path, self._text)
+
+    # -- reading
+    def _read(self) -> tuple[str, tuple]:
         try:
-            text = self.path.read_text()
+            with open(self.path, encoding="utf-8") as f:
+                st = os.fstat(f.fileno())
+                return f.read(), (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError as e:
             raise UserError(f"cannot read {self.path}: {e.strerror or e}") from None
-        self.routes: dict[str, Route] = parse_routes(self.path, text)
-        self.version = 0  # bumped by every edit; readers rebuild what they derived from the routes
+        except UnicodeDecodeError:
+            raise UserError(f"{self.path}: not UTF-8 text") from None
+
+    def _stat(self):
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def refresh(self) -> bool:
+        """Re-read the file if something else changed it. True when the routes were reloaded; UserError
+        (naming the line) when the file is no longer valid, and the routes stay as they were."""
+        if self._stat() == self._key:
+            return False
+        with self._lock:
+            key = self._stat()
+            if key == self._key or key is None:  # a seeded store whose file is still absent
+                return False
+            text, key = self._read()
+            routes = parse_routes(self.path, text)
+            self._text, self._key, self.routes = text, key, routes
+            self.version += 1
+            return True
 
     def snapshot(self) -> tuple[int, list[Route]]:
         with self._lock:
             return self.version, [Route(r.name, r.target, r.threshold, r.description, list(r.exemplars))
                                   for r in self.routes.values()]
 
-    def _save(self) -> None:
-        body = {"routes": {name: r.to_yaml() for name, r in self.routes.items()}}
-        write_atomically(self.path, yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=100))
-        self.version += 1
+    # -- writing
+    def materialize(self) -> None:
+        """Write a seeded store's file, if it does not exist yet."""
+        with self._lock, self._file_lock:
+            if not self.path.exists():
+                write_atomically(self.path, self._text)
+                self._key = self._stat()
+
+    def _edit(self, change):
+        """Run ``change(doc)`` on the file's current YAML under both locks; write it; return what it returned."""
+        with self._lock, self._file_lock:
+            try:
+                self.refresh()
+            except UserError as e:
+                raise StoreError(f"the exemplar file is not valid now, fix it first: {e}") from None
+            yaml_rt = _round_trip()
+            indent, seq_indent = 2, 4
+            if self._text.strip():
+                _, indent, seq_indent = load_yaml_guess_indent(self._text)
+            yaml_rt.indent(mapping=indent or 2, sequence=seq_indent or 4, offset=max((seq_indent or 4) - 2, 0))
+            doc = yaml_rt.load(self._text) or CommentedMap()
+            if doc.get("routes") is None:
+                doc["routes"] = CommentedMap()
+            result = change(doc["routes"])
+            out = io.StringIO()
+            yaml_rt.dump(doc, out)
+            text = out.getvalue()
+            routes = parse_routes(self.path, text)  # what is written must read back
+            write_atomically(self.path, text)
+            self._text, self._key, self.routes = text, self._stat(), routes
+            self.version += 1
+            return result
 
     def _route(self, name: str) -> Route:
         if name not in self.routes:
@@ -210,64 +333,70 @@ class ExemplarStore:
 
     def add_exemplar(self, route: str, text) -> Exemplar:
         text = check_text(text)
-        with self._lock:
+
+        def change(routes):
             r = self._route(route)
             if any(e.text == text for e in r.exemplars):
                 raise StoreError(f"route {route!r} already has this exemplar", conflict=True)
-            ex = Exemplar(exemplar_id(text), text)
-            r.exemplars.append(ex)
-            try:
-                self._save()
-            except BaseException:
-                r.exemplars.remove(ex)
-                raise
-            return ex
+            spec = routes[route]
+            if spec.get("exemplars") is None:
+                spec["exemplars"] = CommentedSeq()
+            spec["exemplars"].append(text)  # a plain text: its id is derived from it
+            return Exemplar(exemplar_id(text), text)
+
+        return self._edit(change)
 
     def remove_exemplar(self, route: str, ex_id: str) -> None:
-        with self._lock:
+        def change(routes):
             r = self._route(route)
-            keep = [e for e in r.exemplars if e.id != ex_id]
-            if len(keep) == len(r.exemplars):
+            ids = [e.id for e in r.exemplars]  # in the file's order
+            if ex_id not in ids:
                 raise StoreError(f"route {route!r} has no exemplar {ex_id!r}", missing=True)
-            old, r.exemplars = r.exemplars, keep
-            try:
-                self._save()
-            except BaseException:
-                r.exemplars = old
-                raise
+            del routes[route]["exemplars"][ids.index(ex_id)]
+
+        self._edit(change)
 
     def add_route(self, name: str, target: str, threshold: float | None = None, description: str | None = None,
                   exemplars: list[str] = ()) -> Route:
         check_name(name)
-        if not isinstance(target, str) or not target:
+        if not isinstance(target, str) or not target.strip():
             raise StoreError("a route needs a target")
+        check_threshold(threshold)
         texts = [check_text(t) for t in exemplars]
         if len(set(texts)) != len(texts):
             raise StoreError("duplicate exemplar in the new route")
-        with self._lock:
+
+        def change(routes):
             if name in self.routes:
                 raise StoreError(f"route {name!r} already exists", conflict=True)
-            route = Route(name, target, threshold, description, [Exemplar(exemplar_id(t), t) for t in texts])
-            self.routes[name] = route
-            try:
-                self._save()
-            except BaseException:
-                del self.routes[name]
-                raise
-            return route
+            spec = CommentedMap(target=target)
+            if threshold is not None:
+                spec["threshold"] = threshold
+            if description:
+                spec["description"] = description
+            spec["exemplars"] = CommentedSeq(texts)
+            routes[name] = spec
+
+        self._edit(change)
+        return self.routes[name]
 
     def remove_route(self, name: str) -> None:
-        with self._lock:
-            route = self._route(name)
-            del self.routes[name]
-            try:
-                self._save()
-            except BaseException:
-                self.routes[name] = route
-                raise
+        def change(routes):
+            self._route(name)
+            del routes[name]
+
+        self._edit(change)
 
     def set_thresholds(self, thresholds: dict[str, float | None]) -> None:
-        with self._lock:
+        for t in thresholds.values():
+            check_threshold(t)
+
+        def change(routes):
             for name, t in thresholds.items():
-                self._route(name).threshold = t
-            self._save()
+                self._route(name)
+                if t is None:
+                    routes[name].pop("threshold", None)
+                else:
+                    routes[name]["threshold"] = t
+
+        self._edit(change)

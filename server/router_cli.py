@@ -59,9 +59,7 @@ def cmd_router_fit(args) -> int:
     router = _router(args)
     before = evaluate(router, examples)["accuracy"]
     fitted = fit_thresholds(router, examples)
-    for name, t in fitted.items():
-        router.store.routes[name].threshold = t
-    after = evaluate(router, examples)["accuracy"]
+    after = evaluate(router, examples, fitted)["accuracy"]
     if args.write:
         router.store.set_thresholds(fitted)
     result = {"thresholds": fitted, "accuracy_before": before, "accuracy_after": after, "written": args.write}

@@ -73,6 +73,8 @@ def build_router(config: ServerConfig, engine, pipelines: set[str] = frozenset()
     rc = config.router
     embedder = build_embedder(rc.embedder, rc.layer, engine=engine, pooling=rc.pooling,
                               max_tokens=rc.max_input_tokens)
-    return Router(exemplar_store(rc), embedder,
-                  cache_dir(),
-                  rc.default_route, rc.aggregate, rc.top_k, rc.input, targets=set(engine.targets) | set(pipelines))
+    store = exemplar_store(rc)
+    router = Router(store, embedder, cache_dir(), rc.default_route, rc.aggregate, rc.top_k, rc.input,
+                    targets=set(engine.targets) | set(pipelines))
+    store.materialize()  # a seeded store's file appears once the server is up, not before
+    return router

@@ -80,7 +80,7 @@ def test_store_round_trip_and_errors(tmp_path):
     assert [e.text for e in again.routes["math"].exemplars][-1] == "What is 2 to the power 10?"
     assert first not in [e.id for e in again.routes["code"].exemplars]
     assert again.routes["poetry"].threshold == 0.4
-    assert [p.name for p in tmp_path.iterdir()] == ["ex.yaml"]  # no temporary files left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ex.yaml.lock", "ex.yaml"]  # no temporary files
 
 
 @pytest.mark.parametrize("text,expect", [
@@ -108,6 +108,55 @@ def test_fifty_concurrent_adds_all_persist(tmp_path):
         t.join()
     texts = [e.text for e in ExemplarStore(tmp_path / "ex.yaml").routes["math"].exemplars]
     assert len(texts) == 53 and all(f"What is {i} plus {i}?" in texts for i in range(50))
+
+
+def test_edits_keep_the_files_comments_and_mode(tmp_path):
+    path = tmp_path / "ex.yaml"
+    path.write_text("# my routes\nroutes:\n  math:   # sums\n    target: math\n    exemplars:\n"
+                    "      - What is 17 times 23?   # the classic\n")
+    path.chmod(0o644)
+    store = ExemplarStore(path)
+    store.add_exemplar("math", "What is 9 squared?")
+    store.add_route("code", "code", exemplars=["Fix my SQL."])
+    text = path.read_text()
+    assert "# my routes" in text and "# sums" in text and "# the classic" in text
+    assert (path.stat().st_mode & 0o777) == 0o644
+    assert [e.text for e in ExemplarStore(path).routes["math"].exemplars] == ["What is 17 times 23?",
+                                                                             "What is 9 squared?"]
+
+
+def test_an_edit_from_another_process_is_seen_and_kept(tmp_path):
+    """Two stores on one file stand for a server and `branchserve exemplars --file`: each sees the other's
+    edits, and neither overwrites them."""
+    path = write_exemplars(tmp_path / "ex.yaml")
+    server, cli = ExemplarStore(path), ExemplarStore(path)
+    cli.add_exemplar("math", "What is 9 squared?")
+    assert server.refresh() and "What is 9 squared?" in [e.text for e in server.routes["math"].exemplars]
+    cli.add_exemplar("code", "How do I undo a git commit?")
+    server.add_exemplar("math", "What is 2 plus 2?")  # re-reads first: the CLI's second edit survives
+    texts = [e.text for r in ExemplarStore(path).routes.values() for e in r.exemplars]
+    assert {"What is 9 squared?", "How do I undo a git commit?", "What is 2 plus 2?"} <= set(texts)
+
+
+def test_thresholds_are_cosines(tmp_path):
+    store = ExemplarStore(write_exemplars(tmp_path / "ex.yaml"))
+    for bad in (1.5, -2, float("nan")):
+        with pytest.raises(StoreError):
+            store.add_route("odd", "phi3", threshold=bad, exemplars=["x"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("routes:\n  math:\n    target: m\n    threshold: 1.5\n    exemplars: [a]\n")
+    with pytest.raises(UserError, match=r":4: threshold must be a number in \[-1, 1\]"):
+        ExemplarStore(path)
+
+
+def test_an_empty_route_never_wins_and_scores_null():
+    routes = [Route("empty", "E"), Route("dflt", "D")]
+    d = decide(torch.tensor([float("-inf"), 0.3]), routes, "dflt")
+    assert d.route == "dflt" and d.scores == {"empty": None, "dflt": 0.3}
+    d = decide(torch.tensor([float("-inf"), float("-inf")]), routes, "dflt")
+    assert (d.route, d.score, d.fallback) == ("dflt", None, True)
+    json.dumps(d.to_json(), allow_nan=False)  # what the API sends must be valid JSON
+    assert decide(torch.tensor([1.0000001, 0.3]), [Route("a", "A"), Route("dflt", "D")], "dflt").score == 1.0
 
 
 # -- embedders
@@ -288,7 +337,7 @@ def test_the_default_store_is_seeded_into_the_data_directory(tiny_models, tmp_pa
     assert main(["serve", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "targets 'llama-math', which is not served" in err
-    assert (tmp_path / "home" / "router" / "exemplars.yaml").is_file()
+    assert not (tmp_path / "home" / "router").exists()  # a failed start leaves nothing behind
 
 
 def test_malformed_store_at_start_exits_2(tiny_models, tmp_path, capsys):
@@ -335,6 +384,25 @@ def test_eval_and_fit_cli(tmp_path, capsys, monkeypatch):
     bad.write_text('{"text": "x"}\n')
     assert main(["router", "eval", "--labeled", str(bad), "--exemplars", str(ex), "--default-route", "general"]) == 2
     assert f"{bad}:1:" in capsys.readouterr().err
+
+
+def test_fit_replaces_thresholds_the_store_already_has(tmp_path, capsys, monkeypatch):
+    """Stored thresholds far too high send every math and code text to the default route; fit must look past
+    them, find lower ones, and report the accuracy those give."""
+    monkeypatch.setenv("BRANCHSERVE_HOME", str(tmp_path / "home"))
+    data = yaml.safe_load(yaml.safe_dump(EXEMPLARS))
+    data["routes"]["math"]["threshold"] = data["routes"]["code"]["threshold"] = 0.99
+    ex = write_exemplars(tmp_path / "ex.yaml", data)
+    labeled = tmp_path / "labeled.jsonl"
+    labeled.write_text("\n".join(json.dumps({"text": t, "route": r}) for t, r in LABELED))
+    fit = ["router", "fit", "--labeled", str(labeled), "--exemplars", str(ex), "--default-route", "general"]
+    assert main([*fit, "--json", "--write"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy_before"] <= 3 / 6 < result["accuracy_after"]
+    assert all(t is None or t < 0.99 for n, t in result["thresholds"].items() if n in ("math", "code"))
+    args = ["router", "eval", "--labeled", str(labeled), "--exemplars", str(ex), "--default-route", "general"]
+    assert main([*args, "--json"]) == 0  # what was written gives what fit reported
+    assert json.loads(capsys.readouterr().out)["accuracy"] == result["accuracy_after"]
 
 
 def test_exemplars_cli_on_a_file(tmp_path, capsys):

@@ -202,8 +202,8 @@ class ChatHandler:
         self.model = d.target
         self.domain = self.state.config.route_domains.get(d.route)
         self.state.metrics.route_decisions.labels(d.route, "fallback" if d.fallback else "match").inc()
-        log.info("request %s: route %s -> %s (score %.3f; runner-up %s %s)%s", self.request_id, d.route, d.target,
-                 d.score, d.runner_up, "n/a" if d.runner_up_score is None else f"{d.runner_up_score:.3f}",
+        log.info("request %s: route %s -> %s (score %s; runner-up %s %s)%s", self.request_id, d.route, d.target,
+                 "n/a" if d.score is None else f"{d.score:.3f}", d.runner_up, "n/a" if d.runner_up_score is None else f"{d.runner_up_score:.3f}",
                  " [default route]" if d.fallback else "")
 
     async def _prompt(self) -> list[int]:
@@ -263,7 +263,8 @@ class ChatHandler:
             headers["x-branchserve-branch"] = self.pipeline.final_model
         if self.decision is not None:
             headers["x-branchserve-route"] = self.decision.route
-            headers["x-branchserve-route-score"] = f"{self.decision.score:.4f}"
+            if self.decision.score is not None:
+                headers["x-branchserve-route-score"] = f"{self.decision.score:.4f}"
         return headers
 
     def _record(self, status: str, completion_tokens: int) -> None:
