@@ -86,6 +86,11 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         return read_tensor(self.tensors[name])
 
+    def has_tokenizer(self) -> bool:
+        """A tokenizer transformers can load: tokenizer.json, a sentencepiece model, or BPE vocab and merges."""
+        have = {p.name for p in self.side_files()}
+        return "tokenizer.json" in have or "tokenizer.model" in have or {"vocab.json", "merges.txt"} <= have
+
     def side_files(self) -> list[Path]:
         return [self.path / f for f in SIDE_FILES if (self.path / f).is_file()]
 

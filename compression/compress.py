@@ -80,7 +80,12 @@ def validate_options(opts: CompressOptions) -> None:
 def open_members(members: dict[str, Path]) -> dict[str, Checkpoint]:
     if len(members) < 2:
         raise UserError("a family needs at least two members (NAME=PATH ...)")
-    return {name: Checkpoint(path) for name, path in members.items()}
+    checkpoints = {name: Checkpoint(path) for name, path in members.items()}
+    for name, ck in checkpoints.items():
+        if not ck.has_tokenizer():  # a branch is served with its member's tokenizer and chat template
+            raise UserError(f"member {name!r} at {ck.path} has no tokenizer files (tokenizer.json, tokenizer.model, "
+                            f"or vocab.json and merges.txt): copy them from its base model")
+    return checkpoints
 
 
 class _Compressor:

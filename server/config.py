@@ -66,7 +66,9 @@ class RouterConfig(_Strict):
     input: Literal["last_user", "conversation"] = "last_user"
     # At most this many tokens of a request are embedded (the end of its text), plus the suffix template.
     max_input_tokens: int = Field(512, ge=1, le=8192)
-    admin_keys: list[str] = []  # needed for /v1/router edits when api_keys are set
+    # The /v1/router API needs one of these when any is set (also $BRANCHSERVE_ADMIN_KEY). With no key of any
+    # kind it is open on a loopback address only.
+    admin_keys: list[str] = []
 
 
 class StageConfig(_Strict):
@@ -106,6 +108,12 @@ class ServerConfig(_Strict):
         keys = list(self.api_keys)
         if os.environ.get("BRANCHSERVE_API_KEY"):
             keys.append(os.environ["BRANCHSERVE_API_KEY"])
+        return keys
+
+    def resolved_admin_keys(self) -> list[str]:
+        keys = list(self.router.admin_keys) if self.router else []
+        if os.environ.get("BRANCHSERVE_ADMIN_KEY"):
+            keys.append(os.environ["BRANCHSERVE_ADMIN_KEY"])
         return keys
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import signal
 from pathlib import Path
 
 import torch
@@ -10,6 +12,8 @@ import torch
 from compression.errors import UserError
 from server.config import ServerConfig
 from server.engine.scheduler import Engine
+
+log = logging.getLogger("branchserve.serve")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,15 +86,62 @@ def router_factory(config: ServerConfig, pipelines: dict):
     return lambda engine: build_router(config, engine, set(pipelines))
 
 
+def bind(host: str, port: int):
+    """The listening socket, bound before anything loads: a port in use is an error before the banner."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise UserError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def load(config: ServerConfig, pipelines: dict, host: str):
+    """Every model built, warmed up and checked, and the router built, before the port opens."""
+    from server.api.app import State
+
+    state = State(config, lambda: build_engine(config), router_factory(config, pipelines), pipelines, host)
+    try:
+        state.load()
+    except UserError:
+        raise
+    except Exception as e:
+        log.debug("loading failed", exc_info=True)
+        raise UserError(f"loading the models failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        ) from None
+    return state
+
+
 def serve(config: ServerConfig, host: str, port: int, banner: str | None = None) -> None:
     import uvicorn
 
-    from server.api.app import build_app
+    from server.api.app import ADMIN_OFF, build_app
 
     pipelines = preflight(config)
+    sock = bind(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = build_app(config, lambda: build_engine(config), router_factory(config, pipelines), pipelines)
-    print(banner or f"branchserve: http://{host}:{port}/v1 (models load in the background; GET /health is 200 "
-                    f"once ready)", flush=True)
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=int(config.shutdown_grace_s),
-                log_level="info")
+    try:
+        state = load(config, pipelines, host)
+        app = build_app(config, host=host, loaded=state)
+        print(banner or f"branchserve: http://{host}:{port}/v1 (serving {', '.join(state.engine.targets)})",
+              flush=True)
+        if config.router is not None and not state.edits_open and not state.admin_keys:
+            print(f"branchserve: {ADMIN_OFF}", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=int(config.shutdown_grace_s),
+                                               log_level="info"))
+        for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn shuts down gracefully, then re-raises the
+            signal.signal(sig, lambda *_: None)      # signal it caught: that is a normal exit here
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -59,6 +59,14 @@ def test_checkpoint_without_safetensors(family, copy_family, tmp_path, capsys):
                          ["no *.safetensors", "pytorch_model.bin"])
 
 
+def test_member_without_tokenizer_files(copy_family, tmp_path, capsys):
+    m = copy_family()
+    (m["code"] / "tokenizer.json").unlink()
+    out = tmp_path / "art"
+    assert_clean_failure(capsys, ["compress", "--out", str(out), *member_args(m)], out,
+                         ["member 'code'", "no tokenizer files"])
+
+
 @pytest.mark.parametrize("field,value,expect", [
     ("model_type", "mistral", ["architecture differs", "math", "code"]),
     ("vocab_size", 999, ["vocabulary differs", "math", "code"]),

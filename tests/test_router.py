@@ -328,7 +328,44 @@ def test_router_edits_need_the_admin_key(tiny_models, tmp_path, monkeypatch):
         server.close()
 
 
-def test_the_default_store_is_seeded_into_the_data_directory(tiny_models, tmp_path, monkeypatch, capsys):
+def test_admin_keys_alone_guard_the_router_api(tiny_models, tmp_path, monkeypatch):
+    """admin_keys set and api_keys empty: chat is open, the router API needs the admin key."""
+    monkeypatch.setenv("BRANCHSERVE_HOME", str(tmp_path / "home"))
+    server = start(router_config(tiny_models, write_exemplars(tmp_path / "ex.yaml"), router={"admin_keys": ["admin"]}))
+    try:
+        new = {"name": "books", "target": "phi3", "exemplars": ["Recommend a novel."]}
+        r = httpx.post(server.url + "/v1/router/routes", json=new)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(server.url + "/v1/router/routes", json=new,
+                          headers={"Authorization": "Bearer admin"}).status_code == 201
+        assert httpx.post(server.url + "/v1/chat/completions", json={
+            "model": "auto", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 2}).status_code == 200
+    finally:
+        server.close()
+
+
+def test_with_no_keys_the_router_api_is_off_unless_bound_to_loopback(tiny_models, tmp_path, monkeypatch):
+    from server.api.app import build_app
+    from server.serve import build_engine, preflight, router_factory
+    from tests.conftest import LiveServer
+
+    monkeypatch.setenv("BRANCHSERVE_HOME", str(tmp_path / "home"))
+    config = router_config(tiny_models, write_exemplars(tmp_path / "ex.yaml"))
+    pipelines = preflight(config)
+    server = LiveServer(build_app(config, lambda: build_engine(config), router_factory(config, pipelines), pipelines,
+                                  host="0.0.0.0"))
+    server.wait_ready()
+    try:
+        r = httpx.post(server.url + "/v1/router/routes/math/exemplars", json={"text": "What is 3 cubed?"})
+        assert r.status_code == 403 and "BRANCHSERVE_ADMIN_KEY" in r.json()["error"]["message"]
+        assert httpx.get(server.url + "/v1/router/routes").status_code == 403
+        assert httpx.post(server.url + "/v1/chat/completions", json={
+            "model": "auto", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 2}).status_code == 200
+    finally:
+        server.close()
+
+
+def test_a_failed_start_leaves_no_seeded_store_behind(tiny_models, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BRANCHSERVE_HOME", str(tmp_path / "home"))
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"families": [{"artifact": str(tiny_models["artifact"])}],

@@ -49,6 +49,39 @@ def test_unknown_branch_in_config(tmp_path, capsys, artifact):
     assert "unknown branch 'nobody'" in capsys.readouterr().err
 
 
+def test_a_port_in_use_exits_2_before_anything_loads(tmp_path, capsys, artifact):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = {"families": [{"artifact": str(artifact)}]}
+        assert main(["serve", "--config", write(tmp_path, data), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: cannot listen on 127.0.0.1:{port}: the port is in use\n" and "branchserve:" not in out
+
+
+def test_a_model_that_fails_to_load_exits_2_before_the_port_opens(tmp_path, capsys, artifact):
+    """Preflight cannot see everything (here: an artifact whose branch lost its tokenizer); loading happens
+    before the port opens, so the failure is one line and exit 2, not a server stuck at 503."""
+    import shutil
+    import socket
+
+    broken = tmp_path / "art"
+    shutil.copytree(artifact, broken)
+    for f in broken.rglob("tokenizer*"):
+        f.unlink()
+    port = free_port()
+    data = {"families": [{"artifact": str(broken)}]}
+    assert main(["serve", "--config", write(tmp_path, data), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: loading the models failed: ") and err.count("\n") == 1, err
+    assert "branchserve:" not in out
+    with socket.socket() as s:  # nothing listens
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
 def test_sigterm_shuts_down_cleanly(tmp_path, artifact):
     port = free_port()
     config = write(tmp_path, {"families": [{"artifact": str(artifact)}], "shutdown_grace_s": 20})

@@ -43,12 +43,16 @@ from server.pipelines import Pipeline, PipelineResult, StageFailed, get_question
 
 log = logging.getLogger("branchserve.api")
 
+ADMIN_OFF = ("The router API is off: this server has no admin key. Set router.admin_keys in the config or the "
+             "BRANCHSERVE_ADMIN_KEY environment variable (or, with no keys at all, listen on 127.0.0.1).")
+
 
 class State:
     """What the handlers share: the engine and router once loaded, metrics, settings."""
 
-    def __init__(self, config: ServerConfig, build_engine: Callable[[], Engine],
-                 build_router: Callable[[Engine], Router] | None = None, pipelines: dict[str, Pipeline] | None = None):
+    def __init__(self, config: ServerConfig, build_engine: Callable[[], Engine] | None,
+                 build_router: Callable[[Engine], Router] | None = None, pipelines: dict[str, Pipeline] | None = None,
+                 host: str = "127.0.0.1"):
         self.config = config
         self.pipelines = pipelines or {}
         self.build_engine, self.build_router = build_engine, build_router
@@ -56,7 +60,9 @@ class State:
         self.router: Router | None = None
         self.load_error: str | None = None
         self.api_keys = [k.encode() for k in config.resolved_api_keys()]
-        self.admin_keys = [k.encode() for k in (config.router.admin_keys if config.router else [])]
+        self.admin_keys = [k.encode() for k in config.resolved_admin_keys()]
+        # With no key of any kind, router edits are open only to this machine: the server listens on loopback.
+        self.edits_open = not self.api_keys and not self.admin_keys and is_loopback(host)
         self.metrics = Metrics(self._load)
         self.created = now()
 
@@ -64,27 +70,49 @@ class State:
         return (self.engine.running(), self.engine.waiting()) if self.engine else (0, 0)
 
     def load(self) -> None:
+        """Build, start and warm the engine, then the router. Raises; on failure nothing is left running."""
+        engine = self.build_engine()
         try:
-            engine = self.build_engine()
             engine.start()
             engine.wait_ready()  # every decode step compiled and captured before /health says ok
-            if self.build_router is not None:
-                self.router = self.build_router(engine)
-            self.engine = engine
-            log.info("ready: serving %s", ", ".join(engine.targets))
+            router = self.build_router(engine) if self.build_router is not None else None
+        except BaseException:
+            engine.stop()
+            raise
+        self.engine, self.router = engine, router
+        log.info("ready: serving %s", ", ".join(engine.targets))
+
+    def load_in_background(self) -> None:
+        try:
+            self.load()
         except Exception as e:  # surfaced by /health and the log; the process keeps answering 503
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading the models failed")
 
 
-def build_app(config: ServerConfig, build_engine: Callable[[], Engine],
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = None,
               build_router: Callable[[Engine], Router] | None = None,
-              pipelines: dict[str, Pipeline] | None = None) -> FastAPI:
-    state = State(config, build_engine, build_router, pipelines)
+              pipelines: dict[str, Pipeline] | None = None, *, host: str = "127.0.0.1",
+              loaded: State | None = None) -> FastAPI:
+    """The app over ``loaded`` (a State whose models are loaded: `branchserve serve` loads them before the port
+    opens), or over a State that loads them in the background from ``build_engine`` (GET /health says when)."""
+    state = loaded or State(config, build_engine, build_router, pipelines, host)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        threading.Thread(target=state.load, name="branchserve-load", daemon=True).start()
+        if state.engine is None:
+            threading.Thread(target=state.load_in_background, name="branchserve-load", daemon=True).start()
         yield
         if state.engine is not None:
             state.engine.stop()
@@ -108,9 +136,13 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine],
             raise errors.unauthorized()
 
     def admin(request: Request) -> None:
-        """Router edits: when auth is on they need an admin key, which is not a user key."""
-        if state.api_keys and not bearer_matches(request, state.admin_keys):
-            raise errors.unauthorized(admin=True)
+        """The router API needs an admin key whenever one is set (a user key is not one). With no key of any
+        kind it is open on a loopback address only; otherwise it is off."""
+        if state.admin_keys:
+            if not bearer_matches(request, state.admin_keys):
+                raise errors.unauthorized(admin=True)
+        elif not state.edits_open:
+            raise errors.APIError(403, ADMIN_OFF, type="permission_error", code="admin_key_required")
 
     def router() -> Router:
         engine()

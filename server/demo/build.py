@@ -141,11 +141,12 @@ def demo_config(log=_log) -> ServerConfig:
 def banner(host: str, port: int) -> str:
     url = f"http://{host}:{port}"
     return f"""
-branchserve demo: {url}/v1   (GET {url}/health is 200 once the models are loaded)
+branchserve demo: {url}/v1   (the models are loaded; GET {url}/health is 200)
 
   curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "auto", "messages": [{{"role": "user", "content": "reverse house"}}]}}'
 
+  # pip install openai
   from openai import OpenAI
   client = OpenAI(base_url="{url}/v1", api_key="unused")
   for text in ["add 3 5", "reverse house", "shift hello", "What is the capital of France?"]:
