@@ -129,7 +129,8 @@ class Router:
     # -- edits that need the router's knowledge, on top of the store's own checks
     def add_route(self, name: str, target: str, **kw) -> Route:
         if self.targets is not None and target not in self.targets:
-            raise StoreError(f"target {target!r} is not served (served: {', '.join(sorted(self.targets))})")
+            raise StoreError(f"target {target!r} is not served (served: {', '.join(sorted(self.targets))})",
+                             missing=True)
         return self.store.add_route(name, target, **kw)
 
     def remove_route(self, name: str) -> None:

@@ -364,7 +364,7 @@ class ExemplarStore:
         check_threshold(threshold)
         texts = [check_text(t) for t in exemplars]
         if len(set(texts)) != len(texts):
-            raise StoreError("duplicate exemplar in the new route")
+            raise StoreError("duplicate exemplar in the new route", conflict=True)
 
         def change(routes):
             if name in self.routes:

@@ -46,6 +46,8 @@ class Limits(_Strict):
     max_context: int = Field(2048, ge=16)
     queue_size: int = Field(256, ge=1)
     prefill_chunk: int = Field(512, ge=16)
+    # A request body larger than this is refused with 413 before it is read whole.
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     # Family decode steps with static shapes, padded to batch buckets and, on CUDA, replayed from CUDA graphs.
     cuda_graphs: bool = False
     # Those static decode steps compiled by torch.compile (inductor) first; implies cuda_graphs' static shapes.
@@ -131,22 +133,48 @@ def _describe(error: dict) -> str:
     return f"{where}: {error['msg']}"
 
 
+def _line(root, loc) -> int | None:
+    """The line of the YAML node a validation error's location points at (or of its nearest parent)."""
+    node, line = root, None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
 def load_config(path: str | Path) -> ServerConfig:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})"
+                        ) from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of settings at the top level")
     try:
         config = ServerConfig.model_validate(data)
     except ValidationError as e:
-        raise UserError(f"{path}: {_describe(e.errors()[0])}") from None
+        first = e.errors()[0]
+        line = _line(root, first["loc"])
+        raise UserError(f"{path}{f':{line}' if line else ''}: {_describe(first)}") from None
     base = path.resolve().parent  # relative model paths are relative to the config file
     for fam in config.families:
         fam.artifact = (base / fam.artifact).resolve()

@@ -12,8 +12,10 @@ class Metrics:
     def __init__(self, engine_load=None):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("branchserve_requests", "Chat completion requests by model and status",
-                                ["model", "status"], registry=r)
+        # A pipeline request counts once, under the pipeline's name; "stages" names its stages' models in order
+        # (empty for a request one model answers).
+        self.requests = Counter("branchserve_requests", "Chat completion requests by model, status and stages",
+                                ["model", "status", "stages"], registry=r)
         self.prompt_tokens = Counter("branchserve_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("branchserve_generation_tokens", "Tokens generated", ["model"], registry=r)
         self.ttft = Histogram("branchserve_time_to_first_token_seconds", "Time to first token", ["model"],
@@ -29,8 +31,8 @@ class Metrics:
         self._engine_load = engine_load  # () -> (running, waiting)
 
     def observe(self, model: str, status: str, prompt_tokens: int, completion_tokens: int,
-                ttft: float | None, e2e: float) -> None:
-        self.requests.labels(model, status).inc()
+                ttft: float | None, e2e: float, stages: str = "") -> None:
+        self.requests.labels(model, status, stages).inc()
         self.prompt_tokens.labels(model).inc(prompt_tokens)
         self.generation_tokens.labels(model).inc(completion_tokens)
         self.e2e.labels(model).observe(e2e)

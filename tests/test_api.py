@@ -134,8 +134,56 @@ def test_errors(client):
         client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=10_000)
     assert e.value.body["code"] == "context_length_exceeded"
     counted = metric_text(client)
-    assert 'branchserve_requests_total{model="unknown",status="404"}' in counted
-    assert 'branchserve_requests_total{model="math",status="400"}' in counted
+    assert 'branchserve_requests_total{model="unknown",stages="",status="404"}' in counted
+    assert 'branchserve_requests_total{model="math",stages="",status="400"}' in counted
+
+
+def test_bad_bodies_say_what_is_wrong(server, client):
+    url = server.url + "/v1/chat/completions"
+
+    def error(r, status=400):
+        assert r.status_code == status, r.text
+        return r.json()["error"]
+
+    e = error(httpx.post(url, content=b'{"model": "math",\n "messages": [}', headers={"content-type": "application/json"}))
+    assert e["message"].startswith("The request body is not valid JSON") and "line 2, column" in e["message"]
+    assert e["param"] is None
+    e = error(httpx.post(url, content=b'{"model": "math", "messages": []}'))  # no Content-Type
+    assert "Content-Type must be application/json" in e["message"]
+    e = error(httpx.post(url, content=b"", headers={"content-type": "application/json"}))
+    assert e["message"] == "The request body is empty: send a JSON object"
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]
+    e = error(httpx.post(url, json={"model": "math", "messages": image}))
+    assert "image content is not supported" in e["message"] and e["param"].startswith("messages.0.content")
+    e = error(httpx.post(url, json={"model": "math", "messages": [{"role": "user", "content": None}]}))
+    assert e["message"] == "messages.0: a user message needs content"
+    # Fields that would change the answer's meaning are refused by name until they are served.
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for extra, field in (({"tools": [tool]}, "tools"), ({"logprobs": True}, "logprobs"),
+                         ({"top_logprobs": 2}, "top_logprobs"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+                          "response_format")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=2, extra_body=extra)
+        assert exc.value.body["param"] == field and field in exc.value.body["message"]
+    ok = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=2, extra_body={
+        "logprobs": False, "tool_choice": "none", "frobnicate": 1})
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_a_body_over_the_limit_is_413(server):
+    url = server.url + "/v1/chat/completions"
+    big = b'{"model": "math", "messages": [{"role": "user", "content": "' + b"x" * (9 * 1024 * 1024) + b'"}]}'
+    r = httpx.post(url, content=big, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for i in range(0, len(big), 1 << 20):
+            yield big[i:i + (1 << 20)]
+
+    r = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 def metric_text(client) -> str:
@@ -171,7 +219,7 @@ def metric(server, name: str) -> dict[str, float]:
 def test_metrics_have_per_model_series(client, server):
     client.chat.completions.create(model="phi3", messages=MESSAGES, max_tokens=3, temperature=0)
     requests = metric(server, "branchserve_requests_total")
-    assert requests['branchserve_requests_total{model="phi3",status="ok"}'] >= 1
+    assert requests['branchserve_requests_total{model="phi3",stages="",status="ok"}'] >= 1
     assert metric(server, "branchserve_generation_tokens_total")['branchserve_generation_tokens_total{model="phi3"}'] >= 3
     assert 'branchserve_time_to_first_token_seconds_count{model="phi3"}' in metric(server, "branchserve_time_to")
     assert "branchserve_requests_running" in metric(server, "branchserve_requests_running")
@@ -194,7 +242,7 @@ def test_closed_stream_frees_its_slot(models):
         generated = metric(server, "branchserve_generation_tokens_total")
         assert generated['branchserve_generation_tokens_total{model="math"}'] < 1000
         cancelled = metric(server, "branchserve_requests_total")
-        assert cancelled['branchserve_requests_total{model="math",status="cancelled"}'] == 1
+        assert cancelled['branchserve_requests_total{model="math",stages="",status="cancelled"}'] == 1
     finally:
         server.close()
 
@@ -215,28 +263,30 @@ def test_auth(models, monkeypatch):
         server.close()
 
 
-def test_queue_full_is_429(models):
-    server = start(make_config(models, limits={"max_batch": 1, "max_context": 256, "queue_size": 1}))
+def test_a_burst_of_max_batch_plus_queue_size_is_admitted_whole_then_429(models):
+    server = start(make_config(models, limits={"max_batch": 2, "max_context": 256, "queue_size": 3}))
     gate = threading.Event()
     runner = server.server.config.app.state.branchserve.engine.targets["math"].runner
     step = runner.step
-    runner.step = lambda: (gate.wait(30), step())  # hold the engine: nothing is admitted meanwhile
+    runner.step = lambda: (gate.wait(30), step())  # hold the engine: nothing finishes meanwhile
     try:
         body = {"model": "math", "messages": MESSAGES, "max_tokens": 2}
         results = []
-        waiting = threading.Thread(target=lambda: results.append(
-            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)))
-        waiting.start()
+        burst = [threading.Thread(target=lambda: results.append(
+            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60))) for _ in range(5)]
+        for t in burst:
+            t.start()
         deadline = time.monotonic() + 10
-        while metric(server, "branchserve_requests_waiting")["branchserve_requests_waiting"] < 1:
-            assert time.monotonic() < deadline
+        while metric(server, "branchserve_requests_waiting")["branchserve_requests_waiting"] < 3:
+            assert time.monotonic() < deadline and not results, [r.text for r in results]
             time.sleep(0.02)
         r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 429 and r.headers["retry-after"]
         assert r.json()["error"]["type"] == "rate_limit_error"
         gate.set()
-        waiting.join(timeout=60)
-        assert results[0].status_code == 200
+        for t in burst:
+            t.join(timeout=60)
+        assert [x.status_code for x in results] == [200] * 5
     finally:
         gate.set()
         server.close()
@@ -294,7 +344,7 @@ def test_error_mid_stream_is_an_error_event_then_done(models):
         # The engine survives: the next request is served.
         ok = httpx.post(server.url + "/v1/chat/completions", json=dict(body, stream=False, max_tokens=3), timeout=30)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
-        assert metric(server, "branchserve_requests_total")['branchserve_requests_total{model="code",status="error"}'] == 1
+        assert metric(server, "branchserve_requests_total")['branchserve_requests_total{model="code",stages="",status="error"}'] == 1
     finally:
         server.close()
 

@@ -165,7 +165,9 @@ def test_bad_requests_fail_before_streaming(paths):
             e.submit("nobody", [1, 2], greedy())
         with pytest.raises(ValueError, match="context"):
             e.submit("math", list(range(40)), greedy())
-        e.submit("math", [1, 2], greedy())  # engine not started: it waits
+        e.submit("math", [1, 2], greedy())  # engine not started: max_batch (1) + max_waiting (1) are admitted
+        e.submit("math", [1, 2], greedy())
+        assert e.waiting() == 1
         with pytest.raises(EngineFull):
             e.submit("math", [1, 2], greedy())
 

@@ -151,7 +151,10 @@ def test_disconnect_during_stage_one_cancels_it(models):
         assert engine.targets["phi3"].runner.peak_batch >= 1
         assert engine.targets["math"].runner.peak_batch == 0  # stage 2 never started
         text = httpx.get(server.url + "/metrics").text
-        assert 'branchserve_requests_total{model="math",status="cancelled"} 1.0' in text
+        # counted once, under the pipeline's name, with its stages as a label
+        assert ('branchserve_requests_total{model="reason-then-answer",stages="phi3,math",status="cancelled"} 1.0'
+                in text)
+        assert 'model="math"' not in text and 'model="phi3"' not in text
     finally:
         server.close()
 

@@ -269,7 +269,7 @@ def test_auto_routing_and_editing_over_http(tiny_models, tmp_path, monkeypatch):
                        json={"messages": [{"role": "user", "content": "What is 45 times 3?"}]}).json()
         assert d["route"] == "general"
         assert httpx.post(url + "/v1/router/routes/general/exemplars",
-                          json={"text": "What is 45 times 3?"}).status_code == 400  # duplicate
+                          json={"text": "What is 45 times 3?"}).status_code == 409  # duplicate
         assert httpx.post(url + "/v1/router/routes/nope/exemplars", json={"text": "x"}).status_code == 404
         assert httpx.post(url + "/v1/router/routes/math/exemplars", json={"text": ""}).status_code == 400
         assert httpx.post(url + "/v1/router/decide", json={"text": ""}).status_code == 400
@@ -277,7 +277,7 @@ def test_auto_routing_and_editing_over_http(tiny_models, tmp_path, monkeypatch):
         created = httpx.post(url + "/v1/router/routes", json={"name": "books", "target": "phi3",
                                                               "exemplars": ["Recommend a novel"]})
         assert created.status_code == 201
-        assert httpx.post(url + "/v1/router/routes", json={"name": "x", "target": "ghost"}).status_code == 400
+        assert httpx.post(url + "/v1/router/routes", json={"name": "x", "target": "ghost"}).status_code == 404
         assert httpx.delete(url + "/v1/router/routes/books").status_code == 204
         assert httpx.delete(url + "/v1/router/routes/general").status_code == 400
         math_ids = [e["id"] for e in routes["routes"][0]["exemplars"]]

@@ -43,6 +43,15 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys, data, expect):
     assert expect in err
 
 
+def test_config_errors_name_their_line(tmp_path, capsys):
+    path = write(tmp_path, "families:\n  - artifact: a\n    colour: red\n")
+    assert main(["serve", "--config", path]) == 2
+    assert capsys.readouterr().err == f"error: {path}:3: unknown key 'families.0.colour'\n"
+    path = write(tmp_path, "limits:\n  max_batch: 1\n  queue_size: [\n")
+    assert main(["serve", "--config", path]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path}:4: not valid YAML")
+
+
 def test_unknown_branch_in_config(tmp_path, capsys, artifact):
     data = {"families": [{"artifact": str(artifact), "branches": {"x": "nobody"}}]}
     assert main(["serve", "--config", write(tmp_path, data)]) == 2

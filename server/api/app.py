@@ -15,6 +15,7 @@ from typing import Callable
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from router.router import Router
 from router.store import StoreError
@@ -45,6 +46,11 @@ log = logging.getLogger("branchserve.api")
 
 ADMIN_OFF = ("The router API is off: this server has no admin key. Set router.admin_keys in the config or the "
              "BRANCHSERVE_ADMIN_KEY environment variable (or, with no keys at all, listen on 127.0.0.1).")
+
+
+class HealthBody(BaseModel):
+    status: str
+    detail: str | None = None
 
 
 class State:
@@ -120,6 +126,7 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
     app = FastAPI(title="branchserve", lifespan=lifespan)
     app.state.branchserve = state
     errors.install(app)
+    app.add_middleware(errors.BodyLimit, max_bytes=config.limits.max_request_bytes)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
@@ -155,18 +162,20 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
             raise errors.not_ready()
         return state.engine
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"model": HealthBody, "description": "Loading, or loading failed"}},
+             response_model=HealthBody)
     async def health():
         if state.engine is None:
             body = {"status": "error" if state.load_error else "loading", "detail": state.load_error}
             return JSONResponse(body, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}})
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models", dependencies=[Depends(authorized)], responses=errors.documented(401, 503))
     async def models() -> ModelList:
         cards = [ModelCard(id=name, created=state.created, kind=t.kind) for name, t in engine().targets.items()]
         cards += [ModelCard(id=name, created=state.created, kind="pipeline") for name in state.pipelines]
@@ -176,7 +185,32 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
 
     install_router_routes(app, router, admin)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    def openapi() -> dict:
+        """FastAPI's schema, less the 422 it documents by default: validation errors here are 400s."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            if state.router is not None and state.router.targets and "NewRoute" in components:
+                components["NewRoute"]["properties"]["target"]["enum"] = sorted(state.router.targets)
+            if state.router is None and state.engine is None:
+                return schema  # not loaded yet: the served names are not known, so do not cache
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)], response_model=None,
+              responses={200: {"model": ChatCompletion, "description": "The completion, or with stream: true, "
+                               "server-sent chat.completion.chunk events",
+                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                         **errors.documented(400, 401, 404, 429, 503)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         handler = ChatHandler(state, engine(), body, request)
         try:
@@ -184,7 +218,9 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
         except errors.APIError as e:
             if e.status < 500:  # refused before generating; served names only, so labels stay bounded
                 known = handler.model in state.engine.targets or handler.model in state.pipelines
-                state.metrics.requests.labels(handler.model if known else "unknown", str(e.status)).inc()
+                stages = ",".join(st.config.model for st in state.pipelines[handler.model].stages) \
+                    if handler.model in state.pipelines else ""
+                state.metrics.requests.labels(handler.model if known else "unknown", str(e.status), stages).inc()
             raise
 
     return app
@@ -299,12 +335,16 @@ class ChatHandler:
                 headers["x-branchserve-route-score"] = f"{self.decision.score:.4f}"
         return headers
 
-    def _record(self, status: str, completion_tokens: int) -> None:
+    def _record(self, status: str, completion_tokens: int, stages: str = "") -> None:
         ttft = None if self.first_token_at is None else self.first_token_at - self.started
         self.state.metrics.observe(self.model, status, self.prompt_tokens, completion_tokens, ttft,
-                                   time.perf_counter() - self.started)
+                                   time.perf_counter() - self.started, stages)
 
     async def respond(self):
+        unserved = self.body.unserved_field()
+        if unserved is not None:
+            raise errors.bad_request(f"'{unserved}' is not supported by this server yet; send the request without "
+                                     f"it", param=unserved, code="unsupported_parameter")
         try:
             await self._route()
         except ClientGone:
@@ -443,9 +483,11 @@ class ChatHandler:
         return asyncio.ensure_future(coro)
 
     def _record_pipeline(self, status: str, result: PipelineResult | None) -> None:
-        self.model = self.pipeline.final_model
+        """Once per pipeline request, under the pipeline's name, with its stages' models as a label."""
+        self.model = self.pipeline.name
         self.prompt_tokens = sum(st.prompt_tokens for st in result.stages) if result else 0
-        self._record(status, sum(st.completion_tokens for st in result.stages) if result else 0)
+        self._record(status, sum(st.completion_tokens for st in result.stages) if result else 0,
+                     ",".join(st.config.model for st in self.pipeline.stages))
 
     async def _pipeline_result(self, task: asyncio.Task) -> PipelineResult:
         try:

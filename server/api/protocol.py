@@ -6,20 +6,51 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+UNSUPPORTED_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio", "file": "file",
+                     "video_url": "video"}
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type in UNSUPPORTED_PARTS:
+            raise ValueError(f"{UNSUPPORTED_PARTS[self.type]} content is not supported: send text parts only")
+        if self.type != "text":
+            raise ValueError(f"unknown content part type {self.type!r}: send text parts")
+        if self.text is None:
+            raise ValueError("a text part needs 'text'")
+        return self
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts_first(cls, v):  # say what is wrong with a part, not that a list is not a string
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind in UNSUPPORTED_PARTS:
+                    raise ValueError(f"{UNSUPPORTED_PARTS[kind]} content is not supported: send text parts only")
+        return v
+
+    @model_validator(mode="after")
+    def _content_needed(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -34,12 +65,31 @@ class StreamOptions(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object"]
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+
+
+# Fields that change what an answer means. Until they are served, a request that uses one is refused (400)
+# rather than answered as if it had not asked. Any other unknown field is logged and ignored.
+UNSERVED = {
+    "tools": lambda v: bool(v),
+    "functions": lambda v: bool(v),
+    "tool_choice": lambda v: v not in (None, "none", "auto"),
+    "function_call": lambda v: v not in (None, "none", "auto"),
+    "logprobs": lambda v: bool(v),
+    "top_logprobs": lambda v: bool(v),
+    "logit_bias": lambda v: bool(v),
+    "prediction": lambda v: bool(v),
+    "modalities": lambda v: v not in (None, ["text"]),
+    "audio": lambda v: v is not None,
+}
 
 
 class ChatCompletionRequest(BaseModel):
-    # Unknown fields are accepted and ignored (the handler logs their names).
-    model_config = ConfigDict(extra="allow")
+    # Unknown fields are accepted and ignored (the handler logs their names); known ones must have their type
+    # (no "5" for 5, no false for 0).
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -73,6 +123,16 @@ class ChatCompletionRequest(BaseModel):
 
     def unknown_fields(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())
+
+    def unserved_field(self) -> str | None:
+        """The first field this request uses that would change the answer and is not served yet."""
+        extra = self.model_extra or {}
+        for name, used in UNSERVED.items():
+            if name in extra and used(extra[name]):
+                return name
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        return None
 
 
 class Usage(BaseModel):

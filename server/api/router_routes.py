@@ -5,33 +5,41 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import Depends, FastAPI, Response
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.router import request_text
-from router.store import Route, StoreError
+from router.store import MAX_TEXT, Route, StoreError
 from server.api import errors
 from server.api.protocol import ChatMessage
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT, pattern=r"\S")]
 
 
 class NewExemplar(_Body):
-    text: str
+    text: Text
 
 
 class NewRoute(_Body):
-    name: str
-    target: str
-    threshold: float | None = None
-    description: str | None = None
-    exemplars: list[str] = []
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    target: str = Field(min_length=1, description="a served model or pipeline name")
+    threshold: float | None = Field(None, ge=-1, le=1)
+    description: str | None = Field(None, max_length=MAX_TEXT)
+    exemplars: list[Text] = Field([], max_length=1000)
 
 
-class DecideRequest(_Body):
-    text: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
+class DecideText(_Body):
+    text: str = Field(min_length=1, pattern=r"\S")  # any length: the router embeds a bounded end of it
+
+
+class DecideMessages(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
 
 
 def route_json(route: Route) -> dict:
@@ -39,51 +47,98 @@ def route_json(route: Route) -> dict:
             "description": route.description, "exemplars": [{"id": e.id, "text": e.text} for e in route.exemplars]}
 
 
+class ExemplarOut(BaseModel):
+    id: str
+    text: str
+
+
+class RouteOut(BaseModel):
+    name: str
+    target: str
+    threshold: float | None
+    description: str | None
+    exemplars: list[ExemplarOut]
+
+
+class RouteList(BaseModel):
+    default_route: str
+    routes: list[RouteOut]
+
+
+class AddedExemplar(ExemplarOut):
+    route: str
+
+
+class DecisionOut(BaseModel):
+    route: str
+    target: str
+    score: float | None
+    runner_up: str | None
+    runner_up_score: float | None
+    fallback: bool
+    scores: dict[str, float | None]
+    truncated: bool
+
+
 async def _edit(fn, *args, **kw):
     try:
         return await asyncio.to_thread(fn, *args, **kw)
     except StoreError as e:
-        raise errors.APIError(404 if e.missing else 400, str(e), param=None,
-                              code="not_found" if e.missing else None) from None
+        status = 404 if e.missing else 409 if e.conflict else 400
+        raise errors.APIError(status, str(e), param=None,
+                              code="not_found" if e.missing else "conflict" if e.conflict else None) from None
 
 
 def install_router_routes(app: FastAPI, router, admin) -> None:
     edits = [Depends(admin)]
+    common = (401, 403, 404, 503)
 
-    @app.get("/v1/router/routes", dependencies=edits)
+    # OpenAPI links: what a created route or exemplar can be used for next (schemathesis follows them).
+    route_links = {"AddExemplar": {"operationId": "addExemplar", "parameters": {"route": "$response.body#/name"}},
+                   "DeleteRoute": {"operationId": "deleteRoute", "parameters": {"route": "$response.body#/name"}}}
+    exemplar_links = {"DeleteExemplar": {"operationId": "deleteExemplar", "parameters": {
+        "route": "$response.body#/route", "exemplar_id": "$response.body#/id"}}}
+
+    @app.get("/v1/router/routes", dependencies=edits, response_model=RouteList, operation_id="listRoutes",
+             responses=errors.documented(*common))
     async def list_routes():
         r = router()
         _, routes = r.store.snapshot()
         return {"default_route": r.default_route, "routes": [route_json(x) for x in routes]}
 
-    @app.post("/v1/router/routes", status_code=201, dependencies=edits)
+    @app.post("/v1/router/routes", status_code=201, dependencies=edits, response_model=RouteOut,
+              operation_id="createRoute",
+              responses={201: {"links": route_links}, **errors.documented(400, 409, *common)})
     async def create_route(body: NewRoute):
         r = router()
         route = await _edit(r.add_route, body.name, body.target, threshold=body.threshold,
                             description=body.description, exemplars=body.exemplars)
         return route_json(route)
 
-    @app.delete("/v1/router/routes/{route}", status_code=204, dependencies=edits)
+    @app.delete("/v1/router/routes/{route}", status_code=204, dependencies=edits, response_class=Response,
+                operation_id="deleteRoute", responses=errors.documented(400, *common))
     async def delete_route(route: str):
         await _edit(router().remove_route, route)
         return Response(status_code=204)
 
-    @app.post("/v1/router/routes/{route}/exemplars", status_code=201, dependencies=edits)
+    @app.post("/v1/router/routes/{route}/exemplars", status_code=201, dependencies=edits,
+              response_model=AddedExemplar, operation_id="addExemplar",
+              responses={201: {"links": exemplar_links}, **errors.documented(400, 409, *common)})
     async def add_exemplar(route: str, body: NewExemplar):
         ex = await _edit(router().store.add_exemplar, route, body.text)
         return {"route": route, "id": ex.id, "text": ex.text}
 
-    @app.delete("/v1/router/routes/{route}/exemplars/{exemplar_id}", status_code=204, dependencies=edits)
+    @app.delete("/v1/router/routes/{route}/exemplars/{exemplar_id}", status_code=204, dependencies=edits,
+                response_class=Response, operation_id="deleteExemplar", responses=errors.documented(*common))
     async def delete_exemplar(route: str, exemplar_id: str):
         await _edit(router().store.remove_exemplar, route, exemplar_id)
         return Response(status_code=204)
 
-    @app.post("/v1/router/decide", dependencies=edits)
-    async def decide(body: DecideRequest):
+    @app.post("/v1/router/decide", dependencies=edits, response_model=DecisionOut, operation_id="decide",
+              responses=errors.documented(400, *common))
+    async def decide(body: DecideText | DecideMessages):
         r = router()
-        if (body.text is None) == (body.messages is None):
-            raise errors.bad_request("give exactly one of 'text' or 'messages'")
-        if body.text is not None:
+        if isinstance(body, DecideText):
             text = body.text
         else:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]

@@ -135,6 +135,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # set by the engine thread once its warm-up is done
         self.start_error: BaseException | None = None
+        # Admission: sequences submitted and not yet finished, per runner. Counted where they are submitted and
+        # where they end, so a burst is admitted by the same rule whether or not the engine thread has run yet.
+        self._admitted: dict[int, int] = {}
+        self._admit_lock = threading.Lock()
 
     # -- configuration
     def _expose(self, target: Target) -> None:
@@ -217,7 +221,9 @@ class Engine:
             raise UnknownModel(model) from None
 
     def waiting(self) -> int:
-        return self._inbox.qsize() + sum(len(r.waiting) for r in self.runners)
+        """Sequences admitted beyond their runner's batch: the queue that ``max_waiting`` bounds."""
+        with self._admit_lock:
+            return sum(max(0, self._admitted.get(id(r), 0) - r.max_batch) for r in self.runners)
 
     def running(self) -> int:
         return sum(len(r.running) for r in self.runners)
@@ -230,12 +236,19 @@ class Engine:
             raise ValueError("the prompt is empty")
         if len(prompt) >= runner.max_seq:
             raise ValueError(f"the prompt has {len(prompt)} tokens; {model}'s context is {runner.max_seq}")
-        if self.waiting() >= self.max_waiting:
-            raise EngineFull(f"{self.waiting()} requests are waiting; try again later")
         loop = asyncio.get_running_loop()
+        with self._admit_lock:  # up to max_batch run; beyond that, up to max_waiting wait (over all runners)
+            admitted = self._admitted.get(id(runner), 0)
+            queued = sum(max(0, self._admitted.get(id(r), 0) - r.max_batch) for r in self.runners)
+            if admitted >= runner.max_batch and queued >= self.max_waiting:
+                raise EngineFull(f"{queued} requests are waiting; try again later")
+            self._admitted[id(runner)] = admitted + 1
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(event: Event) -> None:  # on the engine thread: delivered in one batch per step (_flush)
+            if event.finish_reason is not None:
+                with self._admit_lock:
+                    self._admitted[id(runner)] -= 1
             self._outbox.append((loop, events, event, seq))
 
         seq = Sequence(request_id or uuid.uuid4().hex, list(prompt), params, emit, target.branch, target.stop_ids)
