@@ -289,7 +289,12 @@ class ExemplarStore:
             return True
 
     def snapshot(self) -> tuple[int, list[Route]]:
+        """The current routes (re-read first if another process changed the file and it is still valid)."""
         with self._lock:
+            try:
+                self.refresh()
+            except UserError:
+                pass  # the file is broken now: the last valid routes stand (the router logs why)
             return self.version, [Route(r.name, r.target, r.threshold, r.description, list(r.exemplars))
                                   for r in self.routes.values()]
 

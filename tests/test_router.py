@@ -491,3 +491,73 @@ def test_a_huge_message_is_routed_on_its_bounded_end_by_an_engine_job(tiny_model
         assert ok.status_code == 200
     finally:
         server.close()
+
+
+def test_kill_9_during_100_concurrent_adds_loses_no_acknowledged_one(tiny_models, tmp_path):
+    """A real server process, 100 concurrent exemplar adds, SIGKILL part-way; after a restart every add that was
+    answered 201 is there. Then an add from `branchserve exemplars --file` reaches the running server."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, free_port
+
+    ex = write_exemplars(tmp_path / "ex.yaml")
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "families": [{"artifact": str(tiny_models["artifact"])}],
+        "standalone": [{"name": "phi3", "path": str(tiny_models["phi3"])}],
+        "router": {"default_route": "general", "exemplars": str(ex), "embedder": "decoder:math"},
+        "limits": {"max_batch": 4, "max_context": 256}}))
+    env = dict(os.environ, BRANCHSERVE_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+
+    def serve():
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(config),
+                                 "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+    proc, url = serve()
+    acknowledged = []
+    try:
+        async def adds():
+            async with httpx.AsyncClient(timeout=30) as client:
+                async def add(i):
+                    try:
+                        r = await client.post(f"{url}/v1/router/routes/math/exemplars",
+                                              json={"text": f"What is {i} times {i + 1}?"})
+                    except httpx.TransportError:
+                        return
+                    if r.status_code == 201:
+                        acknowledged.append(r.json()["id"])
+                        if len(acknowledged) == 30:
+                            proc.send_signal(signal.SIGKILL)
+
+                await asyncio.gather(*(add(i) for i in range(100)))
+
+        asyncio.run(adds())
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL and len(acknowledged) >= 30
+        proc, url = serve()
+        routes = {r["name"]: r for r in httpx.get(url + "/v1/router/routes").json()["routes"]}
+        stored = {e["id"] for e in routes["math"]["exemplars"]}
+        assert set(acknowledged) <= stored
+        # The CLI edits the file the server serves; the server's next decision and listing see it.
+        assert main(["exemplars", "--file", str(ex), "add", "code", "How do I undo a git commit?"]) == 0
+        routes = {r["name"]: r for r in httpx.get(url + "/v1/router/routes").json()["routes"]}
+        assert "How do I undo a git commit?" in [e["text"] for e in routes["code"]["exemplars"]]
+        d = httpx.post(url + "/v1/router/decide", json={"text": "How do I undo a git commit?"}).json()
+        assert d["route"] == "code" and d["score"] == pytest.approx(1.0, abs=1e-4)
+    finally:
+        proc.kill()
