@@ -133,7 +133,8 @@ class StageFailed(RuntimeError):
 async def run_pipeline(engine: Engine, pipeline: Pipeline, messages: list[dict], question: str,
                        final_max_tokens: int | None, seed: int | None,
                        on_event: Callable[[int, Event], None] | None = None) -> PipelineResult:
-    """Run the stages in order; ``on_event(stage_index, event)`` sees every stage's deltas.
+    """Run the stages in order; ``on_event(stage_index, event)`` sees every stage's deltas. The caller admits
+    the request (``Engine.check_admission``); its stages are not refused by the queue bound after that.
 
     Cancelling the task that awaits this cancels whichever stage is running.
     """
@@ -157,7 +158,7 @@ async def run_pipeline(engine: Engine, pipeline: Pipeline, messages: list[dict],
                              f"fills {sc.model}'s context of {context}")
         params = SamplingParams(max_tokens=max_tokens, temperature=sc.temperature, top_p=sc.top_p, stop=sc.stop,
                                 seed=None if seed is None else seed + i)
-        stream = engine.submit(sc.model, prompt, params)
+        stream = engine.submit(sc.model, prompt, params, admitted=True)  # admitted once, at the request
         parts, error = [], None
         try:
             async for ev in stream:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -138,8 +139,17 @@ def serve(config: ServerConfig, host: str, port: int, banner: str | None = None)
               flush=True)
         if config.router is not None and not state.edits_open and not state.admin_keys:
             print(f"branchserve: {ADMIN_OFF}", flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=int(config.shutdown_grace_s),
-                                               log_level="info"))
+        grace = config.shutdown_grace_s
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                if not self.should_exit:  # the first signal: requests get until just before the grace ends
+                    timer = threading.Timer(max(grace - 2.0, 0.0), state.drain)
+                    timer.daemon = True
+                    timer.start()
+                super().handle_exit(sig, frame)
+
+        server = Server(uvicorn.Config(app, timeout_graceful_shutdown=int(grace), log_level="info"))
         for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn shuts down gracefully, then re-raises the
             signal.signal(sig, lambda *_: None)      # signal it caught: that is a normal exit here
         server.run(sockets=[sock])

@@ -44,6 +44,7 @@ from server.pipelines import Pipeline, PipelineResult, StageFailed, get_question
 
 log = logging.getLogger("branchserve.api")
 
+SHUTTING_DOWN = "The server is shutting down; retry on another replica or later"
 ADMIN_OFF = ("The router API is off: this server has no admin key. Set router.admin_keys in the config or the "
              "BRANCHSERVE_ADMIN_KEY environment variable (or, with no keys at all, listen on 127.0.0.1).")
 
@@ -87,6 +88,15 @@ class State:
             raise
         self.engine, self.router = engine, router
         log.info("ready: serving %s", ", ".join(engine.targets))
+
+    draining = False
+
+    def drain(self) -> None:
+        """Shutdown, just before the grace period ends: answer every request still in flight (503, or an error
+        event in a stream) instead of letting the server cut its connection."""
+        self.draining = True
+        if self.engine is not None:
+            self.engine.drain(SHUTTING_DOWN)
 
     def load_in_background(self) -> None:
         try:
@@ -226,6 +236,14 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
     return app
 
 
+def engine_error(message: str) -> errors.APIError:
+    """A sequence the engine ended with an error: 503 when the server is shutting down, 500 otherwise."""
+    if SHUTTING_DOWN in message:
+        return errors.APIError(503, SHUTTING_DOWN, type="server_error", code="shutting_down",
+                               headers={"Retry-After": "5"})
+    return errors.APIError(500, message, type="server_error")
+
+
 class ClientGone(Exception):
     """The client disconnected before there was anything to answer."""
 
@@ -341,6 +359,9 @@ class ChatHandler:
                                    time.perf_counter() - self.started, stages)
 
     async def respond(self):
+        if self.state.draining:
+            raise errors.APIError(503, SHUTTING_DOWN, type="server_error", code="shutting_down",
+                                  headers={"Retry-After": "5"})
         unserved = self.body.unserved_field()
         if unserved is not None:
             raise errors.bad_request(f"'{unserved}' is not supported by this server yet; send the request without "
@@ -393,7 +414,7 @@ class ChatHandler:
         failed = next((err for _, reason, err in results if reason == "error"), None)
         if failed:
             self._record("error", completion_tokens)
-            raise errors.APIError(500, failed, type="server_error")
+            raise engine_error(failed)
         self._record("ok", completion_tokens)
         response = ChatCompletion(
             id=self.id, created=self.created, model=self.model,
@@ -450,7 +471,7 @@ class ChatHandler:
                     yield self._chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=ev.finish_reason)])
             if error:
                 status = "error"
-                yield f"data: {json.dumps(errors.APIError(500, error, type='server_error').body())}\n\n"
+                yield f"data: {json.dumps(engine_error(error).body())}\n\n"
             else:
                 status = "ok"
                 if self.body.stream_options and self.body.stream_options.include_usage:
@@ -477,6 +498,10 @@ class ChatHandler:
     def _start_pipeline(self, on_event=None) -> asyncio.Task:
         if self.body.n != 1:
             raise errors.bad_request("n must be 1 for a pipeline", param="n")
+        try:  # admitted here, whole: a 429 now, never an error event after the stream has begun
+            self.engine.check_admission(self.pipeline.stages[0].config.model)
+        except EngineFull as e:
+            raise errors.queue_full(str(e)) from None
         messages = self._messages()
         coro = run_pipeline(self.engine, self.pipeline, messages, get_question(messages), self.body.max_new_tokens(),
                             self.body.seed, on_event)
@@ -497,7 +522,7 @@ class ChatHandler:
         except ValueError as e:
             raise errors.bad_request(str(e), code="context_length_exceeded") from None
         except StageFailed as e:
-            raise errors.APIError(500, str(e), type="server_error") from None
+            raise engine_error(str(e)) from None
 
     async def _respond_pipeline(self):
         if self.body.stream:

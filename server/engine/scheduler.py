@@ -139,6 +139,7 @@ class Engine:
         # where they end, so a burst is admitted by the same rule whether or not the engine thread has run yet.
         self._admitted: dict[int, int] = {}
         self._admit_lock = threading.Lock()
+        self._draining: str | None = None  # set by drain(): every sequence ends with this error
 
     # -- configuration
     def _expose(self, target: Target) -> None:
@@ -210,6 +211,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def drain(self, message: str) -> None:
+        """End every sequence, running or queued, with an error event saying ``message`` (shutdown: the
+        clients get an answer before the connections are cut)."""
+        self._draining = message
+        self._wake.set()
+
     # -- requests
     def tokenizer(self, model: str):
         return self._target(model).tokenizer
@@ -223,13 +230,25 @@ class Engine:
     def waiting(self) -> int:
         """Sequences admitted beyond their runner's batch: the queue that ``max_waiting`` bounds."""
         with self._admit_lock:
-            return sum(max(0, self._admitted.get(id(r), 0) - r.max_batch) for r in self.runners)
+            return self._queued()
 
     def running(self) -> int:
         return sum(len(r.running) for r in self.runners)
 
-    def submit(self, model: str, prompt: list[int], params: SamplingParams, request_id: str | None = None
-               ) -> RequestStream:
+    def _queued(self) -> int:
+        return sum(max(0, self._admitted.get(id(r), 0) - r.max_batch) for r in self.runners)
+
+    def check_admission(self, model: str) -> None:
+        """Raise EngineFull if a sequence for ``model`` would not be admitted now (reserves nothing)."""
+        runner = self._target(model).runner
+        with self._admit_lock:
+            if self._admitted.get(id(runner), 0) >= runner.max_batch and self._queued() >= self.max_waiting:
+                raise EngineFull(f"{self._queued()} requests are waiting; try again later")
+
+    def submit(self, model: str, prompt: list[int], params: SamplingParams, request_id: str | None = None,
+               admitted: bool = False) -> RequestStream:
+        """Queue a sequence. ``admitted``: it continues a request already admitted (a pipeline's stages), so
+        the queue bound does not refuse it."""
         target = self._target(model)
         runner = target.runner
         if not prompt:
@@ -238,11 +257,10 @@ class Engine:
             raise ValueError(f"the prompt has {len(prompt)} tokens; {model}'s context is {runner.max_seq}")
         loop = asyncio.get_running_loop()
         with self._admit_lock:  # up to max_batch run; beyond that, up to max_waiting wait (over all runners)
-            admitted = self._admitted.get(id(runner), 0)
-            queued = sum(max(0, self._admitted.get(id(r), 0) - r.max_batch) for r in self.runners)
-            if admitted >= runner.max_batch and queued >= self.max_waiting:
-                raise EngineFull(f"{queued} requests are waiting; try again later")
-            self._admitted[id(runner)] = admitted + 1
+            count = self._admitted.get(id(runner), 0)
+            if not admitted and count >= runner.max_batch and self._queued() >= self.max_waiting:
+                raise EngineFull(f"{self._queued()} requests are waiting; try again later")
+            self._admitted[id(runner)] = count + 1
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(event: Event) -> None:  # on the engine thread: delivered in one batch per step (_flush)
@@ -325,6 +343,9 @@ class Engine:
                     embeds.append(item)
                     continue
                 runner, seq = item
+                if self._draining:
+                    seq.emit(Event("", [], "error", len(seq.prompt), 0, error=self._draining))
+                    continue
                 try:
                     runner.add(seq)
                 except Exception as e:  # this request fails; the engine goes on
@@ -336,6 +357,11 @@ class Engine:
             elif embeds:  # bounded prefill-only forwards, batched, between decode steps
                 self._run_embeds(embeds)
             busy = bool(embeds)
+            if self._draining:
+                for runner in self.runners:
+                    if runner.has_work():
+                        runner.fail_all(self._draining)
+                self._flush()
             for runner in self.runners:
                 if self._stop.is_set():
                     break
