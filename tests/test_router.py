@@ -278,6 +278,13 @@ def test_auto_routing_and_editing_over_http(tiny_models, tmp_path, monkeypatch):
                                                               "exemplars": ["Recommend a novel"]})
         assert created.status_code == 201
         assert httpx.post(url + "/v1/router/routes", json={"name": "x", "target": "ghost"}).status_code == 404
+        # A route with no exemplars never wins, and decisions stay valid JSON (they were a 500 before).
+        assert httpx.post(url + "/v1/router/routes", json={"name": "empty", "target": "phi3"}).status_code == 201
+        d = httpx.post(url + "/v1/router/decide", json={"text": "What is 45 times 3?"})
+        assert d.status_code == 200 and d.json()["scores"]["empty"] is None and d.json()["route"] != "empty"
+        assert httpx.post(url + "/v1/router/routes", json={"name": "hot", "target": "phi3", "threshold": 1.5,
+                                                           "exemplars": ["x"]}).status_code == 400
+        assert httpx.delete(url + "/v1/router/routes/empty").status_code == 204
         assert httpx.delete(url + "/v1/router/routes/books").status_code == 204
         assert httpx.delete(url + "/v1/router/routes/general").status_code == 400
         math_ids = [e["id"] for e in routes["routes"][0]["exemplars"]]
