@@ -4,7 +4,9 @@ OpenAPI schema, fails."""
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, settings
+from schemathesis import GenerationMode
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import positive_data_acceptance
 
 from compression.compress import CompressOptions, compress
@@ -50,21 +52,31 @@ def api(live):
     return schemathesis.openapi.from_url(live.url + "/openapi.json")
 
 
-schema = schemathesis.pytest.from_fixture("api")
-
-
 # No example database and no shrinking: the server's state moves on between runs, so a replay is not the
 # same test; a failure is reported as found.
 FUZZ = dict(deadline=None, suppress_health_check=list(HealthCheck), database=None,
             phases=(Phase.explicit, Phase.generate))
 
 
-@schema.parametrize()
-@settings(max_examples=EXAMPLES, **FUZZ)
-def test_every_operation(case):
-    # Every check but positive_data_acceptance: a schema-valid request may still be refused for what only the
-    # server knows (a model's context length, the names it serves, a template's role order) with a 400.
-    case.call_and_validate(excluded_checks=[positive_data_acceptance])
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_every_operation(api, mode):
+    """Generated requests (schema-valid, then schema-violating) for each operation. Every check but
+    positive_data_acceptance: a schema-valid request may still be refused for what only the server knows (a
+    model's context length, the names it serves, a template's role order) with a 400."""
+    operations = [result.ok() for result in api.get_all_operations()]
+    assert len(operations) >= 10
+    for operation in operations:
+        @given(case=operation.as_strategy(mode))
+        @settings(max_examples=EXAMPLES, **FUZZ)
+        def check(case):
+            case.call_and_validate(excluded_checks=[positive_data_acceptance])
+
+        try:
+            check()
+        except Unsatisfiable:
+            assert mode is GenerationMode.NEGATIVE  # nothing to violate (no parameters, no body): GET /health
+        except Exception as e:
+            raise AssertionError(f"{mode.value} {operation.label}: {e}") from e
 
 
 def test_router_api_statefully(api, live):
