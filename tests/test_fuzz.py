@@ -82,12 +82,30 @@ def test_every_operation(api, mode):
 def test_router_api_statefully(api, live):
     from hypothesis.stateful import run_state_machine_as_test
 
+    from router.store import write_atomically
+
+    store = live.server.config.app.state.branchserve.router.store
+    original = store.path.read_text()
+    edits = []
+
+    def restore():
+        write_atomically(store.path, original)
+        store.refresh()
+
     class Workflow(api.as_state_machine()):
+        """Every run starts from the same routes, so the same choices meet the same answers (hypothesis
+        requires it) and one run's routes do not turn the next run's creates into 409s."""
+
+        def setup(self):
+            restore()
+
+        def teardown(self):
+            edits.append(store.path.read_text() != original)
+            restore()
+
         def validate_response(self, response, case, additional_checks=None, **kwargs):
             case.validate_response(response, additional_checks=additional_checks,
                                    excluded_checks=[positive_data_acceptance], transport_kwargs=kwargs or None)
 
-    store = live.server.config.app.state.branchserve.router.store
-    before = store.version
     run_state_machine_as_test(Workflow, settings=settings(max_examples=15, stateful_step_count=6, **FUZZ))
-    assert store.version > before  # routes were created and edited through the links, not only refused
+    assert any(edits)  # routes were created and edited through the links, not only refused
