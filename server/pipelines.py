@@ -85,6 +85,11 @@ class Pipeline:
     def final_model(self) -> str:
         return self.stages[-1].config.model
 
+    @property
+    def stage_models(self) -> str:
+        """Its stages' models in order, as the metrics' ``stages`` label: "phi3,math"."""
+        return ",".join(st.config.model for st in self.stages)
+
 
 def load_pipelines(configs: list[PipelineConfig], served: set[str]) -> dict[str, Pipeline]:
     pipelines: dict[str, Pipeline] = {}

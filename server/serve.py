@@ -104,7 +104,6 @@ def bind(host: str, port: int):
         sock.close()
         why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
         raise UserError(f"cannot listen on {host}:{port}: {why}") from None
-    sock.set_inheritable(True)
     return sock
 
 

@@ -66,6 +66,7 @@ class State:
         self.engine: Engine | None = None
         self.router: Router | None = None
         self.load_error: str | None = None
+        self.draining = False  # set by drain() at shutdown
         self.api_keys = [k.encode() for k in config.resolved_api_keys()]
         self.admin_keys = [k.encode() for k in config.resolved_admin_keys()]
         # With no key of any kind, router edits are open only to this machine: the server listens on loopback.
@@ -88,8 +89,6 @@ class State:
             raise
         self.engine, self.router = engine, router
         log.info("ready: serving %s", ", ".join(engine.targets))
-
-    draining = False
 
     def drain(self) -> None:
         """Shutdown, just before the grace period ends: answer every request still in flight (503, or an error
@@ -228,8 +227,8 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
         except errors.APIError as e:
             if e.status < 500:  # refused before generating; served names only, so labels stay bounded
                 known = handler.model in state.engine.targets or handler.model in state.pipelines
-                stages = ",".join(st.config.model for st in state.pipelines[handler.model].stages) \
-                    if handler.model in state.pipelines else ""
+                pipeline = state.pipelines.get(handler.model)
+                stages = pipeline.stage_models if pipeline else ""
                 state.metrics.requests.labels(handler.model if known else "unknown", str(e.status), stages).inc()
             raise
 
@@ -239,8 +238,7 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
 def engine_error(message: str) -> errors.APIError:
     """A sequence the engine ended with an error: 503 when the server is shutting down, 500 otherwise."""
     if SHUTTING_DOWN in message:
-        return errors.APIError(503, SHUTTING_DOWN, type="server_error", code="shutting_down",
-                               headers={"Retry-After": "5"})
+        return errors.shutting_down(SHUTTING_DOWN)
     return errors.APIError(500, message, type="server_error")
 
 
@@ -288,9 +286,9 @@ class ChatHandler:
         self.model = d.target
         self.domain = self.state.config.route_domains.get(d.route)
         self.state.metrics.route_decisions.labels(d.route, "fallback" if d.fallback else "match").inc()
+        score = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         log.info("request %s: route %s -> %s (score %s; runner-up %s %s)%s", self.request_id, d.route, d.target,
-                 "n/a" if d.score is None else f"{d.score:.3f}", d.runner_up, "n/a" if d.runner_up_score is None else f"{d.runner_up_score:.3f}",
-                 " [default route]" if d.fallback else "")
+                 score(d.score), d.runner_up, score(d.runner_up_score), " [default route]" if d.fallback else "")
 
     async def _prompt(self) -> list[int]:
         """Input processing: the chat template and tokenization, in a worker thread, off the event loop."""
@@ -360,8 +358,7 @@ class ChatHandler:
 
     async def respond(self):
         if self.state.draining:
-            raise errors.APIError(503, SHUTTING_DOWN, type="server_error", code="shutting_down",
-                                  headers={"Retry-After": "5"})
+            raise errors.shutting_down(SHUTTING_DOWN)
         unserved = self.body.unserved_field()
         if unserved is not None:
             raise errors.bad_request(f"'{unserved}' is not supported by this server yet; send the request without "
@@ -512,7 +509,7 @@ class ChatHandler:
         self.model = self.pipeline.name
         self.prompt_tokens = sum(st.prompt_tokens for st in result.stages) if result else 0
         self._record(status, sum(st.completion_tokens for st in result.stages) if result else 0,
-                     ",".join(st.config.model for st in self.pipeline.stages))
+                     self.pipeline.stage_models)
 
     async def _pipeline_result(self, task: asyncio.Task) -> PipelineResult:
         try:

@@ -68,6 +68,10 @@ def queue_full(message: str) -> APIError:
     return APIError(429, message, type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
 
+def shutting_down(message: str) -> APIError:
+    return APIError(503, message, type="server_error", code="shutting_down", headers={"Retry-After": "5"})
+
+
 def not_ready() -> APIError:
     return APIError(503, "The server is still loading its models", type="server_error", code="loading")
 
