@@ -17,7 +17,7 @@ class Decision:
     # threshold; None when no route has an exemplar to score)
     runner_up: str | None
     runner_up_score: float | None
-    fallback: bool  # no route cleared its threshold: the default route was used
+    fallback: bool  # the best route failed its threshold or the margin: the default route was used
     scores: dict[str, float | None]  # None: the route has no exemplars
     truncated: bool = False  # only the end of a long input was embedded (the embedder's max tokens)
 
@@ -47,9 +47,10 @@ def route_scores(query: torch.Tensor, matrix: torch.Tensor, owners: torch.Tensor
 
 
 def decide(scores: torch.Tensor, routes: list[Route], default_route: str,
-           thresholds: dict[str, float | None] | None = None) -> Decision:
-    """Best route wins if it clears its threshold; ties go to the route named first alphabetically. A route with
-    no exemplars never wins. ``thresholds`` overrides the routes' own (a name mapped to None: no threshold)."""
+           thresholds: dict[str, float | None] | None = None, margin: float | None = None) -> Decision:
+    """Best route wins if it clears its threshold and leads the runner-up by at least ``margin``; otherwise the
+    default route is used. Ties go to the route named first alphabetically. A route with no exemplars never
+    wins. ``thresholds`` overrides the routes' own (a name mapped to None: no threshold)."""
     scores = scores.clamp(max=1.0)  # a cosine; rounding must not report 1.0000001
     order = sorted(range(len(routes)), key=lambda i: (-float(scores[i]), routes[i].name))
     by_name = {r.name: r for r in routes}
@@ -63,7 +64,8 @@ def decide(scores: torch.Tensor, routes: list[Route], default_route: str,
     best_score = float(scores[order[0]])
     runner_score = float(scores[order[1]]) if runner else None
     threshold = thresholds[best.name] if thresholds is not None and best.name in thresholds else best.threshold
-    if threshold is not None and best_score < threshold:
+    too_close = margin is not None and runner is not None and best_score - runner_score < margin
+    if best.name != default_route and ((threshold is not None and best_score < threshold) or too_close):
         d = by_name[default_route]
         return Decision(d.name, d.target, best_score, best.name, best_score, True, score_map)
     return Decision(best.name, best.target, best_score, runner.name if runner else None, runner_score, False,

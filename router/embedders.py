@@ -10,7 +10,8 @@
 
 Every input is bounded: at most ``max_tokens`` tokens of it are embedded, the
 end of the text (where a request's latest words are), plus the whole template.
-``embed_one`` says whether it cut.
+``embed_one`` says whether it cut. A ``context`` (a conversation's earlier
+turns) is put before the text, cut to its last ``context_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Embedder(Protocol):
 
     def embed(self, texts: list[str]) -> torch.Tensor: ...
 
-    def embed_one(self, text: str) -> tuple[torch.Tensor, bool]: ...  # (d,) and whether the input was cut
+    def embed_one(self, text: str, context: str = "") -> tuple[torch.Tensor, bool]: ...  # (d,), input cut?
 
 
 def tail(text: str, chars: int) -> tuple[str, bool]:
@@ -52,7 +53,8 @@ def _digest(*parts: str) -> str:
 
 
 class SentenceTransformerEmbedder:
-    def __init__(self, path: str | Path | None = None, device: str = "cpu", max_tokens: int = 512):
+    def __init__(self, path: str | Path | None = None, device: str = "cpu", max_tokens: int = 512,
+                 context_tokens: int = 128):
         from sentence_transformers import SentenceTransformer
 
         self.path = Path(path) if path else minilm_path()
@@ -64,15 +66,26 @@ class SentenceTransformerEmbedder:
         size = str(weights.stat().st_size) if weights else ""
         self.fingerprint = f"st-{self.path.name}-{_digest(str(self.path.resolve()), size)}"
         self.max_chars = 8 * max_tokens  # the model cuts to its own max_seq_length in tokens after this
+        self.context_tokens = context_tokens
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         out = self.model.encode([tail(t, self.max_chars)[0] for t in texts], normalize_embeddings=True,
                                 convert_to_tensor=True, show_progress_bar=False)
         return out.detach().float().cpu()
 
-    def embed_one(self, text: str) -> tuple[torch.Tensor, bool]:
+    def with_context(self, text: str, context: str) -> str:
+        """The context's last tokens, as many as fit before the text in the model's window (it cuts the end)."""
+        tok = self.model.tokenizer
+        room = min(self.context_tokens, self.model.max_seq_length - 3
+                   - len(tok(text, add_special_tokens=False)["input_ids"]))
+        if room <= 0:
+            return text
+        ids = tok(tail(context, 8 * room)[0], add_special_tokens=False)["input_ids"][-room:]
+        return f"{tok.decode(ids)}\n{text}" if ids else text
+
+    def embed_one(self, text: str, context: str = "") -> tuple[torch.Tensor, bool]:
         cut, truncated = tail(text, self.max_chars)
-        return self.embed([cut])[0], truncated
+        return self.embed([self.with_context(cut, context) if context else cut])[0], truncated
 
 
 def suffix_template() -> str:
@@ -85,55 +98,66 @@ class DecoderSuffixEmbedder:
 
     def __init__(self, name: str, tokenizer, hidden: Callable[[list[int], int], torch.Tensor],
                  template: str | None = None, layer: int = -1, suffix: bool = True, pooling: str = "mean",
-                 max_tokens: int = 512, ahidden: Callable | None = None):
+                 max_tokens: int = 512, ahidden: Callable | None = None, context_tokens: int = 128):
         self.tokenizer, self.hidden, self.ahidden, self.layer, self.suffix = tokenizer, hidden, ahidden, layer, suffix
         if pooling not in ("mean", "last"):
             raise UserError(f"pooling must be mean or last, got {pooling!r}")
         if max_tokens < 1:
             raise UserError("the router's max_input_tokens must be at least 1")
-        self.pooling, self.max_tokens = pooling, max_tokens
+        self.pooling, self.max_tokens, self.context_tokens = pooling, max_tokens, context_tokens
         self.template = template if template is not None else suffix_template()
         if "{input}" not in self.template:
             raise UserError("the router suffix template must contain {input}")
         head, tail_text = self.template.split("{input}", 1)
         encode = self._encode
         self.head_ids, self.tail_ids = (encode(head), encode(tail_text)) if suffix else ([], [])
+        self.sep_ids = encode("\n")
         self.fingerprint = f"decoder-{name}-{_digest(self.template, str(layer), str(suffix), pooling, 'parts')}"
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def prepare(self, text: str) -> tuple[list[int], int, bool]:
-        """(token ids to run, how many at the end to pool, whether the input was cut to max_tokens)."""
-        chars, ids = 8 * self.max_tokens, []
-        while True:  # tokenize only a tail of the text, wide enough to hold max_tokens tokens
+    def _tail_ids(self, text: str, limit: int) -> tuple[list[int], bool]:
+        """The last ``limit`` tokens of ``text``, and whether that cut anything; only a tail of the text, wide
+        enough to hold them, is tokenized."""
+        chars = 8 * limit
+        while True:
             cut, short = tail(text, chars)
             ids = self._encode(cut)
-            if not short or len(ids) > self.max_tokens:
+            if not short or len(ids) > limit:
                 break
             chars *= 4
-        truncated = len(ids) > self.max_tokens
-        ids = ids[-self.max_tokens:]
+        return ids[-limit:], len(ids) > limit
+
+    def prepare(self, text: str, context: str = "") -> tuple[list[int], int, bool]:
+        """(token ids to run, how many at the end to pool, whether the input was cut to max_tokens)."""
+        ids, truncated = self._tail_ids(text, self.max_tokens)
         if not ids:
             raise UserError("the text to embed has no tokens")
+        if context and self.context_tokens > 0:
+            before = self._tail_ids(context, self.context_tokens)[0]
+            ids = before + self.sep_ids + ids if before else ids
+            n = len(ids) - len(before) - len(self.sep_ids) if before else len(ids)
+        else:
+            n = len(ids)
         full = self.head_ids + ids + self.tail_ids
-        return full, len(self.tail_ids) if self.suffix else len(ids), truncated
+        return full, len(self.tail_ids) if self.suffix else n, truncated
 
     def pool(self, states: torch.Tensor, n: int) -> torch.Tensor:
         states = states[-n:].float()
         pooled = states.mean(0) if self.pooling == "mean" else states[-1]
         return torch.nn.functional.normalize(pooled, dim=0).cpu()
 
-    def embed_one(self, text: str) -> tuple[torch.Tensor, bool]:
-        ids, n, truncated = self.prepare(text)
+    def embed_one(self, text: str, context: str = "") -> tuple[torch.Tensor, bool]:
+        ids, n, truncated = self.prepare(text, context)
         return self.pool(self.hidden(ids, self.layer), n), truncated
 
-    async def aembed_one(self, text: str) -> tuple[torch.Tensor, bool]:
+    async def aembed_one(self, text: str, context: str = "") -> tuple[torch.Tensor, bool]:
         if self.ahidden is None:
             import asyncio
 
-            return await asyncio.to_thread(self.embed_one, text)
-        ids, n, truncated = self.prepare(text)
+            return await asyncio.to_thread(self.embed_one, text, context)
+        ids, n, truncated = self.prepare(text, context)
         return self.pool(await self.ahidden(ids, self.layer), n), truncated
 
     def embed(self, texts: list[str]) -> torch.Tensor:
@@ -152,7 +176,7 @@ def hf_hidden(model) -> Callable[[list[int], int], torch.Tensor]:
 
 
 def load_decoder_path(path: str | Path, layer: int = -1, suffix: bool = True, pooling: str = "mean",
-                      max_tokens: int = 512) -> DecoderSuffixEmbedder:
+                      max_tokens: int = 512, context_tokens: int = 128) -> DecoderSuffixEmbedder:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -160,4 +184,5 @@ def load_decoder_path(path: str | Path, layer: int = -1, suffix: bool = True, po
         raise UserError(f"no causal LM checkpoint at {path}")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     return DecoderSuffixEmbedder(path.name, AutoTokenizer.from_pretrained(str(path)), hf_hidden(model),
-                                 layer=layer, suffix=suffix, pooling=pooling, max_tokens=max_tokens)
+                                 layer=layer, suffix=suffix, pooling=pooling, max_tokens=max_tokens,
+                                 context_tokens=context_tokens)

@@ -2,12 +2,19 @@
 
 The exemplar matrix is rebuilt lazily when the store's version changes, so an
 edit takes effect on the next request; cached embeddings make that cheap.
+
+Scores are centred: the mean of the store's exemplar embeddings is subtracted
+from every exemplar and query before the cosine. Language-model embeddings sit
+in a narrow cone (every text scores 0.93-0.99 against every route with the
+decoder-suffix embedder); centring spreads them so that thresholds and a margin
+can tell a clear winner from a guess.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -17,18 +24,33 @@ from compression.errors import UserError
 from router.cache import EmbeddingCache
 from router.decision import Decision, decide, route_scores
 from router.embedders import Embedder
-from router.store import ExemplarStore, Route, StoreError
+from router.store import Calibration, ExemplarStore, Route, StoreError
 
 log = logging.getLogger("branchserve.router")
 
-def request_text(messages: list[dict], mode: Literal["last_user", "conversation"] = "last_user") -> str:
-    """What the router embeds: the last user message, or the whole conversation."""
+InputMode = Literal["last_user", "context", "conversation"]
+
+
+def route_input(messages: list[dict], mode: InputMode = "context") -> tuple[str, str]:
+    """What the router embeds, as (text, context): the last user message, alone (``last_user``) or with the
+    turns before it as context (``context``; the embedder keeps the context's last tokens); or the whole
+    conversation as one text (``conversation``)."""
     if mode == "conversation":
-        return "\n".join(f"{m['role']}: {m['content']}" for m in messages if m.get("content"))
-    for m in reversed(messages):
-        if m["role"] == "user" and m.get("content"):
-            return m["content"]
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages if m.get("content")), ""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "user" and messages[i].get("content"):
+            if mode == "last_user":
+                return messages[i]["content"], ""
+            before = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:i]
+                               if m.get("content") and m["role"] in ("user", "assistant"))
+            return messages[i]["content"], before
     raise StoreError("the router needs a user message to route on")
+
+
+def request_text(messages: list[dict], mode: InputMode = "last_user") -> str:
+    """The input as one string (what a log or a test shows)."""
+    text, context = route_input(messages, mode)
+    return f"{context}\n{text}" if context else text
 
 
 def check_routes(store: ExemplarStore, default_route: str, targets: set[str] | None) -> None:
@@ -43,6 +65,18 @@ def check_routes(store: ExemplarStore, default_route: str, targets: set[str] | N
                                 f"(served: {', '.join(sorted(targets))})")
 
 
+@dataclass
+class _Built:
+    """What a store version scores with: its routes, the exemplar matrix (centred, when ``mean`` is set), each
+    row's route index, and the store's calibration."""
+    version: int
+    routes: list[Route]
+    matrix: torch.Tensor
+    owners: torch.Tensor
+    mean: torch.Tensor | None
+    calibration: Calibration | None
+
+
 def _check_text(text) -> None:
     if not isinstance(text, str) or not text.strip():
         raise StoreError("text must be a non-empty string")
@@ -51,19 +85,38 @@ def _check_text(text) -> None:
 class Router:
     def __init__(self, store: ExemplarStore, embedder: Embedder, cache_dir: str | Path, default_route: str,
                  aggregate: Literal["max", "mean_top_k"] = "max", top_k: int = 3,
-                 input: Literal["last_user", "conversation"] = "last_user",
-                 targets: set[str] | None = None):
+                 input: InputMode = "context", targets: set[str] | None = None, center: bool = True):
         self.store, self.embedder = store, embedder
         self.default_route, self.aggregate, self.top_k, self.input = default_route, aggregate, top_k, input
+        self.center = center
         self.targets = targets  # names a route may target (None: not checked)
         check_routes(store, default_route, targets)
         self.cache = EmbeddingCache(cache_dir, embedder.fingerprint)
         self._lock = threading.Lock()
-        self._built = (-1, [], torch.empty(0, 0), torch.empty(0, dtype=torch.long))
+        self._built = _Built(-1, [], torch.empty(0, 0), torch.empty(0, dtype=torch.long), None, None)
         self._rejected = -1
         self._current()  # embed the exemplars now, not on the first request
+        fitted_for = self._built.calibration.fitted_for
+        if fitted_for and fitted_for != self.scoring:
+            log.warning("the thresholds in %s were fitted for %s, and this router scores with %s: refit them "
+                        "(branchserve router fit --write)", store.path, fitted_for, self.scoring)
 
-    def _current(self) -> tuple[list[Route], torch.Tensor, torch.Tensor]:
+    @property
+    def scoring(self) -> str:
+        """What a score depends on besides the exemplars: thresholds fitted under one do not fit another."""
+        parts = [self.embedder.fingerprint, "centred" if self.center else "raw", self.aggregate]
+        if self.aggregate == "mean_top_k":
+            parts.append(str(self.top_k))
+        return "/".join(parts)
+
+    def set_center(self, center: bool) -> None:
+        """Centre the scores or not from now on (the exemplar matrix is rebuilt)."""
+        with self._lock:
+            self.center = center
+            self._built.version = -1
+        self._current()
+
+    def _current(self) -> "_Built":
         """The routes and exemplar matrix, rebuilt after any edit, ours or another process's (the file is
         checked on every call: one stat). An outside change that breaks the file, drops the default route or
         targets an unserved name is logged and the last good routes keep serving."""
@@ -73,19 +126,23 @@ class Router:
             except UserError as e:
                 log.warning("ignoring the exemplar file's new contents: %s", e)
             version = self.store.version
-            if self._built[0] != version:
-                version, routes = self.store.snapshot()
+            if self._built.version != version:
+                version, routes, calibration = self.store.snapshot_all()
                 problem = self._problem(routes)
-                if problem and self._built[0] >= 0:
+                if problem and self._built.version >= 0:
                     if self._rejected != version:
                         log.warning("ignoring the exemplar file's new contents: %s", problem)
                         self._rejected = version
-                    return self._built[1], self._built[2], self._built[3]
+                    return self._built
                 texts = [e.text for r in routes for e in r.exemplars]
                 owners = torch.tensor([i for i, r in enumerate(routes) for _ in r.exemplars], dtype=torch.long)
                 matrix = self.cache.get(texts, self.embedder.embed)
-                self._built = (version, routes, matrix, owners)
-            return self._built[1], self._built[2], self._built[3]
+                mean = None
+                if self.center and len(set(owners.tolist())) >= 2:  # centring one route's exemplars says nothing
+                    mean = matrix.mean(0)
+                    matrix = torch.nn.functional.normalize(matrix - mean, dim=1)
+                self._built = _Built(version, routes, matrix, owners, mean, calibration)
+            return self._built
 
     def _problem(self, routes: list[Route]) -> str | None:
         names = {r.name for r in routes}
@@ -96,35 +153,43 @@ class Router:
                 return f"route {r.name!r} targets {r.target!r}, which is not served"
         return None
 
-    def _decide(self, query: torch.Tensor, truncated: bool, thresholds: dict | None = None) -> Decision:
-        routes, matrix, owners = self._current()
-        scores = route_scores(query, matrix, owners, len(routes), self.aggregate, self.top_k)
-        decision = decide(scores, routes, self.default_route, thresholds)
+    def _decide(self, query: torch.Tensor, truncated: bool, thresholds: dict | None = None,
+                margin: float | None | bool = True) -> Decision:
+        built = self._current()
+        if built.mean is not None:
+            query = torch.nn.functional.normalize(query - built.mean, dim=0)
+        scores = route_scores(query, built.matrix, built.owners, len(built.routes), self.aggregate, self.top_k)
+        decision = decide(scores, built.routes, self.default_route, thresholds,
+                          built.calibration.margin if margin is True else margin)
         decision.truncated = truncated
         return decision
 
-    def decide_text(self, text: str, thresholds: dict[str, float | None] | None = None) -> Decision:
-        """``thresholds`` overrides the stored ones for this decision (evaluation and fitting)."""
+    def decide_text(self, text: str, thresholds: dict[str, float | None] | None = None,
+                    margin: float | None | bool = True, context: str = "") -> Decision:
+        """``thresholds`` and ``margin`` override the stored ones for this decision (evaluation and fitting;
+        ``margin=True``: the stored one)."""
         _check_text(text)
-        return self._decide(*self.embedder.embed_one(text), thresholds)
+        return self._decide(*self.embedder.embed_one(text, context), thresholds, margin)
 
-    def decide_messages(self, messages: list[dict]) -> Decision:
-        return self.decide_text(request_text(messages, self.input))
+    def decide_messages(self, messages: list[dict], thresholds: dict[str, float | None] | None = None,
+                        margin: float | None | bool = True) -> Decision:
+        text, context = route_input(messages, self.input)
+        return self.decide_text(text, thresholds, margin, context)
 
-    async def adecide_text(self, text: str) -> Decision:
+    async def adecide_text(self, text: str, context: str = "") -> Decision:
         """As ``decide_text``, for the event loop: a served model's embedding is an engine job, awaited (and
         cancelled with the awaiting task); anything else runs in a worker thread."""
         import asyncio
 
         _check_text(text)
         if hasattr(self.embedder, "aembed_one"):
-            query, truncated = await self.embedder.aembed_one(text)
+            query, truncated = await self.embedder.aembed_one(text, context)
         else:
-            query, truncated = await asyncio.to_thread(self.embedder.embed_one, text)
+            query, truncated = await asyncio.to_thread(self.embedder.embed_one, text, context)
         return await asyncio.to_thread(self._decide, query, truncated)  # an edit may need exemplars embedded
 
     async def adecide_messages(self, messages: list[dict]) -> Decision:
-        return await self.adecide_text(request_text(messages, self.input))
+        return await self.adecide_text(*route_input(messages, self.input))
 
     # -- edits that need the router's knowledge, on top of the store's own checks
     def add_route(self, name: str, target: str, **kw) -> Route:

@@ -1,5 +1,7 @@
 """The exemplar store: a human-editable YAML file of routes and their exemplars.
 
+    margin: 0.02                    # optional: a best route this close to the runner-up falls to the default
+    fitted_for: minilm-...          # optional: the embedder the thresholds and margin were fitted with
     routes:
       math:
         target: llama-math          # a served model name (or a pipeline)
@@ -110,7 +112,28 @@ def _scalar(path: Path, node, what: str) -> str:
     return node.value
 
 
+@dataclass
+class Calibration:
+    """Store-wide settings that ``router fit`` writes next to the per-route thresholds."""
+    margin: float | None = None  # best minus runner-up below this: the default route is used
+    fitted_for: str | None = None  # the router (embedder and scoring) the thresholds and margin were fitted with
+
+
+def check_margin(value) -> float | None:
+    """A margin is a difference of cosines: a number in [0, 2], or none."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= 2:
+        raise StoreError(f"margin must be a number in [0, 2], got {value!r}")
+    return float(value)
+
+
 def parse_routes(path: Path, text: str) -> dict[str, Route]:
+    return parse_store(path, text)[0]
+
+
+def parse_store(path: Path, text: str) -> tuple[dict[str, Route], Calibration]:
     """Validate the YAML node by node, so an error can name the line it is on."""
     try:
         root = yaml.compose(text)
@@ -118,14 +141,24 @@ def parse_routes(path: Path, text: str) -> dict[str, Route]:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    calibration = Calibration()
     if root is None:
-        return {}
+        return {}, calibration
     if not isinstance(root, yaml.MappingNode):
         _fail(path, root, "expected a mapping with a 'routes' key")
     routes: dict[str, Route] = {}
     for key, value in root.value:
+        if key.value == "margin":
+            try:
+                calibration.margin = check_margin(float(_scalar(path, value, "margin")))
+            except ValueError as e:
+                _fail(path, value, str(e) if isinstance(e, StoreError) else "margin must be a number")
+            continue
+        if key.value == "fitted_for":
+            calibration.fitted_for = _scalar(path, value, "fitted_for")
+            continue
         if key.value != "routes":
-            _fail(path, key, f"unknown key {key.value!r} (expected 'routes')")
+            _fail(path, key, f"unknown key {key.value!r} (expected routes, margin or fitted_for)")
         if isinstance(value, yaml.ScalarNode) and value.value in ("", "null", "~"):
             continue
         if not isinstance(value, yaml.MappingNode):
@@ -179,7 +212,7 @@ def parse_routes(path: Path, text: str) -> dict[str, Route]:
             if not route.target:
                 _fail(path, name_node, f"route {name!r} has no target")
             routes[name] = route
-    return routes
+    return routes, calibration
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -253,7 +286,7 @@ class ExemplarStore:
                 raise UserError(f"cannot read {seed}: {e.strerror or e}") from None
         else:
             raise UserError(f"exemplar file not found: {self.path}")
-        self.routes: dict[str, Route] = parse_routes(self.path, self._text)
+        self.routes, self.calibration = parse_store(self.path, self._text)
 
     # -- reading
     def _read(self) -> tuple[str, tuple]:
@@ -283,20 +316,25 @@ class ExemplarStore:
             if key == self._key or key is None:  # a seeded store whose file is still absent
                 return False
             text, key = self._read()
-            routes = parse_routes(self.path, text)
-            self._text, self._key, self.routes = text, key, routes
+            routes, calibration = parse_store(self.path, text)
+            self._text, self._key, self.routes, self.calibration = text, key, routes, calibration
             self.version += 1
             return True
 
     def snapshot(self) -> tuple[int, list[Route]]:
         """The current routes (re-read first if another process changed the file and it is still valid)."""
+        return self.snapshot_all()[:2]
+
+    def snapshot_all(self) -> tuple[int, list[Route], Calibration]:
+        """As ``snapshot``, with the store-wide calibration of the same version."""
         with self._lock:
             try:
                 self.refresh()
             except UserError:
                 pass  # the file is broken now: the last valid routes stand (the router logs why)
-            return self.version, [Route(r.name, r.target, r.threshold, r.description, list(r.exemplars))
-                                  for r in self.routes.values()]
+            routes = [Route(r.name, r.target, r.threshold, r.description, list(r.exemplars))
+                      for r in self.routes.values()]
+            return self.version, routes, Calibration(self.calibration.margin, self.calibration.fitted_for)
 
     # -- writing
     def materialize(self) -> None:
@@ -306,8 +344,8 @@ class ExemplarStore:
                 write_atomically(self.path, self._text)
                 self._key = self._stat()
 
-    def _edit(self, change):
-        """Run ``change(doc)`` on the file's current YAML under both locks; write it; return what it returned."""
+    def _edit(self, change, whole: bool = False):
+        """Run ``change(routes)`` (``change(routes, doc)`` when ``whole``) on the file's current YAML under both locks; write it; return what it returned."""
         with self._lock, self._file_lock:
             try:
                 self.refresh()
@@ -321,13 +359,13 @@ class ExemplarStore:
             doc = yaml_rt.load(self._text) or CommentedMap()
             if doc.get("routes") is None:
                 doc["routes"] = CommentedMap()
-            result = change(doc["routes"])
+            result = change(doc["routes"], doc) if whole else change(doc["routes"])
             out = io.StringIO()
             yaml_rt.dump(doc, out)
             text = out.getvalue()
-            routes = parse_routes(self.path, text)  # what is written must read back
+            routes, calibration = parse_store(self.path, text)  # what is written must read back
             write_atomically(self.path, text)
-            self._text, self._key, self.routes = text, self._stat(), routes
+            self._text, self._key, self.routes, self.calibration = text, self._stat(), routes, calibration
             self.version += 1
             return result
 
@@ -392,16 +430,27 @@ class ExemplarStore:
 
         self._edit(change)
 
-    def set_thresholds(self, thresholds: dict[str, float | None]) -> None:
+    def set_thresholds(self, thresholds: dict[str, float | None], margin: float | None = None,
+                       fitted_for: str | None = None) -> None:
+        """Write fitted thresholds, and the margin and what they were fitted for (both at the top of the file,
+        before ``routes``; None removes them)."""
         for t in thresholds.values():
             check_threshold(t)
+        check_margin(margin)
 
-        def change(routes):
+        def change(routes, doc):
             for name, t in thresholds.items():
                 self._route(name)
                 if t is None:
                     routes[name].pop("threshold", None)
                 else:
                     routes[name]["threshold"] = t
+            for key, value in (("fitted_for", fitted_for), ("margin", margin)):
+                if value is None:
+                    doc.pop(key, None)
+                elif key in doc:
+                    doc[key] = value
+                else:
+                    doc.insert(0, key, value)
 
-        self._edit(change)
+        self._edit(change, whole=True)

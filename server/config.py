@@ -65,7 +65,13 @@ class RouterConfig(_Strict):
     seed: str = "default"
     aggregate: Literal["max", "mean_top_k"] = "max"
     top_k: int = Field(3, ge=1)
-    input: Literal["last_user", "conversation"] = "last_user"
+    # What is embedded: the last user message alone (last_user), with the earlier turns before it as context
+    # (context: at most context_tokens of them, the latest), or the whole conversation as one text.
+    input: Literal["last_user", "context", "conversation"] = "last_user"
+    context_tokens: int = Field(128, ge=0, le=8192)
+    # Subtract the mean exemplar embedding before every cosine (see router/router.py); thresholds and the
+    # margin fitted with it on do not fit with it off.
+    center: bool = True
     # At most this many tokens of a request are embedded (the end of its text), plus the suffix template.
     max_input_tokens: int = Field(512, ge=1, le=8192)
     # The /v1/router API needs one of these when any is set (also $BRANCHSERVE_ADMIN_KEY). With no key of any

@@ -10,7 +10,8 @@ from compression.errors import UserError
 from compression.report import text_table
 
 
-def _router(args):
+def _router(args, spec: str | None = None, suffix: bool | None = None, center: bool | None = None,
+            input: str | None = None):
     from router.router import Router
     from router.store import ExemplarStore
     from server.config import load_config
@@ -27,48 +28,147 @@ def _router(args):
     default = args.default_route or (rc.default_route if rc else None)
     if default is None:
         raise UserError("give --default-route NAME (the route out-of-scope texts must fall to)")
-    spec = args.embedder or (rc.embedder if rc else "minilm")
-    embedder = build_embedder(spec, args.layer, config=config, suffix=not args.no_suffix, pooling=args.pooling)
-    return Router(store, embedder, cache_dir(), default, args.aggregate, args.top_k)
+    spec = spec or (args.embedder[0] if args.embedder else None) or (rc.embedder if rc else "minilm")
+    suffix = (not args.no_suffix) if suffix is None else suffix
+    if center is None:
+        center = (rc.center if rc else True) and not args.raw
+    input = input or (args.input.split(",")[0] if args.input else None) or (rc.input if rc else "last_user")
+    embedder = build_embedder(spec, args.layer, config=config, suffix=suffix, pooling=args.pooling,
+                              context_tokens=rc.context_tokens if rc else 128)
+    return Router(store, embedder, cache_dir(), default, args.aggregate, args.top_k, input, center=center)
 
 
-def cmd_router_eval(args) -> int:
-    from router.evaluate import evaluate, read_labeled
+class _Memo:
+    """An embedder whose ``embed_one`` remembers (a comparison scores the same texts several ways)."""
 
-    examples = read_labeled(args.labeled)
-    report = evaluate(_router(args), examples)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"{report['n']} examples, accuracy {report['accuracy']:.3f}, embedder {report['embedder']}, "
-          f"latency p50 {report['latency_ms']['p50']:.1f} ms, p95 {report['latency_ms']['p95']:.1f} ms")
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    rows = [[r, fmt(m["precision"]), fmt(m["recall"]), str(m["support"])] for r, m in report["per_route"].items()]
+    def __init__(self, inner):
+        self.inner, self.fingerprint, self.seen = inner, inner.fingerprint, {}
+
+    def embed(self, texts):
+        return self.inner.embed(texts)
+
+    def embed_one(self, text, context=""):
+        if (text, context) not in self.seen:
+            self.seen[(text, context)] = self.inner.embed_one(text, context)
+        return self.seen[(text, context)]
+
+
+def _fmt(v, digits=3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _print_report(report: dict, labeled: str) -> None:
+    multi = (f", multi-turn {report['accuracy_multi_turn']:.3f} ({report['n_multi_turn']})"
+             if report["n_multi_turn"] else "")
+    print(f"{report['n']} examples in {labeled}, accuracy {report['accuracy']:.3f}{multi}; spread (best minus "
+          f"runner-up) median {_fmt(report['spread']['median'])}, p10 {_fmt(report['spread']['p10'])}; latency "
+          f"p50 {report['latency_ms']['p50']:.1f} ms, p95 {report['latency_ms']['p95']:.1f} ms")
+    print(f"scoring {report['scoring']}, input {report['input']}, margin {_fmt(report['margin'], 4)}")
+    rows = [[r, _fmt(m["precision"], 2), _fmt(m["recall"], 2), str(m["support"])]
+            for r, m in report["per_route"].items()]
     print(text_table(["route", "precision", "recall", "support"], rows))
     labels = list(report["confusion"])
     rows = [[e, *(str(report["confusion"][e][p]) for p in labels)] for e in labels]
     print("\nconfusion (rows: expected, columns: chosen)")
     print(text_table(["", *labels], rows))
+    if report["mistakes"]:
+        print(f"\nmistakes ({len(report['mistakes'])}):")
+        for m in report["mistakes"]:
+            shown = m["input"] if isinstance(m["input"], str) else " | ".join(
+                f"{t['role']}: {t['content']}" for t in m["input"])
+            print(f"  {m['expected']} -> {m['chosen']}: {shown[:100]}")
+
+
+def _variants(args, config_embedder: str | None) -> list[tuple[str, bool, bool, str]]:
+    specs = args.embedder or [s for s in ("minilm", config_embedder) if s]
+    specs = list(dict.fromkeys(specs))
+    inputs = args.input.split(",") if args.input else ["last_user", "context"]
+    out = []
+    for spec in specs:
+        for suffix in ((True, False) if spec.startswith("decoder:") else (True,)):
+            for center in (False, True):
+                for mode in inputs:
+                    out.append((spec, suffix, center, mode))
+    return out
+
+
+def cmd_router_eval(args) -> int:
+    from router.evaluate import evaluate, fit, read_labeled, report, score_examples, stored
+
+    examples = read_labeled(args.labeled)
+    if not args.compare:
+        router = _router(args)
+        if args.fit_on:
+            thresholds, margin = fit(router, read_labeled(args.fit_on))
+            result = evaluate(router, examples, thresholds, margin)
+        else:
+            result = evaluate(router, examples)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            _print_report(result, args.labeled)
+        return 0
+    from server.config import load_config
+
+    config = load_config(args.config) if args.config else None
+    fit_examples = read_labeled(args.fit_on) if args.fit_on else None
+    rows, results, routers = [], [], {}
+    for spec, suffix, center, mode in _variants(args, config.router.embedder if config and config.router else None):
+        key = (spec, suffix)
+        if key not in routers:
+            routers[key] = _router(args, spec, suffix, False, mode)
+            routers[key].embedder = _Memo(routers[key].embedder)
+        router = routers[key]
+        router.input = mode
+        router.set_center(center)
+        scored = score_examples(router, examples)
+        argmax = report(router, examples, scored, {}, None)
+        fitted = None
+        if fit_examples is not None:
+            thresholds, margin = fit(router, fit_examples)
+            fitted = report(router, examples, scored, thresholds, margin)
+        elif router.scoring == router.store.calibration.fitted_for:
+            fitted = report(router, examples, scored, *stored(router))
+        name = spec if not spec.startswith("decoder:") else f"{spec} ({'suffix' if suffix else 'no suffix'})"
+        results.append({"embedder": name, "centred": center, "input": mode, "scoring": router.scoring,
+                        "argmax": argmax, "fitted": fitted})
+        rows.append([name, "yes" if center else "no", mode, _fmt(argmax["accuracy"]),
+                     _fmt(fitted["accuracy"]) if fitted else "-",
+                     _fmt(fitted["accuracy_multi_turn"]) if fitted else _fmt(argmax["accuracy_multi_turn"]),
+                     _fmt((fitted or argmax)["spread"]["median"]), _fmt((fitted or argmax)["spread"]["p10"]),
+                     f"{argmax['latency_ms']['p50']:.1f}"])
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    fitted_on = f"fitted on {args.fit_on}" if args.fit_on else "stored thresholds"
+    print(f"{len(examples)} examples in {args.labeled}; accuracy with no thresholds (argmax) and with the "
+          f"thresholds and margin {fitted_on}; multi-turn: accuracy on the conversations alone; spread: best "
+          f"minus runner-up score; latency: one query, first run")
+    print(text_table(["embedder", "centred", "input", "argmax", "fitted", "multi-turn", "spread p50",
+                      "spread p10", "p50 ms"], rows))
     return 0
 
 
 def cmd_router_fit(args) -> int:
-    from router.evaluate import evaluate, fit_thresholds, read_labeled
+    from router.evaluate import evaluate, fit, read_labeled
 
     examples = read_labeled(args.labeled)
     router = _router(args)
     before = evaluate(router, examples)["accuracy"]
-    fitted = fit_thresholds(router, examples)
-    after = evaluate(router, examples, fitted)["accuracy"]
+    thresholds, margin = fit(router, examples)
+    after = evaluate(router, examples, thresholds, margin)["accuracy"]
     if args.write:
-        router.store.set_thresholds(fitted)
-    result = {"thresholds": fitted, "accuracy_before": before, "accuracy_after": after, "written": args.write}
+        router.store.set_thresholds(thresholds, margin, router.scoring)
+    result = {"thresholds": thresholds, "margin": margin, "fitted_for": router.scoring, "accuracy_before": before,
+              "accuracy_after": after, "written": args.write}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(text_table(["route", "threshold"], [[r, "none" if t is None else f"{t:.4f}"] for r, t in fitted.items()]))
+        print(text_table(["route", "threshold"],
+                         [[r, "none" if t is None else f"{t:.4f}"] for r, t in thresholds.items()]))
+        print(f"margin {'none' if margin is None else f'{margin:.4f}'}; fitted for {router.scoring}")
         print(f"accuracy on {args.labeled}: {before:.3f} -> {after:.3f}"
-              + (f"; thresholds written to {router.store.path}" if args.write else " (use --write to save)"))
+              + (f"; written to {router.store.path}" if args.write else " (use --write to save)"))
     return 0
 
 
@@ -131,12 +231,16 @@ def add_parsers(sub, parser_class) -> None:
     r = sub.add_parser("router", help="evaluate the router and fit its thresholds on labeled texts")
     rsub = r.add_subparsers(dest="router_command", required=True, parser_class=parser_class)
     for name, func, help_ in (("eval", cmd_router_eval, "accuracy, per-route precision/recall, confusion, latency"),
-                              ("fit", cmd_router_fit, "per-route thresholds that maximise accuracy")):
+                              ("fit", cmd_router_fit, "per-route thresholds and a margin that maximise accuracy")):
         p = rsub.add_parser(name, help=help_)
         p.add_argument("--labeled", required=True, metavar="FILE.jsonl", help='lines of {"text": ..., "route": ...}')
         p.add_argument("--config", help="server config whose router section to use")
         p.add_argument("--exemplars", help="exemplar YAML file (instead of the config's store)")
-        p.add_argument("--embedder", help="minilm | decoder:NAME | decoder:PATH | PATH")
+        p.add_argument("--embedder", action="append", metavar="SPEC",
+                       help="minilm | decoder:NAME | decoder:PATH | PATH (eval --compare: repeat it)")
+        p.add_argument("--input", help="last_user | context | conversation (default: the config's; eval "
+                                       "--compare: a comma-separated list, default last_user,context)")
+        p.add_argument("--raw", action="store_true", help="score raw cosines (no centring)")
         p.add_argument("--default-route", help="route for texts labeled none (default: the config's)")
         p.add_argument("--layer", type=int, default=-1, help="decoder embedder: hidden layer to pool")
         p.add_argument("--no-suffix", action="store_true", help="decoder embedder: pool the input, not the suffix")
@@ -145,7 +249,13 @@ def add_parsers(sub, parser_class) -> None:
         p.add_argument("--top-k", type=int, default=3)
         p.add_argument("--json", action="store_true")
         if name == "fit":
-            p.add_argument("--write", action="store_true", help="save the thresholds into the exemplar file")
+            p.add_argument("--write", action="store_true",
+                           help="save the thresholds, margin and what they fit into the exemplar file")
+        else:
+            p.add_argument("--compare", action="store_true",
+                           help="one table over embedders, suffix or not, centred or not, input modes")
+            p.add_argument("--fit-on", metavar="FILE.jsonl",
+                           help="fit thresholds and margin on this labeled set first, then evaluate")
         p.set_defaults(func=func)
 
     e = sub.add_parser("exemplars", help="list, add or remove exemplars on a running server or in a file")

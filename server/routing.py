@@ -33,10 +33,10 @@ def cache_dir() -> Path:
 
 
 def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig | None = None,
-                   suffix: bool = True, pooling: str = "mean", max_tokens: int = 512):
+                   suffix: bool = True, pooling: str = "mean", max_tokens: int = 512, context_tokens: int = 128):
     """minilm | decoder:NAME (a served model, or one named in the config) | decoder:PATH | PATH."""
     if spec == "minilm":
-        return SentenceTransformerEmbedder(max_tokens=max_tokens)
+        return SentenceTransformerEmbedder(max_tokens=max_tokens, context_tokens=context_tokens)
     if spec.startswith("decoder:"):
         name = spec.removeprefix("decoder:")
         if engine is not None and name in engine.targets:
@@ -44,11 +44,11 @@ def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig
             return DecoderSuffixEmbedder(
                 name, engine.targets[name].tokenizer, lambda ids, lyr: engine.embed_future(name, ids, lyr).result(),
                 layer=layer, suffix=suffix, pooling=pooling, max_tokens=max_tokens,
-                ahidden=lambda ids, lyr: engine.embed(name, ids, lyr))
+                ahidden=lambda ids, lyr: engine.embed(name, ids, lyr), context_tokens=context_tokens)
         if config is not None:
             for sa in config.standalone:
                 if sa.name == name:
-                    return load_decoder_path(sa.path, layer, suffix, pooling, max_tokens)
+                    return load_decoder_path(sa.path, layer, suffix, pooling, max_tokens, context_tokens)
             for fam in config.families:
                 from compression.artifact import Artifact
                 from server.engine.model import FamilyModel
@@ -60,21 +60,22 @@ def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig
                     model = FamilyModel.from_artifact(artifact, [branch])
                     return DecoderSuffixEmbedder(name, load_tokenizer(artifact.branch_dir(branch)),
                                                  lambda ids, lyr: model.hidden([ids], [0], lyr)[0], layer=layer,
-                                                 suffix=suffix, pooling=pooling, max_tokens=max_tokens)
+                                                 suffix=suffix, pooling=pooling, max_tokens=max_tokens,
+                                                 context_tokens=context_tokens)
         if Path(name).is_dir():
-            return load_decoder_path(name, layer, suffix, pooling, max_tokens)
+            return load_decoder_path(name, layer, suffix, pooling, max_tokens, context_tokens)
         raise UserError(f"embedder {spec!r}: {name!r} is neither a served model nor a checkpoint directory")
     if Path(spec).is_dir():
-        return SentenceTransformerEmbedder(spec, max_tokens=max_tokens)
+        return SentenceTransformerEmbedder(spec, max_tokens=max_tokens, context_tokens=context_tokens)
     raise UserError(f"embedder {spec!r}: use minilm, decoder:NAME or the path of a sentence-transformers model")
 
 
 def build_router(config: ServerConfig, engine, pipelines: set[str] = frozenset()) -> Router:
     rc = config.router
     embedder = build_embedder(rc.embedder, rc.layer, engine=engine, pooling=rc.pooling,
-                              max_tokens=rc.max_input_tokens)
+                              max_tokens=rc.max_input_tokens, context_tokens=rc.context_tokens)
     store = exemplar_store(rc)
     router = Router(store, embedder, cache_dir(), rc.default_route, rc.aggregate, rc.top_k, rc.input,
-                    targets=set(engine.targets) | set(pipelines))
+                    targets=set(engine.targets) | set(pipelines), center=rc.center)
     store.materialize()  # a seeded store's file appears once the server is up, not before
     return router

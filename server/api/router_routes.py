@@ -9,7 +9,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.router import request_text
+from router.router import route_input
 from router.store import MAX_TEXT, Route, StoreError
 from server.api import errors
 from server.api.protocol import ChatMessage
@@ -62,6 +62,9 @@ class RouteOut(BaseModel):
 
 class RouteList(BaseModel):
     default_route: str
+    margin: float | None  # best minus runner-up below this: the default route
+    fitted_for: str | None  # what the thresholds and margin were fitted with
+    scoring: str  # what this router scores with; thresholds fit it when it equals fitted_for
     routes: list[RouteOut]
 
 
@@ -103,8 +106,9 @@ def install_router_routes(app: FastAPI, router, admin) -> None:
              responses=errors.documented(*common))
     async def list_routes():
         r = router()
-        _, routes = r.store.snapshot()
-        return {"default_route": r.default_route, "routes": [route_json(x) for x in routes]}
+        _, routes, calibration = r.store.snapshot_all()
+        return {"default_route": r.default_route, "margin": calibration.margin, "fitted_for": calibration.fitted_for,
+                "scoring": r.scoring, "routes": [route_json(x) for x in routes]}
 
     @app.post("/v1/router/routes", status_code=201, dependencies=edits, response_model=RouteOut,
               operation_id="createRoute",
@@ -139,9 +143,9 @@ def install_router_routes(app: FastAPI, router, admin) -> None:
     async def decide(body: DecideText | DecideMessages):
         r = router()
         if isinstance(body, DecideText):
-            text = body.text
+            text, context = body.text, ""
         else:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            text = await _edit(request_text, messages, r.input)
-        decision = await _edit(r.decide_text, text)
+            text, context = await _edit(route_input, messages, r.input)
+        decision = await _edit(r.decide_text, text, context=context)
         return decision.to_json()
