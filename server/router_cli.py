@@ -112,7 +112,7 @@ def cmd_router_eval(args) -> int:
 
     config = load_config(args.config) if args.config else None
     fit_examples = read_labeled(args.fit_on) if args.fit_on else None
-    rows, results, routers = [], [], {}
+    rows, results, routers, first_ms = [], [], {}, {}
     for spec, suffix, center, mode in _variants(args, config.router.embedder if config and config.router else None):
         key = (spec, suffix)
         if key not in routers:
@@ -123,6 +123,9 @@ def cmd_router_eval(args) -> int:
         router.set_center(center)
         scored = score_examples(router, examples)
         argmax = report(router, examples, scored, {}, None)
+        # later variants reuse the embeddings: their latency is this embedder's first run
+        latency = first_ms.setdefault((spec, suffix), argmax["latency_ms"])
+        argmax["latency_ms"] = latency
         fitted = None
         if fit_examples is not None:
             thresholds, margin = fit(router, fit_examples)
@@ -136,14 +139,14 @@ def cmd_router_eval(args) -> int:
                      _fmt(fitted["accuracy"]) if fitted else "-",
                      _fmt(fitted["accuracy_multi_turn"]) if fitted else _fmt(argmax["accuracy_multi_turn"]),
                      _fmt((fitted or argmax)["spread"]["median"]), _fmt((fitted or argmax)["spread"]["p10"]),
-                     f"{argmax['latency_ms']['p50']:.1f}"])
+                     f"{latency['p50']:.1f}"])
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     fitted_on = f"fitted on {args.fit_on}" if args.fit_on else "stored thresholds"
     print(f"{len(examples)} examples in {args.labeled}; accuracy with no thresholds (argmax) and with the "
           f"thresholds and margin {fitted_on}; multi-turn: accuracy on the conversations alone; spread: best "
-          f"minus runner-up score; latency: one query, first run")
+          f"minus runner-up score; latency: one query, embedded alone")
     print(text_table(["embedder", "centred", "input", "argmax", "fitted", "multi-turn", "spread p50",
                       "spread p10", "p50 ms"], rows))
     return 0
