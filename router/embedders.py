@@ -62,9 +62,12 @@ class SentenceTransformerEmbedder:
             raise UserError(f"no sentence-transformers model at {self.path}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.model = SentenceTransformer(str(self.path), device=device)
+        # What the model is, not where it is installed: fitted thresholds name it, on any machine.
         weights = next((p for p in sorted(self.path.glob("*.safetensors"))), None)
         size = str(weights.stat().st_size) if weights else ""
-        self.fingerprint = f"st-{self.path.name}-{_digest(str(self.path.resolve()), size)}"
+        config = (self.path / "config.json").read_text() if (self.path / "config.json").is_file() else ""
+        name = "all-MiniLM-L6-v2" if path is None else self.path.name
+        self.fingerprint = f"st-{name}-{_digest(config, size)}"
         self.max_chars = 8 * max_tokens  # the model cuts to its own max_seq_length in tokens after this
         self.context_tokens = context_tokens
 
@@ -176,13 +179,16 @@ def hf_hidden(model) -> Callable[[list[int], int], torch.Tensor]:
 
 
 def load_decoder_path(path: str | Path, layer: int = -1, suffix: bool = True, pooling: str = "mean",
-                      max_tokens: int = 512, context_tokens: int = 128) -> DecoderSuffixEmbedder:
+                      max_tokens: int = 512, context_tokens: int = 128, name: str | None = None
+                      ) -> DecoderSuffixEmbedder:
+    """``name``: the model's served name, when it has one (the embeddings' fingerprint, so that a router
+    evaluated here and one serving it share their cache and fitted thresholds)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"no causal LM checkpoint at {path}")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    return DecoderSuffixEmbedder(path.name, AutoTokenizer.from_pretrained(str(path)), hf_hidden(model),
+    return DecoderSuffixEmbedder(name or path.name, AutoTokenizer.from_pretrained(str(path)), hf_hidden(model),
                                  layer=layer, suffix=suffix, pooling=pooling, max_tokens=max_tokens,
                                  context_tokens=context_tokens)

@@ -33,8 +33,8 @@ InputMode = Literal["last_user", "context", "conversation"]
 
 def route_input(messages: list[dict], mode: InputMode = "context") -> tuple[str, str]:
     """What the router embeds, as (text, context): the last user message, alone (``last_user``) or with the
-    turns before it as context (``context``; the embedder keeps the context's last tokens); or the whole
-    conversation as one text (``conversation``)."""
+    turns before it as context (``context``; the embedder keeps the context's last tokens, and the router
+    blends it with the message alone); or the whole conversation as one text (``conversation``)."""
     if mode == "conversation":
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages if m.get("content")), ""
     for i in range(len(messages) - 1, -1, -1):
@@ -85,10 +85,11 @@ def _check_text(text) -> None:
 class Router:
     def __init__(self, store: ExemplarStore, embedder: Embedder, cache_dir: str | Path, default_route: str,
                  aggregate: Literal["max", "mean_top_k"] = "max", top_k: int = 3,
-                 input: InputMode = "context", targets: set[str] | None = None, center: bool = True):
+                 input: InputMode = "context", targets: set[str] | None = None, center: bool = True,
+                 context_weight: float = 0.5):
         self.store, self.embedder = store, embedder
         self.default_route, self.aggregate, self.top_k, self.input = default_route, aggregate, top_k, input
-        self.center = center
+        self.center, self.context_weight = center, context_weight
         self.targets = targets  # names a route may target (None: not checked)
         check_routes(store, default_route, targets)
         self.cache = EmbeddingCache(cache_dir, embedder.fingerprint)
@@ -153,11 +154,39 @@ class Router:
                 return f"route {r.name!r} targets {r.target!r}, which is not served"
         return None
 
-    def _decide(self, query: torch.Tensor, truncated: bool, thresholds: dict | None = None,
+    def _query(self, built: _Built, queries: list[torch.Tensor]) -> torch.Tensor:
+        """The message alone, or blended with the message in its context: a follow-up ("and divided by 4?")
+        borrows its topic from the turns before it, and a change of topic still counts for more than they do."""
+        if built.mean is not None:
+            queries = [torch.nn.functional.normalize(q - built.mean, dim=0) for q in queries]
+        if len(queries) == 1:
+            return queries[0]
+        return torch.nn.functional.normalize(queries[0] + self.context_weight * queries[1], dim=0)
+
+    def _embed(self, text: str, context: str) -> tuple[list[torch.Tensor], bool]:
+        query, truncated = self.embedder.embed_one(text)
+        if context and self.context_weight > 0:
+            return [query, self.embedder.embed_one(text, context)[0]], truncated
+        return [query], truncated
+
+    async def _aembed(self, text: str, context: str) -> tuple[list[torch.Tensor], bool]:
+        import asyncio
+
+        if hasattr(self.embedder, "aembed_one"):
+            one = self.embedder.aembed_one
+        else:
+            async def one(t, c=""):
+                return await asyncio.to_thread(self.embedder.embed_one, t, c)
+        if context and self.context_weight > 0:
+            (query, truncated), (with_context, _) = await asyncio.gather(one(text), one(text, context))
+            return [query, with_context], truncated
+        query, truncated = await one(text)
+        return [query], truncated
+
+    def _decide(self, queries: list[torch.Tensor], truncated: bool, thresholds: dict | None = None,
                 margin: float | None | bool = True) -> Decision:
         built = self._current()
-        if built.mean is not None:
-            query = torch.nn.functional.normalize(query - built.mean, dim=0)
+        query = self._query(built, queries)
         scores = route_scores(query, built.matrix, built.owners, len(built.routes), self.aggregate, self.top_k)
         decision = decide(scores, built.routes, self.default_route, thresholds,
                           built.calibration.margin if margin is True else margin)
@@ -169,7 +198,7 @@ class Router:
         """``thresholds`` and ``margin`` override the stored ones for this decision (evaluation and fitting;
         ``margin=True``: the stored one)."""
         _check_text(text)
-        return self._decide(*self.embedder.embed_one(text, context), thresholds, margin)
+        return self._decide(*self._embed(text, context), thresholds, margin)
 
     def decide_messages(self, messages: list[dict], thresholds: dict[str, float | None] | None = None,
                         margin: float | None | bool = True) -> Decision:
@@ -182,11 +211,8 @@ class Router:
         import asyncio
 
         _check_text(text)
-        if hasattr(self.embedder, "aembed_one"):
-            query, truncated = await self.embedder.aembed_one(text, context)
-        else:
-            query, truncated = await asyncio.to_thread(self.embedder.embed_one, text, context)
-        return await asyncio.to_thread(self._decide, query, truncated)  # an edit may need exemplars embedded
+        queries, truncated = await self._aembed(text, context)
+        return await asyncio.to_thread(self._decide, queries, truncated)  # an edit may need exemplars embedded
 
     async def adecide_messages(self, messages: list[dict]) -> Decision:
         return await self.adecide_text(*route_input(messages, self.input))

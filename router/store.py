@@ -252,6 +252,19 @@ def _umask() -> int:
     return 0o022
 
 
+def _layout(text: str) -> dict:
+    """The file's indentation, for ruamel to write it back the same: mappings indent by the first indented
+    key's indentation; ruamel guesses a sequence's (its items' text) and offset (its dashes')."""
+    mapping = next((len(line) - len(line.lstrip(" ")) for line in text.splitlines()
+                    if line.startswith(" ") and not line.lstrip(" ").startswith(("-", "#"))), 2)
+    sequence, offset = 4, 2
+    if text.strip():
+        _, guessed, dash = load_yaml_guess_indent(text)
+        if guessed is not None:
+            sequence, offset = guessed, dash or 0
+    return {"mapping": mapping or 2, "sequence": sequence, "offset": offset}
+
+
 def _round_trip() -> YAML:
     y = YAML(typ="rt")
     y.width = 100
@@ -352,10 +365,7 @@ class ExemplarStore:
             except UserError as e:
                 raise StoreError(f"the exemplar file is not valid now, fix it first: {e}") from None
             yaml_rt = _round_trip()
-            indent, seq_indent = 2, 4
-            if self._text.strip():
-                _, indent, seq_indent = load_yaml_guess_indent(self._text)
-            yaml_rt.indent(mapping=indent or 2, sequence=seq_indent or 4, offset=max((seq_indent or 4) - 2, 0))
+            yaml_rt.indent(**_layout(self._text))
             doc = yaml_rt.load(self._text) or CommentedMap()
             if doc.get("routes") is None:
                 doc["routes"] = CommentedMap()

@@ -65,10 +65,12 @@ class RouterConfig(_Strict):
     seed: str = "default"
     aggregate: Literal["max", "mean_top_k"] = "max"
     top_k: int = Field(3, ge=1)
-    # What is embedded: the last user message alone (last_user), with the earlier turns before it as context
-    # (context: at most context_tokens of them, the latest), or the whole conversation as one text.
-    input: Literal["last_user", "context", "conversation"] = "last_user"
+    # What is embedded: the last user message alone (last_user); that, blended (context_weight) with the
+    # message after the earlier turns (context: at most context_tokens of them, the latest); or the whole
+    # conversation as one text.
+    input: Literal["last_user", "context", "conversation"] = "context"
     context_tokens: int = Field(128, ge=0, le=8192)
+    context_weight: float = Field(0.5, ge=0, le=10)
     # Subtract the mean exemplar embedding before every cosine (see router/router.py); thresholds and the
     # margin fitted with it on do not fit with it off.
     center: bool = True

@@ -35,7 +35,9 @@ def _router(args, spec: str | None = None, suffix: bool | None = None, center: b
     input = input or (args.input.split(",")[0] if args.input else None) or (rc.input if rc else "last_user")
     embedder = build_embedder(spec, args.layer, config=config, suffix=suffix, pooling=args.pooling,
                               context_tokens=rc.context_tokens if rc else 128)
-    return Router(store, embedder, cache_dir(), default, args.aggregate, args.top_k, input, center=center)
+    weight = args.context_weight if args.context_weight is not None else rc.context_weight if rc else 0.5
+    return Router(store, embedder, cache_dir(), default, args.aggregate, args.top_k, input, center=center,
+                  context_weight=weight)
 
 
 class _Memo:
@@ -244,6 +246,8 @@ def add_parsers(sub, parser_class) -> None:
         p.add_argument("--input", help="last_user | context | conversation (default: the config's; eval "
                                        "--compare: a comma-separated list, default last_user,context)")
         p.add_argument("--raw", action="store_true", help="score raw cosines (no centring)")
+        p.add_argument("--context-weight", type=float, help="input context: weight of the message in its "
+                                                             "context against the message alone")
         p.add_argument("--default-route", help="route for texts labeled none (default: the config's)")
         p.add_argument("--layer", type=int, default=-1, help="decoder embedder: hidden layer to pool")
         p.add_argument("--no-suffix", action="store_true", help="decoder embedder: pool the input, not the suffix")

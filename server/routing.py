@@ -48,7 +48,7 @@ def build_embedder(spec: str, layer: int = -1, engine=None, config: ServerConfig
         if config is not None:
             for sa in config.standalone:
                 if sa.name == name:
-                    return load_decoder_path(sa.path, layer, suffix, pooling, max_tokens, context_tokens)
+                    return load_decoder_path(sa.path, layer, suffix, pooling, max_tokens, context_tokens, name)
             for fam in config.families:
                 from compression.artifact import Artifact
                 from server.engine.model import FamilyModel
@@ -76,6 +76,7 @@ def build_router(config: ServerConfig, engine, pipelines: set[str] = frozenset()
                               max_tokens=rc.max_input_tokens, context_tokens=rc.context_tokens)
     store = exemplar_store(rc)
     router = Router(store, embedder, cache_dir(), rc.default_route, rc.aggregate, rc.top_k, rc.input,
-                    targets=set(engine.targets) | set(pipelines), center=rc.center)
+                    targets=set(engine.targets) | set(pipelines), center=rc.center,
+                    context_weight=rc.context_weight)
     store.materialize()  # a seeded store's file appears once the server is up, not before
     return router

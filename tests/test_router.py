@@ -568,3 +568,99 @@ def test_kill_9_during_100_concurrent_adds_loses_no_acknowledged_one(tiny_models
         assert d["route"] == "code" and d["score"] == pytest.approx(1.0, abs=1e-4)
     finally:
         proc.kill()
+
+
+# -- calibration: centring, margin, conversations, the eval that shows it
+
+def test_margin_sends_a_close_call_to_the_default_route():
+    routes = [Route("a", "A"), Route("b", "B"), Route("dflt", "D")]
+    close = torch.tensor([0.61, 0.60, 0.1])
+    assert decide(close, routes, "dflt").route == "a"
+    d = decide(close, routes, "dflt", margin=0.05)
+    assert (d.route, d.fallback, d.score) == ("dflt", True, pytest.approx(0.61))
+    assert decide(torch.tensor([0.9, 0.6, 0.1]), routes, "dflt", margin=0.05).route == "a"
+    # the default route winning a close call is no fallback
+    assert decide(torch.tensor([0.1, 0.60, 0.61]), routes, "dflt", margin=0.05).fallback is False
+
+
+def test_centring_spreads_a_decoders_scores_and_follows_edits(tmp_path, tiny_models):
+    """A causal LM's pooled hidden states share one direction: raw cosines all sit near 1. Centred on the
+    exemplars' mean, the same texts get the same winners with scores far apart."""
+    emb = load_decoder_path(tiny_models["phi3"])
+    ex = write_exemplars(tmp_path / "ex.yaml")
+    raw = Router(ExemplarStore(ex), emb, tmp_path / "cache", "general", center=False)
+    centred = Router(ExemplarStore(ex), emb, tmp_path / "cache", "general")
+    for text in ("Compute 81 divided by 9.", "Write a Python function to sort."):
+        a, b = raw.decide_text(text), centred.decide_text(text)
+        assert a.route == b.route
+        assert min(a.scores.values()) > 0.8  # the cone
+        assert max(b.scores.values()) - min(b.scores.values()) > 3 * (max(a.scores.values()) - min(a.scores.values()))
+    mean = centred._current().mean.clone()
+    centred.store.add_exemplar("code", "How do I exit vim?")
+    assert not torch.allclose(centred._current().mean, mean)  # the mean follows the exemplars
+    assert centred.scoring.endswith("/centred/max") and raw.scoring.endswith("/raw/max")
+
+
+def test_a_follow_up_is_routed_with_its_conversation(tmp_path, minilm):
+    ex = write_exemplars(tmp_path / "ex.yaml")
+    conversation = [{"role": "user", "content": "Write a Python function to reverse a list."},
+                    {"role": "assistant", "content": "def rev(xs): return xs[::-1]"},
+                    {"role": "user", "content": "can you add type hints?"}]
+    alone = Router(ExemplarStore(ex), minilm, tmp_path / "cache", "general", input="last_user")
+    in_context = Router(ExemplarStore(ex), minilm, tmp_path / "cache", "general", input="context")
+    assert alone.decide_messages(conversation).route != "code"
+    assert in_context.decide_messages(conversation).route == "code"
+    # a change of topic still wins over the turns before it
+    switch = [*conversation[:2], {"role": "user", "content": "thanks! what should I cook for dinner tonight?"}]
+    assert in_context.decide_messages(switch).route == "general"
+
+
+def test_fit_writes_margin_and_what_it_fitted_keeping_the_layout(tmp_path, capsys, monkeypatch, minilm):
+    monkeypatch.setenv("BRANCHSERVE_HOME", str(tmp_path / "home"))
+    ex = tmp_path / "ex.yaml"
+    ex.write_text("# mine\nroutes:\n  math:\n    target: math\n    exemplars:\n      - What is 17 times 23?\n"
+                  "      - Compute the sum of 48 and 95.\n  general:\n    target: phi3\n    exemplars:\n"
+                  "      - Tell me about the history of Rome.\n")
+    labeled = tmp_path / "labeled.jsonl"
+    rows = [{"text": "Multiply 12 by 12.", "route": "math"}, {"text": "what is 5 plus 9", "route": "math"},
+            {"text": "Who built the pyramids?", "route": "general"}, {"text": "xqzt", "route": "none"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"},
+                          {"role": "user", "content": "how are you?"}], "route": "general"}]
+    labeled.write_text("\n".join(json.dumps(r) for r in rows))
+    fit = ["router", "fit", "--labeled", str(labeled), "--exemplars", str(ex), "--default-route", "general"]
+    assert main([*fit, "--json", "--write"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["fitted_for"].startswith("st-all-MiniLM-L6-v2-") and result["fitted_for"].endswith("/centred/max")
+    text = ex.read_text()
+    assert text.startswith("# mine\n") and f"fitted_for: {result['fitted_for']}" in text
+    assert "\n      - What is 17 times 23?\n" in text  # the file's own indentation
+    store = ExemplarStore(ex)
+    assert store.calibration.fitted_for == result["fitted_for"] and store.calibration.margin == result["margin"]
+    args = ["router", "eval", "--labeled", str(labeled), "--exemplars", str(ex), "--default-route", "general"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"] == result["accuracy_after"] and report["n_multi_turn"] == 1
+    assert report["spread"]["median"] > 0
+    assert main([*args, "--compare", "--embedder", "minilm"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("minilm") == 4 and "spread p50" in table  # centred or not, last_user or context
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "assistant", "content": "x"}], "route": "math"}\n')
+    assert main(["router", "eval", "--labeled", str(bad), "--exemplars", str(ex), "--default-route", "general"]) == 2
+    assert f"{bad}:1: messages must" in capsys.readouterr().err
+
+
+def test_a_margin_out_of_range_in_the_file_names_its_line(tmp_path):
+    ex = tmp_path / "ex.yaml"
+    ex.write_text("margin: 3\nroutes:\n  a:\n    target: a\n    exemplars: [x]\n")
+    with pytest.raises(UserError, match=r"ex.yaml:1: margin must be a number in \[0, 2\]"):
+        ExemplarStore(ex)
+
+
+def test_thresholds_fitted_for_another_scoring_are_flagged(tmp_path, minilm, caplog):
+    ex = tmp_path / "ex.yaml"
+    ex.write_text("fitted_for: decoder-phi3-0123/centred/max\nmargin: 0.05\n"
+                  + yaml.safe_dump(EXEMPLARS, sort_keys=False))
+    with caplog.at_level("WARNING", logger="branchserve.router"):
+        router = Router(ExemplarStore(ex), minilm, tmp_path / "cache", "general")
+    assert "fitted for decoder-phi3-0123/centred/max" in caplog.text and router.scoring in caplog.text

@@ -123,7 +123,7 @@ def demo_config(log=_log) -> ServerConfig:
         "families": [{"artifact": str(artifact), "sampling": {"temperature": 0}}],
         # SmolLM2's model card suggests a low temperature; requests may still set their own.
         "standalone": [{"name": "smollm2", "path": str(chat_model), "sampling": {"temperature": 0.2, "top_p": 0.9}}],
-        "router": {"default_route": "chat", "embedder": "decoder:smollm2", "seed": "demo",
+        "router": {"default_route": "chat", "embedder": "minilm", "seed": "demo",
                    "exemplars": str(home / "demo" / "exemplars.yaml")},
         "pipelines": [{"name": "add-sentence", "stages": [
             {"model": "add", "template": "stage1/passthrough", "max_tokens": 4},
