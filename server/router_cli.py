@@ -32,7 +32,7 @@ def _router(args, spec: str | None = None, suffix: bool | None = None, center: b
     suffix = (not args.no_suffix) if suffix is None else suffix
     if center is None:
         center = (rc.center if rc else True) and not args.raw
-    input = input or (args.input.split(",")[0] if args.input else None) or (rc.input if rc else "last_user")
+    input = input or (args.input.split(",")[0] if args.input else None) or (rc.input if rc else "context")
     embedder = build_embedder(spec, args.layer, config=config, suffix=suffix, pooling=args.pooling,
                               context_tokens=rc.context_tokens if rc else 128)
     weight = args.context_weight if args.context_weight is not None else rc.context_weight if rc else 0.5
@@ -110,8 +110,12 @@ def cmd_router_eval(args) -> int:
         else:
             _print_report(result, args.labeled)
         return 0
+    import logging
+
     from server.config import load_config
 
+    # the variants score in other ways than the store's thresholds were fitted for: that is the point here
+    logging.getLogger("branchserve.router").setLevel(logging.ERROR)
     config = load_config(args.config) if args.config else None
     fit_examples = read_labeled(args.fit_on) if args.fit_on else None
     rows, results, routers, first_ms = [], [], {}, {}
