@@ -46,6 +46,16 @@ def route_scores(query: torch.Tensor, matrix: torch.Tensor, owners: torch.Tensor
     return scores
 
 
+def falls_back(best: str, default_route: str, score: float, threshold: float | None, lead: float | None,
+               margin: float | None) -> bool:
+    """Whether the best route gives way to the default route: it scored under its threshold, or it leads the
+    runner-up by less than the margin (``lead`` None: there is no runner-up)."""
+    if best == default_route:
+        return False
+    return (threshold is not None and score < threshold) or (margin is not None and lead is not None
+                                                              and lead < margin)
+
+
 def decide(scores: torch.Tensor, routes: list[Route], default_route: str,
            thresholds: dict[str, float | None] | None = None, margin: float | None = None) -> Decision:
     """Best route wins if it clears its threshold and leads the runner-up by at least ``margin``; otherwise the
@@ -64,8 +74,8 @@ def decide(scores: torch.Tensor, routes: list[Route], default_route: str,
     best_score = float(scores[order[0]])
     runner_score = float(scores[order[1]]) if runner else None
     threshold = thresholds[best.name] if thresholds is not None and best.name in thresholds else best.threshold
-    too_close = margin is not None and runner is not None and best_score - runner_score < margin
-    if best.name != default_route and ((threshold is not None and best_score < threshold) or too_close):
+    lead = best_score - runner_score if runner else None
+    if falls_back(best.name, default_route, best_score, threshold, lead, margin):
         d = by_name[default_route]
         return Decision(d.name, d.target, best_score, best.name, best_score, True, score_map)
     return Decision(best.name, best.target, best_score, runner.name if runner else None, runner_score, False,

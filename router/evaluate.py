@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compression.errors import UserError
+from router.decision import falls_back
 from router.router import Router
 
 NONE = "none"
@@ -115,11 +116,8 @@ def score_examples(router: Router, examples: list[Example]) -> list[Scored]:
 
 
 def choose(s: Scored, default: str, thresholds: dict[str, float | None], margin: float | None) -> str:
-    """The route ``s`` reaches under these thresholds and margin (as router.decision.decide chooses)."""
-    if s.best is None or s.best == default:
-        return default
-    t = thresholds.get(s.best)
-    if (t is not None and s.score < t) or (margin is not None and s.spread < margin):
+    """The route ``s`` reaches under these thresholds and margin (the rule router.decision.decide applies)."""
+    if s.best is None or falls_back(s.best, default, s.score, thresholds.get(s.best), s.spread, margin):
         return default
     return s.best
 
@@ -168,10 +166,32 @@ def evaluate(router: Router, examples: list[Example], thresholds: dict[str, floa
                   saved_t if thresholds is None else thresholds, saved_m if margin is True else margin)
 
 
+def _cut(a: float, b: float | None) -> float:
+    """A cut point midway between neighbouring values (a cut on a value itself overfits); past the last one,
+    just above it."""
+    return round((a + b) / 2, 6) if b is not None else round(a + 1e-6, 6)
+
+
 def _cuts(values: list[float]) -> list[float]:
-    """Candidate cut points: midway between neighbouring values (a cut on a value itself overfits)."""
     v = sorted(set(round(x, 6) for x in values))
-    return [round((a + b) / 2, 6) for a, b in zip(v, v[1:])] + ([round(v[-1] + 1e-6, 6)] if v else [])
+    return [_cut(a, b) for a, b in zip(v, v[1:] + [None])]
+
+
+def _threshold(rows: list[Scored], route: str, default: str) -> tuple[float | None, int]:
+    """The threshold on ``route`` that gets the most of ``rows`` (its examples) right, and how many: one pass
+    over the rows by score, counting what falls below each cut and what stays above it. Ties: the lowest."""
+    rows = sorted(rows, key=lambda s: s.score)
+    best_t, best_right = None, sum(s.want == route for s in rows)
+    fell, kept = 0, best_right  # below the cut and wanting the default; above it and wanting the route
+    for i, s in enumerate(rows):
+        fell += s.want == default
+        kept -= s.want == route
+        after = rows[i + 1].score if i + 1 < len(rows) else None
+        if after is not None and round(after, 6) == round(s.score, 6):
+            continue  # no cut between equal scores
+        if fell + kept > best_right:
+            best_t, best_right = _cut(round(s.score, 6), None if after is None else round(after, 6)), fell + kept
+    return best_t, best_right
 
 
 def fit(router: Router, examples: list[Example], scored: list[Scored] | None = None,
@@ -199,11 +219,7 @@ def fit(router: Router, examples: list[Example], scored: list[Scored] | None = N
                 continue
             kept = [s for s in rows if margin is None or s.spread >= margin]
             total += sum(s.want == default for s in rows if margin is not None and s.spread < margin)
-            best_t, best_right = None, sum(s.want == route for s in kept)
-            for t in _cuts([s.score for s in kept]):
-                right = sum((s.want == default) if s.score < t else (s.want == route) for s in kept)
-                if right > best_right:
-                    best_t, best_right = t, right
+            best_t, best_right = _threshold(kept, route, default)
             fitted[route] = None if best_t is None else min(best_t, 1.0)
             total += best_right
         total += sum(s.want == default for s in scored if s.best is None)

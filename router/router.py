@@ -47,12 +47,6 @@ def route_input(messages: list[dict], mode: InputMode = "context") -> tuple[str,
     raise StoreError("the router needs a user message to route on")
 
 
-def request_text(messages: list[dict], mode: InputMode = "last_user") -> str:
-    """The input as one string (what a log or a test shows)."""
-    text, context = route_input(messages, mode)
-    return f"{context}\n{text}" if context else text
-
-
 def check_routes(store: ExemplarStore, default_route: str, targets: set[str] | None) -> None:
     """At start: the default route exists and every route targets something served."""
     if default_route not in store.routes:

@@ -664,3 +664,29 @@ def test_thresholds_fitted_for_another_scoring_are_flagged(tmp_path, minilm, cap
     with caplog.at_level("WARNING", logger="branchserve.router"):
         router = Router(ExemplarStore(ex), minilm, tmp_path / "cache", "general")
     assert "fitted for decoder-phi3-0123/centred/max" in caplog.text and router.scoring in caplog.text
+
+
+def test_the_fitted_threshold_is_the_best_cut_point():
+    """The one-pass threshold search agrees with trying every cut point (ties to the lowest)."""
+    import random
+
+    from router.evaluate import Scored, _cuts, _threshold
+
+    rng = random.Random(0)
+    for _ in range(200):
+        rows = [Scored(rng.choice(["r", "dflt", "other"]), "r", round(rng.choice([0.1, 0.2, 0.3, rng.random()]), 6),
+                       None, 0.0) for _ in range(rng.randint(1, 12))]
+        best_t, best_right = None, sum(s.want == "r" for s in rows)
+        for t in _cuts([s.score for s in rows]):
+            right = sum((s.want == "dflt") if s.score < t else (s.want == "r") for s in rows)
+            if right > best_right:
+                best_t, best_right = t, right
+        assert _threshold(rows, "r", "dflt") == (best_t, best_right)
+
+
+def test_a_huge_earlier_turn_is_cut_to_context_tokens(tiny_models):
+    emb = load_decoder_path(tiny_models["phi3"], max_tokens=64, context_tokens=16)
+    alone, n, _ = emb.prepare("What is 12 times 11?")
+    ids, n_ctx, truncated = emb.prepare("What is 12 times 11?", context="user: lorem ipsum dolor " * 200_000)
+    assert len(ids) <= len(alone) + 16 + len(emb.sep_ids) and not truncated
+    assert ids[-len(emb.tail_ids):] == emb.tail_ids and n_ctx == n == len(emb.tail_ids)
