@@ -22,6 +22,17 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# ChatML that renders tools and tool calls the way Hermes-style models (Qwen2.5, Hermes 3) are trained to.
+TOOLS_CHAT_TEMPLATE = (
+    "{%- if tools %}{{ '<|im_start|>system\nYou may call functions. <tools>' }}"
+    "{%- for t in tools %}{{ t | tojson }}{% endfor %}"
+    "{{ '</tools> To call one, reply <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') }}"
+    "{%- for call in message.tool_calls or [] %}{{ '<tool_call>' + (call.function | tojson) + '</tool_call>' }}"
+    "{%- endfor %}{{ '<|im_end|>\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 
@@ -175,7 +186,7 @@ def build_family(
     return members
 
 
-def build_standalone(path: Path, seed: int = 0, init_std: float = 0.2) -> Path:
+def build_standalone(path: Path, seed: int = 0, init_std: float = 0.2, chat_template: str = CHAT_TEMPLATE) -> Path:
     """A tiny random Phi-3 checkpoint (another architecture than the family) with the same tokenizer."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -189,7 +200,7 @@ def build_standalone(path: Path, seed: int = 0, init_std: float = 0.2) -> Path:
     model = Phi3ForCausalLM(cfg)
     path = Path(path)
     model.save_pretrained(path)
-    write_tokenizer(path)
+    write_tokenizer(path, chat_template)
     return path
 
 

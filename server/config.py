@@ -89,6 +89,16 @@ class StageConfig(_Strict):
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = []
+    # At most one constraint on the stage's output (constrained decoding); a template may declare its own.
+    json_schema: dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        if sum(x is not None for x in (self.json_schema, self.regex, self.choice)) > 1:
+            raise ValueError("a stage takes at most one of json_schema, regex and choice")
+        return self
 
 
 class PipelineConfig(_Strict):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,6 +26,7 @@ from server.config import PipelineConfig, StageConfig
 from server.engine.runner import Event
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Engine
+from server.engine.structured import Constraint, ConstraintError
 from server.engine.text import render_chat
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
@@ -33,13 +36,17 @@ def prompts_dir() -> Path:
     return Path(str(resources.files("prompts")))
 
 
-def load_template(ref: str, allowed: set[str], where: str) -> jinja2.Template:
-    """``ref``: a name under prompts/pipelines/ (without .jinja) or a path to a .jinja file."""
+def template_source(ref: str, where: str) -> tuple[Path, str]:
     path = Path(ref) if ref.endswith(".jinja") else prompts_dir() / "pipelines" / f"{ref}.jinja"
     try:
-        source = path.read_text()
+        return path, path.read_text()
     except OSError:
         raise UserError(f"{where}: template not found: {path}") from None
+
+
+def load_template(ref: str, allowed: set[str], where: str) -> jinja2.Template:
+    """``ref``: a name under prompts/pipelines/ (without .jinja) or a path to a .jinja file."""
+    path, source = template_source(ref, where)
     try:
         ast = _ENV.parse(source)
     except jinja2.TemplateSyntaxError as e:
@@ -60,20 +67,24 @@ def expert_prompt(domain: str) -> str:
     return _expert_template().render(domain=domain).strip()
 
 
+def with_system(messages: list[dict], text: str) -> list[dict]:
+    """Put ``text`` at the head of the system message (adding one when there is none)."""
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{text}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
 def with_expert(messages: list[dict], domain: str | None) -> list[dict]:
     """Put the domain-expert sentence at the head of the system message."""
-    if not domain:
-        return messages
-    expert = expert_prompt(domain)
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{expert}\n\n{messages[0]['content']}"}, *messages[1:]]
-    return [{"role": "system", "content": expert}, *messages]
+    return with_system(messages, expert_prompt(domain)) if domain else messages
 
 
 @dataclass
 class Stage:
     config: StageConfig
     template: jinja2.Template
+    constraint: Constraint | None = None  # from the stage config, else from the template's header
+    grammar: object | None = None  # the constraint compiled for the stage's model (Pipeline.prepare)
 
 
 @dataclass
@@ -90,6 +101,38 @@ class Pipeline:
         """Its stages' models in order, as the metrics' ``stages`` label: "phi3,math"."""
         return ",".join(st.config.model for st in self.stages)
 
+    def prepare(self, engine: Engine) -> None:
+        """Compile each stage's constraint for its model (at start: a bad one stops the start, not a request)."""
+        for i, stage in enumerate(self.stages):
+            if stage.constraint is not None:
+                try:
+                    stage.grammar = engine.compile_now(stage.config.model, stage.constraint)
+                except ConstraintError as e:
+                    raise UserError(f"pipeline {self.name!r} stage {i + 1}: {e}") from None
+
+
+def stage_constraint(sc: StageConfig, template_source: str, where: str) -> Constraint | None:
+    """The stage config's constraint, else the one its template declares in a first-line comment:
+    ``{# constraint: {"choice": ["A", "B"]} #}`` (json_schema, regex or choice)."""
+    spec = {k: v for k, v in (("json_schema", sc.json_schema), ("regex", sc.regex), ("choice", sc.choice))
+            if v is not None}
+    if not spec:
+        m = re.match(r"\s*\{#-?\s*constraint:(.*?)-?#\}", template_source, re.S)
+        if m is None:
+            return None
+        try:
+            spec = json.loads(m.group(1))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: the template's constraint header is not JSON: {e.msg}") from None
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ("json_schema", "regex", "choice"):
+            raise UserError(f"{where}: the template's constraint header takes one of json_schema, regex, choice")
+    kind, value = next(iter(spec.items()))
+    try:
+        return {"json_schema": Constraint.json_schema, "regex": Constraint.regex, "choice": Constraint.choice}[kind](
+            value)
+    except ConstraintError as e:
+        raise UserError(f"{where}: {e}") from None
+
 
 def load_pipelines(configs: list[PipelineConfig], served: set[str]) -> dict[str, Pipeline]:
     pipelines: dict[str, Pipeline] = {}
@@ -102,7 +145,8 @@ def load_pipelines(configs: list[PipelineConfig], served: set[str]) -> dict[str,
             if sc.model not in served:
                 raise UserError(f"{where}: model {sc.model!r} is not served (served: {', '.join(sorted(served))})")
             allowed = {"messages", "question", "domain"} | ({"draft"} if i > 0 else set())
-            stages.append(Stage(sc, load_template(sc.template, allowed, where)))
+            template = load_template(sc.template, allowed, where)
+            stages.append(Stage(sc, template, stage_constraint(sc, template_source(sc.template, where)[1], where)))
         pipelines[pc.name] = Pipeline(pc.name, stages)
     if pipelines:
         expert_prompt("check")  # the shared system template must load too
@@ -137,9 +181,11 @@ class StageFailed(RuntimeError):
 
 async def run_pipeline(engine: Engine, pipeline: Pipeline, messages: list[dict], question: str,
                        final_max_tokens: int | None, seed: int | None,
-                       on_event: Callable[[int, Event], None] | None = None) -> PipelineResult:
+                       on_event: Callable[[int, Event], None] | None = None, final_grammar=None) -> PipelineResult:
     """Run the stages in order; ``on_event(stage_index, event)`` sees every stage's deltas. The caller admits
     the request (``Engine.check_admission``); its stages are not refused by the queue bound after that.
+    ``final_grammar``: the request's own constraint, compiled for the last stage's model; it replaces that
+    stage's.
 
     Cancelling the task that awaits this cancels whichever stage is running.
     """
@@ -161,8 +207,9 @@ async def run_pipeline(engine: Engine, pipeline: Pipeline, messages: list[dict],
         if max_tokens < 1:
             raise ValueError(f"stage {i + 1} of pipeline {pipeline.name!r}: its prompt ({len(prompt)} tokens) "
                              f"fills {sc.model}'s context of {context}")
+        grammar = final_grammar if last and final_grammar is not None else stage.grammar
         params = SamplingParams(max_tokens=max_tokens, temperature=sc.temperature, top_p=sc.top_p, stop=sc.stop,
-                                seed=None if seed is None else seed + i)
+                                seed=None if seed is None else seed + i, grammar=grammar)
         stream = engine.submit(sc.model, prompt, params, admitted=True)  # admitted once, at the request
         parts, error = [], None
         try:

@@ -159,10 +159,10 @@ def test_bad_bodies_say_what_is_wrong(server, client):
     assert e["message"] == "messages.0: a user message needs content"
     # Fields that would change the answer's meaning are refused by name until they are served.
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    for extra, field in (({"tools": [tool]}, "tools"), ({"logprobs": True}, "logprobs"),
+    for extra, field in (({"logit_bias": {"5": 1}}, "logit_bias"), ({"functions": [tool["function"]]}, "functions"),
+                         ({"tools": [tool]}, "tool_choice"),  # auto, and this template renders no tools
                          ({"top_logprobs": 2}, "top_logprobs"),
-                         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-                          "response_format")):
+                         ({"tool_choice": "required"}, "tool_choice")):
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=2, extra_body=extra)
         assert exc.value.body["param"] == field and field in exc.value.body["message"]

@@ -26,6 +26,7 @@ from server.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     ModelCard,
@@ -35,12 +36,22 @@ from server.api.protocol import (
     completion_id,
     now,
 )
+from server.api.tools import ToolPlan, could_be_call
 from server.config import ServerConfig
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Engine, EngineFull, RequestStream
+from server.engine.structured import Constraint, ConstraintError
 from server.engine.text import render_chat
 from server.metrics import Metrics
-from server.pipelines import Pipeline, PipelineResult, StageFailed, get_question, run_pipeline, with_expert
+from server.pipelines import (
+    Pipeline,
+    PipelineResult,
+    StageFailed,
+    get_question,
+    run_pipeline,
+    with_expert,
+    with_system,
+)
 
 log = logging.getLogger("branchserve.api")
 
@@ -83,6 +94,8 @@ class State:
         try:
             engine.start()
             engine.wait_ready()  # every decode step compiled and captured before /health says ok
+            for pipeline in self.pipelines.values():
+                pipeline.prepare(engine)  # stage constraints compiled: a bad one stops the start
             router = self.build_router(engine) if self.build_router is not None else None
         except BaseException:
             engine.stop()
@@ -246,6 +259,67 @@ class ClientGone(Exception):
     """The client disconnected before there was anything to answer."""
 
 
+class ChoiceStream:
+    """One choice of a streamed chat completion: events in, OpenAI deltas out, as (delta, logprobs, finish).
+
+    Text goes out as it comes. A forced call to a named function streams its arguments as tool-call deltas. A
+    ``required`` call, and ``auto`` output that begins like a call, are held until the end and then sent as
+    tool calls (or, if they were not calls after all, as text)."""
+
+    def __init__(self, tools: ToolPlan | None, logprobs: bool):
+        self.tools = tools if tools is not None and tools.mode != "none" else None
+        self.logprobs = logprobs
+        self.started = False  # the role went out
+        self.held: list[str] | None = [] if self.tools and self.tools.mode in ("auto", "required") else None
+        self.pending: list = []  # logprobs not yet sent (their text is held)
+        self.call = None  # the named call streaming its arguments
+
+    def _out(self, delta: dict, finish: str | None = None) -> tuple[dict, list | None, str | None]:
+        if not self.started:
+            delta = {"role": "assistant", **delta}
+            self.started = True
+        logprobs, self.pending = (self.pending, []) if self.logprobs else (None, [])
+        return delta, logprobs, finish
+
+    def feed(self, ev) -> list[tuple[dict, list | None, str | None]]:
+        out = []
+        if ev.logprobs:
+            self.pending.extend(ev.logprobs)
+        text = ev.text
+        if self.held is not None and self.tools.mode == "auto" and text:
+            self.held.append(text)
+            if not could_be_call("".join(self.held), self.tools.parser):  # plain text after all
+                text, self.held = "".join(self.held), None
+            else:
+                text = ""
+        elif self.held is not None:
+            self.held.append(text)
+            text = ""
+        if self.tools and self.tools.mode == "named":
+            if text or (ev.token_ids and self.call is None):
+                if self.call is None:
+                    self.call = ToolPlan._call(self.tools.name, "")
+                    out.append(self._out({"tool_calls": [{"index": 0, "id": self.call["id"], "type": "function",
+                                                          "function": {"name": self.tools.name,
+                                                                       "arguments": text}}]}))
+                elif text:
+                    out.append(self._out({"tool_calls": [{"index": 0, "function": {"arguments": text}}]}))
+        elif text or (ev.token_ids and not self.started and self.held is None) or \
+                (self.pending and self.held is None and self.logprobs):
+            out.append(self._out({"content": text}))
+        if ev.finish_reason in ("stop", "length"):
+            finish = ev.finish_reason
+            if self.held is not None:
+                content, calls = self.tools.calls("".join(self.held))
+                if calls:
+                    finish = "tool_calls" if self.tools.mode == "auto" else finish
+                    out.append(self._out({"tool_calls": [{"index": j, **c} for j, c in enumerate(calls)]}))
+                if content:
+                    out.append(self._out({"content": content}))
+            out.append(self._out({}, finish))
+        return out
+
+
 class ChatHandler:
     """One chat completion: validate, submit n sequences, answer as JSON or as SSE."""
 
@@ -255,6 +329,7 @@ class ChatHandler:
         self.decision = None
         self.pipeline: Pipeline | None = None
         self.domain: str | None = None  # the routed route's domain-expert prompt, if it has one
+        self.tools: ToolPlan | None = None
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -262,8 +337,7 @@ class ChatHandler:
         self.created = now()
 
     def _messages(self) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.body.messages]
+        return [m.template_dict() for m in self.body.messages]
 
     def _model_messages(self) -> list[dict]:
         return with_expert(self._messages(), self.domain)
@@ -295,14 +369,56 @@ class ChatHandler:
         target = self.engine.targets.get(self.model)
         if target is None:
             raise errors.model_not_found(self.body.model)
-        messages = self._model_messages()
         try:
-            return await asyncio.to_thread(render_chat, target.tokenizer, messages)
+            self.tools = ToolPlan.of(self.body.tools, self.body.tool_choice, target.tokenizer)
+        except ValueError as e:
+            raise errors.bad_request(str(e), param="tool_choice") from None
+        messages = self._model_messages()
+        hint = self.tools.hint()
+        if hint:
+            messages = with_system(messages, hint)
+        try:
+            return await asyncio.to_thread(render_chat, target.tokenizer, messages, self.tools.template_tools())
         except Exception as e:  # the template itself rejects these messages (roles, order)
             raise errors.bad_request(f"messages: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                                      param="messages") from None
 
-    def _params(self, prompt_len: int) -> list[SamplingParams]:
+    def _constraint(self) -> tuple[Constraint | None, str | None]:
+        """The request's one constraint, and the field that set it: response_format, a guided_* extra, or a
+        forced tool call."""
+        body, found = self.body, []
+        try:
+            rf = body.response_format
+            if rf is not None and rf.type == "json_schema":
+                found.append((Constraint.json_schema(rf.json_schema.schema_ or {}), "response_format"))
+            elif rf is not None and rf.type == "json_object":
+                found.append((Constraint.json_schema({"type": "object"}), "response_format"))
+            if body.guided_json is not None:
+                found.append((Constraint.json_schema(body.guided_json), "guided_json"))
+            if body.guided_regex is not None:
+                found.append((Constraint.regex(body.guided_regex), "guided_regex"))
+            if body.guided_choice is not None:
+                found.append((Constraint.choice(body.guided_choice), "guided_choice"))
+            if body.guided_grammar is not None:
+                found.append((Constraint.grammar(body.guided_grammar), "guided_grammar"))
+            if self.tools is not None and self.tools.forced:
+                found.append((self.tools.constraint(), "tool_choice"))
+        except ConstraintError as e:
+            raise errors.bad_request(str(e), param=found[-1][1] if found else None) from None
+        if len(found) > 1:
+            raise errors.bad_request(f"one constraint per request: {found[0][1]} and {found[1][1]} both set one",
+                                     param=found[1][1])
+        return found[0] if found else (None, None)
+
+    async def _grammar(self, model: str, constraint: Constraint | None, param: str | None):
+        if constraint is None:
+            return None
+        try:
+            return await self.engine.compile(model, constraint)
+        except ConstraintError as e:
+            raise errors.bad_request(str(e), param=param, code="invalid_constraint") from None
+
+    def _params(self, prompt_len: int, grammar=None) -> list[SamplingParams]:
         body = self.body
         context = self.engine.targets[self.model].runner.max_seq
         max_new = body.max_new_tokens()
@@ -317,14 +433,16 @@ class ChatHandler:
         defaults = self.engine.targets[self.model].defaults or {}
         base = dict(max_tokens=max_new, stop=body.stop_list(),
                     temperature=defaults.get("temperature", 1.0) if body.temperature is None else body.temperature,
-                    top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p)
+                    top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p,
+                    logprobs=(body.top_logprobs or 0) if body.logprobs else None, grammar=grammar)
         return [SamplingParams(seed=None if body.seed is None else body.seed + i, **base) for i in range(body.n)]
 
     async def _submit(self) -> list[RequestStream]:
         if self.body.unknown_fields():
             log.info("request %s: ignoring unknown fields %s", self.request_id, ", ".join(self.body.unknown_fields()))
         prompt = await self._prompt()
-        params = self._params(len(prompt))
+        constraint, param = self._constraint()
+        params = self._params(len(prompt), await self._grammar(self.model, constraint, param))
         streams = []
         try:
             for i, p in enumerate(params):
@@ -363,6 +481,9 @@ class ChatHandler:
         if unserved is not None:
             raise errors.bad_request(f"'{unserved}' is not supported by this server yet; send the request without "
                                      f"it", param=unserved, code="unsupported_parameter")
+        wrong = self.body.inconsistency()
+        if wrong is not None:
+            raise errors.bad_request(wrong[0], param=wrong[1])
         try:
             await self._route()
         except ClientGone:
@@ -390,16 +511,20 @@ class ChatHandler:
         return work.done()
 
     async def _complete(self, streams: list[RequestStream]):
-        async def collect(stream: RequestStream) -> tuple[str, str | None, str | None]:
+        logprobs: dict[int, list] = {}
+
+        async def collect(index: int, stream: RequestStream) -> tuple[str, str | None, str | None]:
             text, error = [], None
             async for ev in stream:
                 if ev.token_ids and self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
                 text.append(ev.text)
+                if ev.logprobs is not None:
+                    logprobs.setdefault(index, []).extend(ev.logprobs)
                 error = ev.error or error
             return "".join(text), stream.finish_reason, error
 
-        work = asyncio.ensure_future(asyncio.gather(*(collect(s) for s in streams)))
+        work = asyncio.ensure_future(asyncio.gather(*(collect(i, s) for i, s in enumerate(streams))))
         if not await self._done_unless_gone(work):  # the client went away: free the slots
             for s in streams:
                 s.cancel()
@@ -413,10 +538,16 @@ class ChatHandler:
             self._record("error", completion_tokens)
             raise engine_error(failed)
         self._record("ok", completion_tokens)
+        choices = []
+        for i, (text, reason, _) in enumerate(results):
+            content, calls = self.tools.calls(text) if self.tools else (text, [])
+            if calls and self.tools.mode == "auto":
+                reason = "tool_calls"
+            choices.append(Choice(index=i, message=ResponseMessage(content=content, tool_calls=calls or None),
+                                  finish_reason=reason,
+                                  logprobs=ChoiceLogprobs(content=logprobs.get(i, [])) if self.body.logprobs else None))
         response = ChatCompletion(
-            id=self.id, created=self.created, model=self.model,
-            choices=[Choice(index=i, message=ResponseMessage(content=text), finish_reason=reason)
-                     for i, (text, reason, _) in enumerate(results)],
+            id=self.id, created=self.created, model=self.model, choices=choices,
             usage=Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=self.prompt_tokens + completion_tokens),
         )
@@ -444,7 +575,7 @@ class ChatHandler:
                 await events.put((index, None))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        started = set()
+        shapers = [ChoiceStream(self.tools, self.body.logprobs) for _ in streams]
         status = "cancelled"
         try:
             open_streams = len(streams)
@@ -457,15 +588,12 @@ class ChatHandler:
                 if ev.finish_reason == "error":
                     error = ev.error
                     continue
-                if ev.token_ids and index not in started:
-                    started.add(index)
-                    if self.first_token_at is None:
-                        self.first_token_at = time.perf_counter()
-                    yield self._chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=ev.text))])
-                elif ev.text:
-                    yield self._chunk([ChunkChoice(index=index, delta=Delta(content=ev.text))])
-                if ev.finish_reason in ("stop", "length"):
-                    yield self._chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=ev.finish_reason)])
+                if ev.token_ids and self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                for delta, logprobs, finish in shapers[index].feed(ev):
+                    yield self._chunk([ChunkChoice(index=index, delta=Delta(**delta), finish_reason=finish,
+                                                   logprobs=None if logprobs is None
+                                                   else ChoiceLogprobs(content=logprobs))])
             if error:
                 status = "error"
                 yield f"data: {json.dumps(engine_error(error).body())}\n\n"
@@ -492,16 +620,22 @@ class ChatHandler:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "stages": stages}
 
-    def _start_pipeline(self, on_event=None) -> asyncio.Task:
+    async def _start_pipeline(self, on_event=None) -> asyncio.Task:
         if self.body.n != 1:
             raise errors.bad_request("n must be 1 for a pipeline", param="n")
+        for name in ("tools", "logprobs"):
+            if getattr(self.body, name):
+                raise errors.bad_request(f"{name} are not served for a pipeline; ask one of its models directly",
+                                         param=name)
+        constraint, param = self._constraint()
+        grammar = await self._grammar(self.pipeline.final_model, constraint, param)
         try:  # admitted here, whole: a 429 now, never an error event after the stream has begun
             self.engine.check_admission(self.pipeline.stages[0].config.model)
         except EngineFull as e:
             raise errors.queue_full(str(e)) from None
         messages = self._messages()
         coro = run_pipeline(self.engine, self.pipeline, messages, get_question(messages), self.body.max_new_tokens(),
-                            self.body.seed, on_event)
+                            self.body.seed, on_event, grammar)
         return asyncio.ensure_future(coro)
 
     def _record_pipeline(self, status: str, result: PipelineResult | None) -> None:
@@ -524,7 +658,7 @@ class ChatHandler:
     async def _respond_pipeline(self):
         if self.body.stream:
             queue: asyncio.Queue = asyncio.Queue()
-            task = self._start_pipeline(lambda i, ev: queue.put_nowait((i, ev)))
+            task = await self._start_pipeline(lambda i, ev: queue.put_nowait((i, ev)))
             task.add_done_callback(lambda _: queue.put_nowait(None))
             return StreamingResponse(self._pipeline_sse(task, queue), media_type="text/event-stream",
                                      headers=self._headers())
@@ -533,7 +667,7 @@ class ChatHandler:
             if ev.token_ids and i == len(self.pipeline.stages) - 1 and self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
 
-        task = self._start_pipeline(on_event)
+        task = await self._start_pipeline(on_event)
         if not await self._done_unless_gone(task):  # the client went away: cancel whichever stage runs
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

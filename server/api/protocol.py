@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Literal
@@ -29,12 +30,29 @@ class ContentPart(BaseModel):
         return self
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=64)  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -50,7 +68,22 @@ class ChatMessage(BaseModel):
     def _content_needed(self):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
         return self
+
+    def template_dict(self) -> dict:
+        """The message as chat templates take it (developer becomes system; tool-call arguments as objects)."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            out["name"] = self.name
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -60,25 +93,82 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+def _arguments(text: str):
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
 
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs 'json_schema'")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class GuidedFields(BaseModel):
+    """vLLM's extras for constrained decoding, accepted in the request body; at most one constraint per request
+    (these or response_format or a forced tool call)."""
+
+    guided_json: dict | str | None = None
+    guided_regex: str | None = Field(None, max_length=8192)
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=256)
+    guided_grammar: str | None = Field(None, max_length=64_000)
 
 
 # Fields that change what an answer means. Until they are served, a request that uses one is refused (400)
 # rather than answered as if it had not asked. Any other unknown field is logged and ignored.
 UNSERVED = {
-    "tools": lambda v: bool(v),
     "functions": lambda v: bool(v),
-    "tool_choice": lambda v: v not in (None, "none", "auto"),
     "function_call": lambda v: v not in (None, "none", "auto"),
-    "logprobs": lambda v: bool(v),
-    "top_logprobs": lambda v: bool(v),
     "logit_bias": lambda v: bool(v),
     "prediction": lambda v: bool(v),
     "modalities": lambda v: v not in (None, ["text"]),
@@ -86,7 +176,7 @@ UNSERVED = {
 }
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(GuidedFields):
     # Unknown fields are accepted and ignored (the handler logs their names); known ones must have their type
     # (no "5" for 5, no false for 0).
     model_config = ConfigDict(extra="allow", strict=True)
@@ -105,6 +195,25 @@ class ChatCompletionRequest(BaseModel):
     response_format: ResponseFormat | None = None
     user: str | None = None
     include_reasoning: bool = False  # branchserve: stream a pipeline's stage-1 text as reasoning_content deltas
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    def inconsistency(self) -> tuple[str, str] | None:
+        """(what is wrong, the field) when fields contradict each other."""
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs needs logprobs: true", "top_logprobs"
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            return "tool_choice needs tools", "tool_choice"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tool_choice.function.name not in {t.function.name for t in self.tools}:
+                return (f"tool_choice names function {self.tool_choice.function.name!r}, which is not among the "
+                        f"tools"), "tool_choice"
+        if self.tools and len({t.function.name for t in self.tools}) != len(self.tools):
+            return "two tools have the same name", "tools"
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -130,8 +239,6 @@ class ChatCompletionRequest(BaseModel):
         for name, used in UNSERVED.items():
             if name in extra and used(extra[name]):
                 return name
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format"
         return None
 
 
@@ -141,16 +248,32 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+    refusal: None = None
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(BaseModel):
     index: int
     message: ResponseMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -165,13 +288,14 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict] | None = None  # {index, id?, type?, function: {name?, arguments}}
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

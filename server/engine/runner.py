@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 
 from server.engine.model import linear, row_groups, single_branch
-from server.engine.sampling import SamplingParams, sample_rows
+from server.engine.sampling import SamplingParams, sample_rows, token_logprobs
+from server.engine.structured import apply_constraints
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # per token in token_ids when the request asked for logprobs: (logprob, [(id, logprob) of the most likely])
+    logprobs: list | None = None
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Sequence:
     branch: int = 0  # row's branch index (family runner)
     stop_ids: frozenset = frozenset()
     generator: torch.Generator | None = None
+    matcher: object | None = None  # structured.Matcher when decoding is constrained
     slot: int = -1
     prefilled: int = 0
     output: list[int] = field(default_factory=list)
@@ -81,7 +85,14 @@ class Runner:
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; the engine has already checked that its prompt fits."""
         seq.generator = seq.params.generator(self.device)
+        if seq.params.grammar is not None:
+            seq.matcher = seq.params.grammar.matcher()
         self.waiting.append(seq)
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the logits rows this runner samples from."""
+        return self.model.config.vocab_size
 
     def warm_up(self) -> None:
         """Compile and capture whatever the runner's steps need, before the server says it is ready."""
@@ -139,18 +150,31 @@ class Runner:
 
     # -- shared mechanics
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sampled tokens go out as they are; text, stop strings and events are the output side's work."""
+        """Constraints mask their rows, then every row is sampled; sampled tokens go out as they are (text, stop
+        strings and events are the output side's work)."""
+        matchers = [s.matcher for s in seqs]
+        if any(m is not None for m in matchers):
+            logits = apply_constraints(logits, matchers)
         tokens = sample_rows(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for seq, tok in zip(seqs, tokens):
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        logprobs = dict(zip(want, token_logprobs(logits, want, tokens, [seqs[i].params.logprobs for i in want]))) \
+            if want else {}
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             seq.output.append(tok)
-            if tok in seq.stop_ids or tok in seq.params.stop_token_ids:
-                seq.emit(Event("", [tok]))
+            event = Event("", [tok], logprobs=[logprobs[i]] if i in logprobs else None)
+            if seq.matcher is not None and not seq.matcher.accept(tok):  # cannot happen with the mask applied
+                seq.emit(event)
+                seq.finished = "error"
+                seq.emit(Event("", [], "error", len(seq.prompt), len(seq.output),
+                               error=f"the constraint rejected token {tok}"))
+            elif tok in seq.stop_ids or tok in seq.params.stop_token_ids:
+                seq.emit(event)
                 self._finish(seq, "stop")
             elif len(seq.output) >= seq.params.max_tokens or seq.length >= self.max_seq:
-                seq.emit(Event("", [tok]))
+                seq.emit(event)
                 self._finish(seq, "length")
             else:
-                seq.emit(Event("", [tok]))
+                seq.emit(event)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finished = reason
@@ -242,6 +266,10 @@ class FamilyRunner(Runner):
 
             self.graphs = DecodeGraphs(model, max_batch, self.scratch, capture=model.device.type == "cuda",
                                        compile=compile)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size
 
     def warm_up(self) -> None:
         if self.graphs is not None:

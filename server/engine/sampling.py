@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 
+MAX_LOGPROBS = 20
+LOGPROB_FLOOR = -9999.0  # what a token the constraint forbids reports (JSON has no -inf)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -23,6 +27,8 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None  # None: off; n >= 0: the sampled token's logprob and the n most likely
+    grammar: object | None = None  # a structured.Compiled: decoding is constrained to it
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -33,6 +39,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}")
 
     @property
     def greedy(self) -> bool:
@@ -82,3 +90,19 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 race[j].exponential_(generator=generators[i])
         tokens[torch.tensor(sampled, device=dev)] = (probs / race).argmax(dim=-1)
     return tokens.tolist()
+
+
+def token_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], top: list[int]
+                   ) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each of ``rows``: (the logprob of its sampled token, its ``top[j]`` most likely (id, logprob)), from
+    the distribution the token was drawn from before temperature and top-p: the model's, after any constraint.
+    One device sync."""
+    dev = logits.device
+    lp = logits[torch.tensor(rows, device=dev)].float().log_softmax(dim=-1)
+    chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=dev))[:, 0]
+    k = max(top)
+    best = lp.topk(k, dim=-1) if k else None
+    chosen = chosen.clamp(min=LOGPROB_FLOOR).tolist()
+    values = best.values.clamp(min=LOGPROB_FLOOR).tolist() if k else [[] for _ in rows]
+    ids = best.indices.tolist() if k else [[] for _ in rows]
+    return [(chosen[j], list(zip(ids[j][:top[j]], values[j][:top[j]]))) for j in range(len(rows))]

@@ -30,14 +30,14 @@ import logging
 import queue
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from server.engine.runner import Event, FamilyRunner, Runner, Sequence, StandaloneRunner
 from server.engine.sampling import SamplingParams
-from server.engine.text import IncrementalText, load_tokenizer, stop_token_ids
+from server.engine.text import IncrementalText, load_tokenizer, stop_token_ids, token_bytes
 
 log = logging.getLogger("branchserve.engine")
 
@@ -61,6 +61,17 @@ class Target:
     stop_ids: frozenset
     branch: int = 0
     defaults: dict | None = None  # sampling defaults for requests that leave them out
+    _grammars: object | None = None
+    _grammars_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def grammars(self):
+        """This target's structured.Grammars (built on first use: it reads the whole vocabulary). Blocking."""
+        from server.engine.structured import Grammars
+
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.runner.vocab_size, sorted(self.stop_ids))
+            return self._grammars
 
 
 class RequestStream:
@@ -87,22 +98,38 @@ class RequestStream:
             event = await self._events.get()
             if event.finish_reason is None:
                 self.completion_tokens += len(event.token_ids)
-                ids = [t for t in event.token_ids if t not in self.seq.stop_ids
-                       and t not in self.seq.params.stop_token_ids]
-                text, stopped = "", False
-                for tok in ids:
+                text, stopped, logprobs = "", False, [] if event.logprobs is not None else None
+                for j, tok in enumerate(event.token_ids):
+                    if tok in self.seq.stop_ids or tok in self.seq.params.stop_token_ids:
+                        continue
                     delta, stopped = self._text.add(tok)
                     text += delta
+                    if logprobs is not None:
+                        logprobs.append(self._logprob(tok, *event.logprobs[j]))
                     if stopped:
                         break
                 if stopped:  # the engine may be a step ahead: end here and free the slot
                     self.finish_reason = "stop"
                     self.cancel()
-                    return Event(text, event.token_ids, "stop", self.prompt_tokens, self.completion_tokens)
-                return Event(text, event.token_ids)
+                    return Event(text, event.token_ids, "stop", self.prompt_tokens, self.completion_tokens,
+                                 logprobs=logprobs)
+                return Event(text, event.token_ids, logprobs=logprobs)
             self.finish_reason = event.finish_reason
             tail = self._text.flush() if event.finish_reason in ("stop", "length") else ""
             return Event(tail, [], event.finish_reason, self.prompt_tokens, self.completion_tokens, event.error)
+
+    def _logprob(self, tok: int, logprob: float, top: list[tuple[int, float]]) -> dict:
+        """One token's entry in OpenAI's logprobs.content: its text ("bytes:\\xe2" for part of a character) and
+        its raw bytes."""
+        def entry(t: int, lp: float) -> dict:
+            raw = token_bytes(self._text.tokenizer, t)
+            try:
+                text = raw.decode()
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            return {"token": text, "logprob": lp, "bytes": list(raw)}
+
+        return {**entry(tok, logprob), "top_logprobs": [entry(t, lp) for t, lp in top]}
 
     def cancel(self) -> None:
         self.seq.cancelled.set()
@@ -273,6 +300,18 @@ class Engine:
         self._inbox.put((runner, seq))
         self._wake.set()
         return RequestStream(seq, events, self._wake, target.tokenizer)
+
+    def compile_now(self, model: str, constraint):
+        """A structured.Constraint compiled for ``model``'s tokenizer -> a structured.Compiled to put in
+        SamplingParams.grammar. Blocking; raises ConstraintError."""
+        from server.engine.structured import Compiled
+
+        grammars = self._target(model).grammars()
+        return Compiled(constraint, grammars, grammars.compile(constraint))
+
+    async def compile(self, model: str, constraint):
+        """``compile_now`` in a worker thread: never on the engine thread or the event loop."""
+        return await asyncio.to_thread(self.compile_now, model, constraint)
 
     def embed_future(self, model: str, tokens: list[int], layer: int = -1) -> concurrent.futures.Future:
         """Queue an embed job: ``model``'s hidden states at ``layer`` for ``tokens`` -> a future of an (L, H)

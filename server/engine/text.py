@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 
 
@@ -24,13 +26,45 @@ def stop_token_ids(path: str | Path, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def render_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """The model's own chat template, with the assistant turn opened."""
+def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The model's own chat template, with the assistant turn opened (and ``tools`` when given)."""
     if not tokenizer.chat_template:
         raise ValueError("this model's tokenizer has no chat template")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, tools=tools)
     # The template already holds any BOS it wants; do not let the tokenizer add another.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+_SENTENCEPIECE_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for (byte-level BPE, SentencePiece byte fallback, or its decoded text)."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if piece is None:
+        return b""
+    if token_id in tokenizer.all_special_ids:
+        return piece.encode()
+    m = _SENTENCEPIECE_BYTE.fullmatch(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    table = _byte_decoder()
+    if all(ch in table for ch in piece) and type(tokenizer.backend_tokenizer.decoder).__name__ == "ByteLevel":
+        return bytes(table[ch] for ch in piece)
+    return tokenizer.decode([token_id]).encode()
 
 
 class IncrementalText:

@@ -1,0 +1,198 @@
+"""Constrained decoding with xgrammar: a request's constraint becomes a compiled grammar, and each of its rows
+gets a matcher whose token bitmask is applied to the row's logits before sampling.
+
+- ``Constraint``: what a request asked for (a JSON schema, a regex, a choice of strings, or a
+  raw EBNF grammar), hashable, so that compiled grammars are cached per (tokenizer, constraint).
+- ``Grammars``: one per served tokenizer; ``compile`` runs in a worker thread (never on the engine thread), so a
+  slow schema stalls nobody else. A constraint xgrammar cannot compile raises ``ConstraintError`` (a 400).
+- ``Matcher``: one row's state on the engine thread: ``fill`` its bitmask row, ``accept`` the sampled token.
+
+The grammar's end lets only the model's stop tokens through, so a constrained answer ends with the model's own
+end of turn, as an unconstrained one does.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+MAX_SPEC_CHARS = 64_000  # a schema, regex or grammar larger than this is refused before compiling
+MAX_CHOICES = 256
+CACHE_SIZE = 128  # compiled grammars kept per tokenizer
+
+
+class ConstraintError(ValueError):
+    """A constraint that cannot be compiled; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    kind: str  # "json_schema" | "regex" | "choice" | "grammar"
+    spec: str = ""  # the schema as JSON text, the regex, the choices as a JSON list, the EBNF
+
+    @staticmethod
+    def json_schema(schema) -> "Constraint":
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ConstraintError(f"the JSON schema is not valid JSON: {e.msg}") from None
+        if not isinstance(schema, dict):
+            raise ConstraintError("a JSON schema must be an object")
+        return Constraint("json_schema", _bounded(json.dumps(schema)))  # keys in the caller's order: output order
+
+    @staticmethod
+    def regex(pattern: str) -> "Constraint":
+        if not isinstance(pattern, str) or not pattern:
+            raise ConstraintError("the regex is empty")
+        return Constraint("regex", _bounded(pattern))
+
+    @staticmethod
+    def choice(options) -> "Constraint":
+        if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options):
+            raise ConstraintError("a choice is a non-empty list of non-empty strings")
+        if len(options) > MAX_CHOICES:
+            raise ConstraintError(f"at most {MAX_CHOICES} choices")
+        return Constraint("choice", _bounded(json.dumps(list(dict.fromkeys(options)))))
+
+    @staticmethod
+    def grammar(ebnf: str) -> "Constraint":
+        if not isinstance(ebnf, str) or not ebnf.strip():
+            raise ConstraintError("the grammar is empty")
+        return Constraint("grammar", _bounded(ebnf))
+
+    def describe(self) -> str:
+        return self.kind.replace("_", " ")
+
+
+def _bounded(text: str) -> str:
+    if len(text) > MAX_SPEC_CHARS:
+        raise ConstraintError(f"the constraint is {len(text)} characters; the limit is {MAX_SPEC_CHARS}")
+    return text
+
+
+def _first_line(e: Exception) -> str:
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)[:300]  # xgrammar's "[time] file.cc:line: " prefix
+
+
+# xgrammar (0.2.8) writes strings with a length bound as [^"\\\r\n]{m,n}, which lets control characters through
+# unescaped; JSON forbids them, and json.loads refuses them. The EBNF is patched to the class its unbounded
+# strings use.
+_BOUNDED_STRING_CHAR = '[^\\"\\\\\\r\\n]'
+_JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\\\r\\n]'
+
+
+def json_schema_ebnf(schema: str) -> str:
+    """The EBNF grammar of a JSON schema: compact separators (no runs of whitespace for a model to loop in)."""
+    import xgrammar as xgr
+
+    ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
+    return ebnf.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
+
+
+class Grammars:
+    """Compiled grammars for one tokenizer (and its model's vocabulary size), cached per constraint."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: list[int]):
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                       stop_token_ids=sorted(stop_ids) or None)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
+        self._cache: OrderedDict[Constraint, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, constraint: Constraint):
+        """-> an xgrammar CompiledGrammar. Blocking: call it from a worker thread."""
+        with self._lock:
+            if constraint in self._cache:
+                self._cache.move_to_end(constraint)
+                return self._cache[constraint]
+        compiled = self._compile(constraint)
+        with self._lock:
+            self._cache[constraint] = compiled
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def _compile(self, c: Constraint):
+        try:
+            if c.kind == "json_schema":
+                return self.compiler.compile_grammar(json_schema_ebnf(c.spec))
+            if c.kind == "regex":
+                return self.compiler.compile_regex(c.spec)
+            if c.kind == "choice":
+                rule = " | ".join(json.dumps(o) for o in json.loads(c.spec))
+                return self.compiler.compile_grammar(f"root ::= {rule}")
+            if c.kind == "grammar":
+                return self.compiler.compile_grammar(c.spec)
+        except Exception as e:  # xgrammar says what it could not parse
+            raise ConstraintError(f"the {c.describe()} cannot be compiled: {_first_line(e)}") from None
+        raise ConstraintError(f"unknown constraint kind {c.kind!r}")
+
+    def matcher(self, compiled) -> "Matcher":
+        return Matcher(self._xgr.GrammarMatcher(compiled), self.vocab_size)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled constraint, ready for the engine: each sequence that carries it gets its own matcher."""
+
+    constraint: Constraint
+    grammars: Grammars
+    grammar: object  # xgrammar CompiledGrammar
+
+    def matcher(self) -> "Matcher":
+        return self.grammars.matcher(self.grammar)
+
+
+class Matcher:
+    """One row's grammar state. Engine thread only."""
+
+    def __init__(self, matcher, vocab_size: int):
+        self.matcher = matcher
+        self.vocab_size = vocab_size
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        return self.matcher.accept_token(token)
+
+    @property
+    def done(self) -> bool:
+        """The grammar has ended (a stop token was accepted)."""
+        return self.matcher.is_terminated()
+
+
+@functools.lru_cache(maxsize=8)
+def _bitmask(rows: int, vocab: int, device: str) -> torch.Tensor:
+    import xgrammar as xgr
+
+    return xgr.allocate_token_bitmask(rows, vocab)
+
+
+def apply_constraints(logits: torch.Tensor, matchers: list[Matcher | None]) -> torch.Tensor:
+    """Mask each constrained row's logits (B, V) to the tokens its grammar allows; returns float32 logits."""
+    import xgrammar as xgr
+
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return logits
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    mask = _bitmask(logits.shape[0], vocab, str(logits.device))
+    for i in rows:
+        matchers[i].fill(mask, i)
+    device_mask = mask if logits.device.type == "cpu" else mask.to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, device_mask, vocab_size=vocab, indices=rows)
+    return logits

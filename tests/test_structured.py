@@ -1,0 +1,249 @@
+"""Structured output, tools and logprobs through the official openai client against a real server.
+
+The test models are tiny and random, so what they write is noise: a constraint is what makes it parse."""
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from compression.compress import CompressOptions, compress
+from compression.synthetic import TOOLS_CHAT_TEMPLATE, build_standalone
+from server.api.tools import HERMES, LLAMA3_JSON, parse_calls
+from server.config import ServerConfig
+from tests.conftest import start_server
+
+MESSAGES = [{"role": "user", "content": "Describe a thing."}]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "ok": {"type": "boolean"},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2},
+        "owner": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}},
+                  "required": ["name"], "additionalProperties": False},
+    },
+    "required": ["color", "ok", "count", "tags", "owner"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                                    "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def models(family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("structured")
+    compress(family, root / "art", CompressOptions(rate=0.9, progress=False))
+    return {"artifact": root / "art", "phi3": build_standalone(root / "phi3", seed=4),
+            "hermes": build_standalone(root / "hermes", seed=5, chat_template=TOOLS_CHAT_TEMPLATE)}
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    s = start_server(ServerConfig.model_validate({
+        "families": [{"artifact": str(models["artifact"])}],
+        "standalone": [{"name": "phi3", "path": str(models["phi3"])},
+                       {"name": "hermes", "path": str(models["hermes"])}],
+        "pipelines": [{"name": "pick", "stages": [
+            {"model": "phi3", "template": "stage1/reason", "max_tokens": 8},
+            {"model": "math", "template": "stage2/letter", "max_tokens": 4}]}],
+        "limits": {"max_batch": 8, "max_context": 1024},
+    }))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def schema_format(schema=SCHEMA):
+    return {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+
+
+def test_json_schema_in_a_mixed_batch_always_validates(client):
+    """Rows of three branches and a standalone model in one batch, some constrained, sampled at 0.8."""
+    import concurrent.futures
+
+    def ask(i):
+        model = ["math", "code", "chat", "phi3"][i % 4]
+        fmt = schema_format() if i % 2 == 0 else None
+        kw = {"response_format": fmt} if fmt else {}
+        r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=120, temperature=0.8,
+                                           seed=i, **kw)
+        return fmt, r.choices[0]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(ask, range(16)))
+    for fmt, choice in results:
+        if fmt:
+            assert choice.finish_reason == "stop", choice.message.content
+            jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+
+
+def test_json_object_regex_choice_and_stream(client, server):
+    # json_object: any object; a random model may write one longer than max_tokens, and then it is cut
+    stopped = 0
+    for seed in range(6):
+        r = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=80, temperature=0.8,
+                                           seed=seed, response_format={"type": "json_object"})
+        text = r.choices[0].message.content
+        assert text.startswith("{"), text
+        if r.choices[0].finish_reason == "stop":
+            stopped += 1
+            assert isinstance(json.loads(text), dict)
+    assert stopped >= 1
+    r = client.chat.completions.create(model="code", messages=MESSAGES, max_tokens=20, temperature=0.8, seed=3,
+                                       extra_body={"guided_regex": r"[0-9]{3}-[a-z]{2}"})
+    import re
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", r.choices[0].message.content)
+    r = client.chat.completions.create(model="phi3", messages=MESSAGES, max_tokens=20, temperature=1.0, seed=1,
+                                       extra_body={"guided_choice": ["yes", "no", "maybe"]})
+    assert r.choices[0].message.content in ("yes", "no", "maybe")
+    stream = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=120, temperature=0.8, seed=2,
+                                            response_format=schema_format(), stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_bad_constraints_are_400_naming_the_problem(client):
+    cases = [({"response_format": schema_format({"type": "objectx"})}, "response_format", "objectx"),
+             ({"extra_body": {"guided_regex": "(abc"}}, "guided_regex", "parenthesis"),
+             ({"extra_body": {"guided_choice": []}}, "guided_choice", ""),
+             ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a"}}, "guided_regex",
+              "one constraint")]
+    for kw, param, words in cases:
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=4, **kw)
+        assert exc.value.body["param"].startswith(param) and words in exc.value.body["message"], exc.value.body
+
+
+def test_logprobs_are_the_sampled_distribution(client):
+    r = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=5)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    # the tokens' bytes are the text (less a last character left incomplete when max_tokens cut it)
+    decoded = b"".join(bytes(t.bytes) for t in content).decode(errors="replace")
+    assert decoded.removesuffix("\ufffd") == r.choices[0].message.content.removesuffix("\ufffd")
+    for t in content:
+        assert len(t.top_logprobs) == 5
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+        assert sum(2.718281828 ** x.logprob for x in t.top_logprobs) <= 1 + 1e-5
+        assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True)
+    # Streaming carries the same logprobs, token by token.
+    stream = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=8, temperature=0,
+                                            logprobs=True, top_logprobs=5, stream=True)
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    # Under a constraint, the logprobs are after the mask: only allowed tokens have mass.
+    r = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=3, extra_body={"guided_choice": ["x", "y"]})
+    first = r.choices[0].logprobs.content[0]
+    assert {t.token for t in first.top_logprobs[:2]} == {"x", "y"}
+    assert sum(2.718281828 ** t.logprob for t in first.top_logprobs[:2]) == pytest.approx(1, abs=1e-4)
+    assert first.top_logprobs[2].logprob == -9999.0
+
+
+def test_named_tool_call_arguments_always_validate(client):
+    for seed in range(4):
+        r = client.chat.completions.create(model="math", messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=60,
+                                           temperature=0.8, seed=seed,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        call = r.choices[0].message.tool_calls[0]
+        assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        assert r.choices[0].message.content is None
+    # required: one of the tools, whichever the model picks, with its own arguments
+    r = client.chat.completions.create(model="phi3", messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=120,
+                                       temperature=0.8, seed=9, tool_choice="required")
+    call = r.choices[0].message.tool_calls[0]
+    tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def test_streamed_tool_call_deltas_assemble_into_the_call(client):
+    stream = client.chat.completions.create(
+        model="code", messages=MESSAGES, tools=[WEATHER], max_tokens=60, temperature=0.8, seed=1, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    chunks = [c for c in stream if c.choices]
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].function.name == "get_weather" and len(deltas) > 2  # arguments stream
+    assert all(d.index == 0 and d.id is None for d in deltas[1:])
+    jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)),
+                        WEATHER["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_auto_renders_tools_in_the_template_and_needs_a_template_that_can(client, server):
+    plain = client.chat.completions.create(model="hermes", messages=MESSAGES, max_tokens=2, temperature=0)
+    tooled = client.chat.completions.create(model="hermes", messages=MESSAGES, max_tokens=2, temperature=0,
+                                            tools=[WEATHER])
+    assert tooled.usage.prompt_tokens > plain.usage.prompt_tokens + len(json.dumps(WEATHER["function"]))
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="phi3", messages=MESSAGES, max_tokens=2, tools=[WEATHER])
+    assert exc.value.body["param"] == "tool_choice" and "does not render tools" in exc.value.body["message"]
+    # A conversation that carries an earlier call and its result renders through the template.
+    history = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4 C"}]
+    r = client.chat.completions.create(model="hermes", messages=history, max_tokens=2, tools=[WEATHER])
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "hermes", "max_tokens": 2, "messages": [
+        {"role": "tool", "content": "x"}]})
+    assert r.status_code == 400 and "tool_call_id" in r.json()["error"]["message"]
+
+
+def test_tool_call_parsers():
+    names = {"get_weather", "get_time"}
+    content, calls = parse_calls('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+                                 '\n</tool_call>\n<tool_call>{"name": "get_time", "arguments": {"zone": "utc"}}'
+                                 '</tool_call>', HERMES, names)
+    assert content == "Let me check."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Oslo"}), ("get_time", {"zone": "utc"})]
+    content, calls = parse_calls('<|python_tag|>{"name": "get_time", "parameters": {"zone": "cet"}}', LLAMA3_JSON,
+                                 names)
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"zone": "cet"}
+    for text, parser in (('{"name": "unknown", "arguments": {}}', LLAMA3_JSON), ("plain answer", HERMES),
+                         ('{"answer": 4}', LLAMA3_JSON)):
+        assert parse_calls(text, parser, names) == (text, [])
+
+
+def test_a_pipeline_stage_constraint_and_the_requests_own(client, server):
+    """stage2/letter declares a choice constraint: the pipeline's answer is always one letter; a request's own
+    response_format replaces it on the last stage."""
+    for seed in range(3):
+        r = client.chat.completions.create(model="pick", messages=MESSAGES, seed=seed, temperature=0)
+        assert r.choices[0].message.content in list("ABCDE")
+    r = client.chat.completions.create(model="pick", messages=MESSAGES, max_tokens=120,
+                                       response_format=schema_format())
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="pick", messages=MESSAGES, tools=[WEATHER], tool_choice="required")
+    assert exc.value.body["param"] == "tools"
+
+
+def test_a_bad_stage_constraint_stops_the_start(models):
+    from server.pipelines import load_pipelines
+    from compression.errors import UserError
+
+    config = ServerConfig.model_validate({
+        "families": [{"artifact": str(models["artifact"])}],
+        "pipelines": [{"name": "p", "stages": [{"model": "math", "template": "stage1/reason", "regex": "(x"}]}]})
+    pipelines = load_pipelines(config.pipelines, {"math", "code", "chat"})
+    from server.serve import build_engine
+
+    engine = build_engine(config)
+    with pytest.raises(UserError, match="pipeline 'p' stage 1: the regex cannot be compiled"):
+        pipelines["p"].prepare(engine)
