@@ -54,8 +54,10 @@ def client(server):
 
 def test_models_list(client):
     cards = {m.id: m for m in client.models.list().data}
-    assert set(cards) == {"math", "code", "chat", "phi3"}
+    embedders = {f"decoder:{n}" for n in ("math", "code", "chat", "phi3")} | {"minilm"}
+    assert set(cards) == {"math", "code", "chat", "phi3"} | embedders
     assert cards["math"].kind == "branch" and cards["phi3"].kind == "standalone"
+    assert {cards[n].kind for n in embedders} == {"embedding"}
 
 
 @pytest.mark.parametrize("model", ["code", "phi3"])

@@ -58,6 +58,7 @@ def server(models):
             {"model": "math", "template": "stage2/letter", "max_tokens": 4}]}],
         "limits": {"max_batch": 8, "max_context": 1024},
     }))
+    s.models = {"math": models["phi3"]}  # any of them: they share the test tokenizer
     yield s
     s.close()
 
@@ -247,3 +248,53 @@ def test_a_bad_stage_constraint_stops_the_start(models):
     engine = build_engine(config)
     with pytest.raises(UserError, match="pipeline 'p' stage 1: the regex cannot be compiled"):
         pipelines["p"].prepare(engine)
+
+
+def test_text_completions(client, server):
+    r = client.completions.create(model="math", prompt="The sky is", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    # a prompt as token ids reads the same as its text (the test tokenizer: one token per byte, no BOS added)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(server.models["math"])("The sky is")["input_ids"]
+    again = client.completions.create(model="math", prompt=ids, max_tokens=5, temperature=0)
+    assert again.choices[0].text == r.choices[0].text and again.usage.prompt_tokens == r.usage.prompt_tokens
+    many = client.completions.create(model="phi3", prompt=["a", "b c"], n=2, max_tokens=3, temperature=0.8, seed=1,
+                                     echo=True, stop=["\n"])
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text.startswith("a") and many.choices[2].text.startswith("b c")
+    r = client.completions.create(model="code", prompt="x", max_tokens=4, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 4 == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert all(max(top.values()) == pytest.approx(chosen) for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
+    r = client.completions.create(model="code", prompt="x", max_tokens=10, extra_body={"guided_choice": ["up", "down"]})
+    assert r.choices[0].text in ("up", "down")
+    stream = client.completions.create(model="math", prompt="The sky is", max_tokens=5, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == client.completions.create(
+        model="math", prompt="The sky is", max_tokens=5, temperature=0).choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    for kw, param in (({"suffix": "end"}, "suffix"), ({"prompt": [[999999]]}, "prompt"),
+                      ({"model": "pick"}, "model"), ({"echo": True, "logprobs": 1}, "echo")):
+        args = {"model": "math", "prompt": "x", "max_tokens": 2, **kw}
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.completions.create(**args)
+        assert exc.value.body["param"] == param, exc.value.body
+
+
+def test_embeddings(client, server):
+    import math
+
+    r = client.embeddings.create(model="decoder:math", input=["hello there", "solve 2+2"])
+    assert [d.index for d in r.data] == [0, 1] and r.usage.prompt_tokens == len("hello there") + len("solve 2+2")
+    a, b = (d.embedding for d in r.data)
+    assert math.isclose(sum(x * x for x in a), 1, rel_tol=1e-4) and a != b
+    one = client.embeddings.create(model="decoder:math", input="hello there")
+    assert one.data[0].embedding == pytest.approx(a, abs=1e-5)  # batched or alone, the same vector
+    m = client.embeddings.create(model="minilm", input="hello there")  # base64 under the hood in the client
+    assert len(m.data[0].embedding) == 384
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="nope", input="x")
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.embeddings.create(model="decoder:math", input="x" * 600)
+    assert "reads at most 512" in exc.value.body["message"]

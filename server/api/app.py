@@ -20,6 +20,9 @@ from pydantic import BaseModel
 from router.router import Router
 from router.store import StoreError
 from server.api import errors
+from server.api.completions import install_completion_routes
+from server.api.common import SHUTTING_DOWN, done_unless_gone, engine_error
+from server.api.constraints import compile_for, request_constraint
 from server.api.router_routes import install_router_routes
 from server.api.protocol import (
     ChatCompletion,
@@ -40,7 +43,6 @@ from server.api.tools import ToolPlan, could_be_call
 from server.config import ServerConfig
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Engine, EngineFull, RequestStream
-from server.engine.structured import Constraint, ConstraintError
 from server.engine.text import render_chat
 from server.metrics import Metrics
 from server.pipelines import (
@@ -55,7 +57,6 @@ from server.pipelines import (
 
 log = logging.getLogger("branchserve.api")
 
-SHUTTING_DOWN = "The server is shutting down; retry on another replica or later"
 ADMIN_OFF = ("The router API is off: this server has no admin key. Set router.admin_keys in the config or the "
              "BRANCHSERVE_ADMIN_KEY environment variable (or, with no keys at all, listen on 127.0.0.1).")
 
@@ -203,9 +204,11 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
         cards += [ModelCard(id=name, created=state.created, kind="pipeline") for name in state.pipelines]
         if state.router is not None:
             cards.append(ModelCard(id="auto", created=state.created, kind="router"))
+        cards += [ModelCard(id=name, created=state.created, kind="embedding") for name in state.embedders.names()]
         return ModelList(data=cards)
 
     install_router_routes(app, router, admin)
+    install_completion_routes(app, state, authorized, engine)
 
     def openapi() -> dict:
         """FastAPI's schema, less the 422 it documents by default: validation errors here are 400s."""
@@ -246,13 +249,6 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
             raise
 
     return app
-
-
-def engine_error(message: str) -> errors.APIError:
-    """A sequence the engine ended with an error: 503 when the server is shutting down, 500 otherwise."""
-    if SHUTTING_DOWN in message:
-        return errors.shutting_down(SHUTTING_DOWN)
-    return errors.APIError(500, message, type="server_error")
 
 
 class ClientGone(Exception):
@@ -383,40 +379,11 @@ class ChatHandler:
             raise errors.bad_request(f"messages: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                                      param="messages") from None
 
-    def _constraint(self) -> tuple[Constraint | None, str | None]:
-        """The request's one constraint, and the field that set it: response_format, a guided_* extra, or a
-        forced tool call."""
-        body, found = self.body, []
-        try:
-            rf = body.response_format
-            if rf is not None and rf.type == "json_schema":
-                found.append((Constraint.json_schema(rf.json_schema.schema_ or {}), "response_format"))
-            elif rf is not None and rf.type == "json_object":
-                found.append((Constraint.json_schema({"type": "object"}), "response_format"))
-            if body.guided_json is not None:
-                found.append((Constraint.json_schema(body.guided_json), "guided_json"))
-            if body.guided_regex is not None:
-                found.append((Constraint.regex(body.guided_regex), "guided_regex"))
-            if body.guided_choice is not None:
-                found.append((Constraint.choice(body.guided_choice), "guided_choice"))
-            if body.guided_grammar is not None:
-                found.append((Constraint.grammar(body.guided_grammar), "guided_grammar"))
-            if self.tools is not None and self.tools.forced:
-                found.append((self.tools.constraint(), "tool_choice"))
-        except ConstraintError as e:
-            raise errors.bad_request(str(e), param=found[-1][1] if found else None) from None
-        if len(found) > 1:
-            raise errors.bad_request(f"one constraint per request: {found[0][1]} and {found[1][1]} both set one",
-                                     param=found[1][1])
-        return found[0] if found else (None, None)
+    def _constraint(self):
+        return request_constraint(self.body, self.tools)
 
-    async def _grammar(self, model: str, constraint: Constraint | None, param: str | None):
-        if constraint is None:
-            return None
-        try:
-            return await self.engine.compile(model, constraint)
-        except ConstraintError as e:
-            raise errors.bad_request(str(e), param=param, code="invalid_constraint") from None
+    async def _grammar(self, model: str, constraint, param: str | None):
+        return await compile_for(self.engine, model, constraint, param)
 
     def _params(self, prompt_len: int, grammar=None) -> list[SamplingParams]:
         body = self.body
@@ -497,18 +464,7 @@ class ChatHandler:
         return await self._complete(streams)
 
     async def _done_unless_gone(self, work: asyncio.Future) -> bool:
-        """Wait for ``work``; False if the client disconnected first (a non-streaming client has no
-        other way to tell us)."""
-        async def disconnected() -> None:
-            while not await self.request.is_disconnected():
-                await asyncio.sleep(0.25)
-
-        watch = asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-        return work.done()
+        return await done_unless_gone(self.request, work)
 
     async def _complete(self, streams: list[RequestStream]):
         logprobs: dict[int, list] = {}

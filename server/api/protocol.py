@@ -312,7 +312,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "branchserve"
-    kind: Literal["branch", "standalone", "pipeline", "router"]  # branchserve's own field: what serves this name
+    # branchserve's own field: what serves this name (an embedding model answers /v1/embeddings only)
+    kind: Literal["branch", "standalone", "pipeline", "router", "embedding"]
 
 
 class ModelList(BaseModel):

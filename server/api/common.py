@@ -1,0 +1,33 @@
+"""What the API's handlers share: how an engine error reads, and noticing a client that went away."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+
+from server.api import errors
+
+SHUTTING_DOWN = "The server is shutting down; retry on another replica or later"
+
+
+def engine_error(message: str) -> errors.APIError:
+    """A sequence the engine ended with an error: 503 when the server is shutting down, 500 otherwise."""
+    if SHUTTING_DOWN in message:
+        return errors.shutting_down(SHUTTING_DOWN)
+    return errors.APIError(500, message, type="server_error")
+
+
+async def done_unless_gone(request: Request, work: asyncio.Future) -> bool:
+    """Wait for ``work``; False if the client disconnected first (a non-streaming client has no other way to
+    tell us)."""
+    async def disconnected() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    return work.done()
