@@ -3,10 +3,12 @@
 The test models are tiny and random, so what they write is noise: a constraint is what makes it parse."""
 
 import json
+from typing import Literal
 
 import httpx
 import jsonschema
 import openai
+import pydantic
 import pytest
 
 from compression.compress import CompressOptions, compress
@@ -298,3 +300,38 @@ def test_embeddings(client, server):
     with pytest.raises(openai.BadRequestError) as exc:
         client.embeddings.create(model="decoder:math", input="x" * 600)
     assert "reads at most 512" in exc.value.body["message"]
+
+
+class Verdict(pydantic.BaseModel):
+    verdict: Literal["yes", "no", "unsure"]
+    score: int = pydantic.Field(ge=0, le=9)
+    confident: bool
+
+
+def test_langchain_with_structured_output_parses(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="math", base_url=server.url + "/v1", api_key="unused", temperature=0.8, max_tokens=80,
+                     max_retries=0)
+    for seed in range(3):
+        out = llm.bind(seed=seed).with_structured_output(Verdict).invoke("Is the sky blue?")
+        assert isinstance(out, Verdict)
+    # LangChain's tool-calling path: bind_tools + a forced function, parsed into tool_calls
+    weather = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Oslo?")
+    assert weather.tool_calls[0]["name"] == "get_weather"
+    jsonschema.validate(weather.tool_calls[0]["args"], WEATHER["function"]["parameters"])
+
+
+def test_litellm_openai_provider_parses(server, monkeypatch):
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of its price list: offline here
+    import litellm
+
+    r = litellm.completion(model="openai/code", api_base=server.url + "/v1", api_key="unused", messages=MESSAGES,
+                           response_format=Verdict, temperature=0.8, max_tokens=80, seed=2)
+    assert isinstance(Verdict.model_validate_json(r.choices[0].message.content), Verdict)
+    r = litellm.completion(model="openai/code", api_base=server.url + "/v1", api_key="unused", messages=MESSAGES,
+                           tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                           max_tokens=80)
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
