@@ -335,3 +335,22 @@ def test_litellm_openai_provider_parses(server, monkeypatch):
     call = r.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+
+def test_the_mask_holds_on_logits_in_any_layout(models):
+    """The CPU GEMM hands back a decode step's logits transposed for a few rows; each row is still masked."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from server.engine.structured import Constraint, Grammars, apply_constraints
+
+    tok = AutoTokenizer.from_pretrained(models["phi3"])
+    grammars = Grammars(tok, len(tok), [tok.eos_token_id])
+    compiled = grammars.compile(Constraint.choice(["yes", "no"]))
+    matchers = [grammars.matcher(compiled), None, grammars.matcher(compiled)]
+    logits = torch.randn(len(tok), 3).t()  # (3, V), column-major
+    masked = apply_constraints(logits, matchers)
+    allowed = {tok.convert_tokens_to_ids(c) for c in ("y", "n")}
+    for row in (0, 2):
+        assert {i for i in range(len(tok)) if masked[row, i] > float("-inf")} == allowed
+    assert bool((masked[1] > float("-inf")).all())

@@ -188,7 +188,7 @@ def apply_constraints(logits: torch.Tensor, matchers: list[Matcher | None]) -> t
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
-    logits = logits.float()
+    logits = logits.float().contiguous()  # the CPU GEMM may hand back logits transposed; the kernel needs rows
     vocab = logits.shape[-1]
     mask = _bitmask(logits.shape[0], vocab, str(logits.device))
     for i in rows:
