@@ -21,7 +21,7 @@ from router.router import Router
 from router.store import StoreError
 from server.api import errors
 from server.api.completions import install_completion_routes
-from server.api.common import SHUTTING_DOWN, done_unless_gone, engine_error
+from server.api.common import SHUTTING_DOWN, done_unless_gone, engine_error, merged
 from server.api.constraints import compile_for, request_constraint
 from server.api.router_routes import install_router_routes
 from server.api.protocol import (
@@ -521,35 +521,20 @@ class ChatHandler:
         return f"data: {json.dumps(data)}\n\n"
 
     async def _sse(self, streams: list[RequestStream]):
-        events: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, stream: RequestStream) -> None:
-            try:
-                async for ev in stream:
-                    await events.put((index, ev))
-            finally:
-                await events.put((index, None))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         shapers = [ChoiceStream(self.tools, self.body.logprobs) for _ in streams]
-        status = "cancelled"
+        status, error = "cancelled", None
         try:
-            open_streams = len(streams)
-            error = None
-            while open_streams:
-                index, ev = await events.get()
-                if ev is None:
-                    open_streams -= 1
-                    continue
-                if ev.finish_reason == "error":
-                    error = ev.error
-                    continue
-                if ev.token_ids and self.first_token_at is None:
-                    self.first_token_at = time.perf_counter()
-                for delta, logprobs, finish in shapers[index].feed(ev):
-                    yield self._chunk([ChunkChoice(index=index, delta=Delta(**delta), finish_reason=finish,
-                                                   logprobs=None if logprobs is None
-                                                   else ChoiceLogprobs(content=logprobs))])
+            async with contextlib.aclosing(merged(streams)) as events:
+                async for index, ev in events:
+                    if ev.finish_reason == "error":
+                        error = ev.error
+                        continue
+                    if ev.token_ids and self.first_token_at is None:
+                        self.first_token_at = time.perf_counter()
+                    for delta, logprobs, finish in shapers[index].feed(ev):
+                        yield self._chunk([ChunkChoice(index=index, delta=Delta(**delta), finish_reason=finish,
+                                                       logprobs=None if logprobs is None
+                                                       else ChoiceLogprobs(content=logprobs))])
             if error:
                 status = "error"
                 yield f"data: {json.dumps(engine_error(error).body())}\n\n"
@@ -563,8 +548,6 @@ class ChatHandler:
         finally:  # also when the client disconnects and the response task is cancelled
             for s in streams:
                 s.cancel()
-            for t in tasks:
-                t.cancel()
             self._record(status, sum(s.completion_tokens for s in streams))
 
     # -- pipelines: stage 1 reasons, the final stage answers

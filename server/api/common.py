@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import AsyncIterator
 
 from fastapi import Request
 
@@ -31,3 +32,29 @@ async def done_unless_gone(request: Request, work: asyncio.Future) -> bool:
     finally:
         watch.cancel()
     return work.done()
+
+
+async def merged(streams: list) -> AsyncIterator[tuple[int, object]]:
+    """Every stream's events as they come, tagged with the stream's index; ends when all have ended. Use it
+    under ``contextlib.aclosing`` so that its readers stop with the response."""
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream) -> None:
+        try:
+            async for ev in stream:
+                await events.put((index, ev))
+        finally:
+            await events.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            index, ev = await events.get()
+            if ev is None:
+                open_streams -= 1
+                continue
+            yield index, ev
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import struct
@@ -27,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api import errors
-from server.api.common import SHUTTING_DOWN, done_unless_gone, engine_error
+from server.api.common import SHUTTING_DOWN, done_unless_gone, engine_error, merged
 from server.api.constraints import compile_for, request_constraint
 from server.api.protocol import GuidedFields, ResponseFormat, StreamOptions, Usage, now
 from server.engine.sampling import MAX_LOGPROBS, SamplingParams
@@ -259,41 +260,27 @@ class CompletionHandler:
         return f"data: {json.dumps(data)}\n\n"
 
     async def _sse(self, streams):
-        events: asyncio.Queue = asyncio.Queue()
-
-        async def pump(k: int, stream: RequestStream) -> None:
-            try:
-                async for ev in stream:
-                    await events.put((k, ev))
-            finally:
-                await events.put((k, None))
-
-        tasks = [asyncio.create_task(pump(k, s)) for k, (_, s, _) in enumerate(streams)]
         offsets = [len(self.echo[i]) for i, _, _ in streams]
-        status = "cancelled"
+        status, error = "cancelled", None
         try:
             for k, (i, _, _) in enumerate(streams):
                 if self.echo[i]:
                     yield self._chunk(k, self.echo[i])
-            open_streams, error = len(streams), None
-            while open_streams:
-                k, ev = await events.get()
-                if ev is None:
-                    open_streams -= 1
-                    continue
-                if ev.finish_reason == "error":
-                    error = ev.error
-                    continue
-                if ev.token_ids and self.first_token_at is None:
-                    self.first_token_at = time.perf_counter()
-                logprobs = None
-                if self.body.logprobs is not None and ev.logprobs:
-                    logprobs = self._legacy(ev.logprobs, offsets[k])
-                    offsets[k] += sum(len(bytes(e["bytes"]).decode(errors="replace")) for e in ev.logprobs)
-                if ev.text or logprobs:
-                    yield self._chunk(k, ev.text, logprobs=logprobs)
-                if ev.finish_reason in ("stop", "length"):
-                    yield self._chunk(k, "", ev.finish_reason)
+            async with contextlib.aclosing(merged([s for _, s, _ in streams])) as events:
+                async for k, ev in events:
+                    if ev.finish_reason == "error":
+                        error = ev.error
+                        continue
+                    if ev.token_ids and self.first_token_at is None:
+                        self.first_token_at = time.perf_counter()
+                    logprobs = None
+                    if self.body.logprobs is not None and ev.logprobs:
+                        logprobs = self._legacy(ev.logprobs, offsets[k])
+                        offsets[k] += sum(len(bytes(e["bytes"]).decode(errors="replace")) for e in ev.logprobs)
+                    if ev.text or logprobs:
+                        yield self._chunk(k, ev.text, logprobs=logprobs)
+                    if ev.finish_reason in ("stop", "length"):
+                        yield self._chunk(k, "", ev.finish_reason)
             if error:
                 status = "error"
                 yield f"data: {json.dumps(engine_error(error).body())}\n\n"
@@ -310,8 +297,6 @@ class CompletionHandler:
         finally:
             for _, s, _ in streams:
                 s.cancel()
-            for t in tasks:
-                t.cancel()
             self._record(status, streams)
 
 
