@@ -354,3 +354,19 @@ def test_the_mask_holds_on_logits_in_any_layout(models):
     for row in (0, 2):
         assert {i for i in range(len(tok)) if masked[row, i] > float("-inf")} == allowed
     assert bool((masked[1] > float("-inf")).all())
+
+
+def test_client_controlled_sizes_are_bounded(client, server):
+    """A constraint, a prompt list and an embedding batch each have a limit, answered with a 400 naming it."""
+    huge = {"type": "object", "properties": {f"field_{i:05d}": {"type": "string"} for i in range(3000)}}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=2, response_format=schema_format(huge))
+    assert exc.value.body["param"] == "response_format" and "the limit is 64000" in exc.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="math", prompt=["x"] * 33, n=2, max_tokens=1)
+    assert exc.value.body["param"] == "prompt" and "at most 64" in exc.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.embeddings.create(model="decoder:math", input=["x"] * 257)
+    assert exc.value.body["param"] == "input" and "at most 256" in exc.value.body["message"]
+    with pytest.raises(openai.NotFoundError):  # a path on the server's disk is not an embedder name
+        client.embeddings.create(model=f"decoder:{server.models['math']}", input="x")

@@ -294,7 +294,7 @@ class ChoiceStream:
         if self.tools and self.tools.mode == "named":
             if text or (ev.token_ids and self.call is None):
                 if self.call is None:
-                    self.call = ToolPlan._call(self.tools.name, "")
+                    self.call = ToolPlan.make_call(self.tools.name, "")
                     out.append(self._out({"tool_calls": [{"index": 0, "id": self.call["id"], "type": "function",
                                                           "function": {"name": self.tools.name,
                                                                        "arguments": text}}]}))

