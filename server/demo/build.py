@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -86,6 +87,8 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights are dequantized now
+    # GGUF carries no architectures list; tools that read the checkpoint (mergekit, vLLM) need it.
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
     (out / "config.json").write_text(json.dumps(config, indent=2))
     model.generation_config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -98,6 +101,13 @@ def smollm2(log=_log) -> Path:
         gguf = smollm2_gguf()
         log(f"converting {gguf.name} to safetensors (first start only)")
         _build_into(dest, lambda tmp: convert_gguf(gguf, tmp))
+    config_path = dest / "config.json"
+    config = json.loads(config_path.read_text())
+    if not config.get("architectures"):  # converted by an earlier version, which left it out
+        config["architectures"] = ["LlamaForCausalLM"]
+        tmp = config_path.with_name(".config.json.tmp")
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, config_path)
     return dest
 
 
