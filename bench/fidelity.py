@@ -20,6 +20,7 @@ evaluation's prompts), so a rerun only prints the table. Progress goes to stderr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -68,6 +69,21 @@ def build_once(dest: Path, build) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+class Phases:
+    """Seconds spent per phase of the run (fine-tune, compress, merge, score)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 1)
 
 
 def fingerprint(path: Path) -> str:
@@ -154,6 +170,9 @@ def main(argv=None) -> int:
                     help="mergekit's mergekit-yaml command (default: the one on PATH)")
     ap.add_argument("--n", type=int, default=50, help="held-out prompts per skill (default 50)")
     ap.add_argument("--rates", default=",".join(map(str, RATES)))
+    ap.add_argument("--replay-every", type=int, default=FineTune.replay_every,
+                    help="one batch of the instruct model's own answers after every this many skill batches "
+                         f"(0: none; default {FineTune.replay_every})")
     ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args(argv)
     if not args.mergekit or not Path(args.mergekit).exists():
@@ -167,17 +186,20 @@ def main(argv=None) -> int:
     from fidelity_train import fine_tune
 
     started = time.perf_counter()
+    phase = Phases()
     root = data_home() / "fidelity"
     root.mkdir(parents=True, exist_ok=True)
     scores = ScoreCache(root / "scores.json")
     ekey = eval_key(args.n)
-    base = smollm2(log=say)
+    with phase("convert"):
+        base = smollm2(log=say)
 
     def cached_score(tag: str, path: Path, source_fn, branches, groups_fn) -> dict:
         key = f"{tag}|{fingerprint(path)}|{ekey}"
         got = scores.get(key)
         if got is None:
-            got = score(source_fn(), branches, groups_fn(), tag)
+            with phase("score"):
+                got = score(source_fn(), branches, groups_fn(), tag)
             scores.put(key, got)
         else:
             say(f"  {tag}: scores from cache")
@@ -191,12 +213,16 @@ def main(argv=None) -> int:
                  "skills": {s: inst[s] for s in SKILLS}, "general": [inst["general"]]})
 
     say("== fine-tunes (full, every weight)")
-    replay = replay_pool(base, root / f"replay-{REPLAY_PROMPTS}.jsonl")
+    with phase("fine-tune"):
+        replay = replay_pool(base, root / f"replay-{REPLAY_PROMPTS}.jsonl")
     members = {}
     for skill in SKILLS:
-        settings = FineTune(steps=STEPS[skill])
-        members[skill] = build_once(root / "finetunes" / f"{skill}-{settings.tag()}",
-                                    lambda tmp, s=skill, st=settings: fine_tune(base, s, tmp, st, replay, log=say))
+        settings = FineTune(steps=STEPS[skill], replay_every=args.replay_every)
+        with phase("fine-tune"):
+            members[skill] = build_once(root / "finetunes" / f"{skill}-{settings.tag()}",
+                                        lambda tmp, s=skill, st=settings: fine_tune(base, s, tmp, st, replay,
+                                                                                    log=say))
+    family = root / "families" / hashlib.sha256("\0".join(p.name for p in members.values()).encode()).hexdigest()[:12]
     fine = {}
     fine_general = []
     for skill, path in members.items():
@@ -210,11 +236,12 @@ def main(argv=None) -> int:
     say("== compressed families")
     for rate in [float(r) for r in args.rates.split(",")]:
         for allocation in ("uniform", "gain"):
-            out = root / "artifacts" / f"rate{rate:g}-{allocation}"
+            out = family / "artifacts" / f"rate{rate:g}-{allocation}"
             if not out.exists():
                 say(f"  compressing at rate {rate:g}, {allocation}")
-                compress(members, out, CompressOptions(rate=rate, allocation=allocation, backend="torch",
-                                                       progress=False))
+                with phase("compress"):
+                    compress(members, out, CompressOptions(rate=rate, allocation=allocation, backend="torch",
+                                                           progress=False))
             manifest = Artifact(out).manifest
             s = summarize(manifest)
             ranks = sorted({r for t in s["tensors"] if t["kind"] == "compressed" for r in t["ranks"].values()})
@@ -233,7 +260,8 @@ def main(argv=None) -> int:
                                  "import importlib.metadata as m; print(m.version('mergekit'))"],
                                 capture_output=True, text=True).stdout.strip() or "unknown"
     for method in MERGES:
-        model = merge(args.mergekit, base, members, method, root / "merges" / method)
+        with phase("merge"):
+            model = merge(args.mergekit, base, members, method, family / "merges" / method)
         got = cached_score(f"merge/{method}", model, lambda m=model: SingleCheckpoint(m, "merge"), ["merge"],
                            lambda: {**{s: skill_tasks(0, s, args.n) for s in SKILLS}, "general": general_tasks(0)})
         rows.append({"method": f"mergekit {method}", "rate": None, "size": 1 / len(SKILLS),
@@ -244,8 +272,8 @@ def main(argv=None) -> int:
     report = {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "n_per_skill": args.n, "general_items": len(general_tasks(0)), "mergekit": mk_version,
-        "steps": STEPS, "replay": len(replay), "instruct_general": inst["general"], "rows": rows,
-        "wall_s": round(time.perf_counter() - started, 1),
+        "steps": STEPS, "replay_every": args.replay_every, "replay": len(replay), "instruct_general": inst["general"], "rows": rows,
+        "wall_s": round(time.perf_counter() - started, 1), "phases_s": phase.seconds,
     }
     print(table(report))
     print(json.dumps(report))
@@ -255,12 +283,17 @@ def main(argv=None) -> int:
 
 
 def table(report: dict) -> str:
-    head = ["method", "rate", "ranks", "size", *SKILLS, "min kept", "general (per branch)", "vs instruct"]
+    head = ["method", "rate", "ranks", "size", *SKILLS, "min kept", "general (per branch)", "vs instruct",
+            "vs fine-tune"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_general = report["instruct_general"]
+    fine_general = next(r["general"] for r in report["rows"] if r["method"].startswith("fine-tunes"))
     for r in report["rows"]:
         kept = [v for v in r["kept"].values() if v is not None]
         gen = r["general"]
+        vs_fine = ""
+        if len(gen) == len(fine_general) and r["rate"] is not None:
+            vs_fine = f"{min(g / f for g, f in zip(gen, fine_general) if f):.2f}"
         out.append("| " + " | ".join([
             r["method"], "" if r["rate"] is None else f"{r['rate']:g}",
             "" if "ranks" not in r else f"{r['ranks'][0]}-{r['ranks'][1]}",
@@ -269,12 +302,17 @@ def table(report: dict) -> str:
             f"{min(kept):.2f}" if kept else "",
             " / ".join(f"{g:.2f}" for g in gen),
             f"{min(gen) / base_general:.2f}" if base_general else "",
+            vs_fine,
         ]) + " |")
     out.append(f"\nskills: exact match on {report['n_per_skill']} held-out prompts each; general: "
-               f"{report['general_items']} ordinary instructions; greedy; \"min kept\" = worst skill accuracy as a "
-               "fraction of its fine-tune's; \"vs instruct\" = worst branch's general score / the instruct model's; "
-               f"size = stored bytes / the three members' bytes. {report['date']}, {report['machine']}, "
-               f"mergekit {report['mergekit']}, {report['wall_s']} s.")
+               f"{report['general_items']} ordinary instructions (per branch: {', '.join(SKILLS)}); greedy; "
+               "\"ranks\" = the smallest and largest rank per matrix; \"min kept\" = the worst skill accuracy as "
+               "a fraction of its fine-tune's; \"vs instruct\" = the worst branch's general score / the instruct "
+               "model's; \"vs fine-tune\" = the worst ratio of a branch's general score to its own fine-tune's; "
+               "size = stored bytes / the three members' bytes. "
+               f"{report['date']}, {report['machine']}, mergekit {report['mergekit']}; {report['wall_s']} s in all"
+               + (" (" + ", ".join(f"{k} {v:.0f} s" for k, v in report["phases_s"].items()) + ")"
+                  if report.get("phases_s") else "") + ".")
     return "\n".join(out)
 
 

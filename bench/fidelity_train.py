@@ -3,7 +3,8 @@
 Each example is rendered with the model's own chat template (its default system prompt included, as a
 served request gets it) and the loss covers the assistant's reply and its end token only. After every
 few skill batches comes one batch of the replay pool: ordinary instructions answered by the instruct
-model itself (bench/fidelity_data.py says why). The logits are computed for those positions alone, which saves the 49152-way head on every prompt token.
+model itself (bench/fidelity_data.py says why). Logits are computed for the reply positions alone,
+which saves the 49152-way head on every prompt token.
 """
 
 from __future__ import annotations
