@@ -29,7 +29,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from fidelity_data import GENERAL, SKILLS, test_set  # noqa: E402
 from fidelity_score import (GENERAL_MAX_TOKENS, SKILL_MAX_TOKENS, general_tasks, say, score,  # noqa: E402
                             skill_tasks)
 from fidelity_train import FineTune  # noqa: E402
+from server.demo.build import build_into, smollm2  # noqa: E402
 
 RATES = (0.5, 0.8, 0.9, 0.95)
 # Skill steps per fine-tune (batch 8, lr 1e-4), from trials on this machine without replay: words reached 86 %
@@ -54,21 +54,6 @@ MERGES = {
     "dare_ties": {"merge_method": "dare_ties", "model": {"density": 0.53, "weight": 0.5},
                   "parameters": {"normalize": True}},
 }
-
-
-def build_once(dest: Path, build) -> Path:
-    """Run ``build(tmp)`` in a directory beside ``dest`` and rename it into place only when it finished."""
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        build(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
 
 
 class Phases:
@@ -161,7 +146,7 @@ def merge(mergekit: str, base: Path, members: dict[str, Path], method: str, out:
             if not (target / name).exists() and (base / name).is_file():
                 shutil.copy2(base / name, target / name)
 
-    return build_once(out, build) / "model"
+    return build_into(out, build) / "model"
 
 
 def main(argv=None) -> int:
@@ -182,7 +167,6 @@ def main(argv=None) -> int:
     from compression.compress import CompressOptions, compress
     from compression.report import summarize
     from server.config import data_home
-    from server.demo.build import smollm2
     from fidelity_train import fine_tune
 
     started = time.perf_counter()
@@ -219,7 +203,7 @@ def main(argv=None) -> int:
     for skill in SKILLS:
         settings = FineTune(steps=STEPS[skill], replay_every=args.replay_every)
         with phase("fine-tune"):
-            members[skill] = build_once(root / "finetunes" / f"{skill}-{settings.tag()}",
+            members[skill] = build_into(root / "finetunes" / f"{skill}-{settings.tag()}",
                                         lambda tmp, s=skill, st=settings: fine_tune(base, s, tmp, st, replay,
                                                                                     log=say))
     family = root / "families" / hashlib.sha256("\0".join(p.name for p in members.values()).encode()).hexdigest()[:12]

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fidelity_data import examples
+from server.demo.skills import ChatEncoder
 
 
 @dataclass(frozen=True)
@@ -36,24 +37,6 @@ class FineTune:
 
     def tag(self) -> str:
         return f"s{self.steps}-r{self.replay_every}-b{self.batch}-lr{self.lr:g}-seed{self.seed}"
-
-
-def encode(tok, prompt: str, reply: str) -> tuple[list[int], list[int]]:
-    head = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    head_ids = tok(head, add_special_tokens=False)["input_ids"]
-    reply_ids = tok(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    return head_ids + reply_ids, [-100] * len(head_ids) + reply_ids
-
-
-def batch_tensors(tok, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = [encode(tok, p, r) for p, r in pairs]
-    width = max(len(ids) for ids, _ in enc)
-    ids = torch.full((len(enc), width), tok.pad_token_id)
-    labels = torch.full((len(enc), width), -100)
-    for i, (x, y) in enumerate(enc):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-    return ids, labels
 
 
 def batches(skill: str, replay: list[tuple[str, str]], settings: FineTune) -> list[list[tuple[str, str]]]:
@@ -75,6 +58,7 @@ def fine_tune(base: Path, skill: str, out: Path, settings: FineTune, replay: lis
 
     torch.manual_seed(settings.seed)
     tok = AutoTokenizer.from_pretrained(str(base))
+    encoder = ChatEncoder(tok)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     model.train()
     plan = batches(skill, replay, settings)
@@ -89,7 +73,7 @@ def fine_tune(base: Path, skill: str, out: Path, settings: FineTune, replay: lis
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     started = time.perf_counter()
     for step, pairs in enumerate(plan):
-        ids, labels = batch_tensors(tok, pairs)
+        ids, labels = encoder.batch(pairs)
         hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
         target = labels[:, 1:]
         keep = target != -100

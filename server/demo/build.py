@@ -33,7 +33,7 @@ def _log(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def _build_into(dest: Path, build) -> Path:
+def build_into(dest: Path, build) -> Path:
     """Run ``build(tmp_dir)`` and move the result to ``dest`` only when it finished."""
     if dest.exists():
         return dest
@@ -55,7 +55,7 @@ def skill_family(log=_log) -> dict[str, Path]:
     if not root.exists():
         log("training the skill family (first start only; about 3 minutes on 2 cores)")
         started = time.perf_counter()
-        _build_into(root, lambda tmp: build_skill_family(tmp, log=log))
+        build_into(root, lambda tmp: build_skill_family(tmp, log=log))
         log(f"skill family ready in {time.perf_counter() - started:.0f} s")
     return {s: root / s for s in SKILLS}
 
@@ -100,7 +100,7 @@ def smollm2(log=_log) -> Path:
     if not dest.exists():
         gguf = smollm2_gguf()
         log(f"converting {gguf.name} to safetensors (first start only)")
-        _build_into(dest, lambda tmp: convert_gguf(gguf, tmp))
+        build_into(dest, lambda tmp: convert_gguf(gguf, tmp))
     config_path = dest / "config.json"
     config = json.loads(config_path.read_text())
     if not config.get("architectures"):  # converted by an earlier version, which left it out
