@@ -46,13 +46,13 @@ RATES = (0.5, 0.8, 0.9, 0.95)
 STEPS = {"iso_date": 50, "sql": 30, "words": 100}
 REPLAY_PROMPTS = 240
 REPLAY_MAX_TOKENS = 48
-# mergekit's documented starting points: weight 1/N per task vector for task arithmetic; TIES with
-# density 0.5, weight 0.5 and normalisation; DARE-TIES with density 0.53 (its README's example values).
+# mergekit's documentation defines these parameters without prescribing values. TIES and DARE-TIES take the values
+# of the widely copied examples (an earlier mergekit README's TIES example: density 0.5, weight 0.5, normalize; the
+# common DARE-TIES example: density 0.53); task arithmetic weighs each task vector 1/N, the mean task vector.
 MERGES = {
-    "task_arithmetic": {"merge_method": "task_arithmetic", "model": {"weight": 1.0}},
-    "ties": {"merge_method": "ties", "model": {"density": 0.5, "weight": 0.5}, "parameters": {"normalize": True}},
-    "dare_ties": {"merge_method": "dare_ties", "model": {"density": 0.53, "weight": 0.5},
-                  "parameters": {"normalize": True}},
+    "task_arithmetic": {},
+    "ties": {"model": {"density": 0.5, "weight": 0.5}, "parameters": {"normalize": True}},
+    "dare_ties": {"model": {"density": 0.53, "weight": 0.5}, "parameters": {"normalize": True}},
 }
 
 
@@ -126,12 +126,9 @@ def replay_pool(base: Path, path: Path) -> list[tuple[str, str]]:
 
 def merge(mergekit: str, base: Path, members: dict[str, Path], method: str, out: Path) -> Path:
     spec = MERGES[method]
-    models = [{"model": str(base)}] + [{"model": str(p), "parameters": dict(spec["model"])}
-                                       for p in members.values()]
-    if method == "task_arithmetic":
-        for m in models[1:]:
-            m["parameters"]["weight"] = round(1.0 / len(members), 4)
-    config = {"merge_method": spec["merge_method"], "base_model": str(base), "models": models,
+    each = spec.get("model") or {"weight": round(1.0 / len(members), 4)}
+    models = [{"model": str(base)}] + [{"model": str(p), "parameters": dict(each)} for p in members.values()]
+    config = {"merge_method": method, "base_model": str(base), "models": models,
               "dtype": "float32", "parameters": spec.get("parameters", {})}
 
     def build(tmp: Path) -> None:
