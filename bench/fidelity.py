@@ -253,14 +253,40 @@ def main(argv=None) -> int:
     report = {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "n_per_skill": args.n, "general_items": len(general_tasks(0)), "mergekit": mk_version,
-        "steps": STEPS, "replay_every": args.replay_every, "replay": len(replay), "instruct_general": inst["general"], "rows": rows,
+        "steps": STEPS, "replay_every": args.replay_every, "replay": len(replay),
+        "instruct_general": inst["general"], "rows": rows,
         "wall_s": round(time.perf_counter() - started, 1), "phases_s": phase.seconds,
     }
+    report["checks"] = checks(report)
     print(table(report))
+    for name, ok in report["checks"].items():
+        print(f"{'met' if ok else 'NOT met' if ok is not None else 'not run'}: {name}")
     print(json.dumps(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def checks(report: dict) -> dict[str, bool | None]:
+    """Issue 16's targets, each met (True), missed (False) or not measured in this run (None)."""
+    rows = report["rows"]
+    inst, fine = rows[0], rows[1]
+    at = {r["rate"]: [x for x in rows if x["rate"] == r["rate"]] for r in rows if r["rate"] is not None}
+
+    def best(rate):  # the allocation that keeps most of the worst-kept skill
+        return max(at[rate], key=lambda r: min(r["kept"].values())) if rate in at else None
+
+    b9 = best(0.9)
+    return {
+        "the instruct model <= 0.30 on each skill": max(inst["skills"].values()) <= 0.30,
+        "each fine-tune >= 0.90 on its skill": min(fine["skills"].values()) >= 0.90,
+        "rate 0.9, best allocation: >= 0.95 of each fine-tune's skill": None if b9 is None
+        else min(b9["kept"].values()) >= 0.95,
+        "rate 0.9, every branch: general >= 0.95x the instruct model": None if 0.9 not in at
+        else all(g >= 0.95 * report["instruct_general"] for r in at[0.9] for g in r["general"]),
+        "the run <= 40 min (measured only when it trained the fine-tunes)": report["wall_s"] <= 2400
+        if report["phases_s"].get("fine-tune", 0) > 60 else None,
+    }
 
 
 def table(report: dict) -> str:
