@@ -1,8 +1,8 @@
 """Full fine-tunes of SmolLM2-135M-Instruct for bench/fidelity.py: every weight trained, deterministic.
 
 Each example is rendered with the model's own chat template (its default system prompt included, as a
-served request gets it) and the loss covers the assistant's reply and its end token only. After every
-few skill batches comes one batch of the replay pool: ordinary instructions answered by the instruct
+served request gets it) and the loss covers the assistant's reply and its end token only. After each skill
+batch (by default) comes one batch of the replay pool: ordinary instructions answered by the instruct
 model itself (bench/fidelity_data.py says why). Logits are computed for the reply positions alone,
 which saves the 49152-way head on every prompt token.
 """
@@ -25,7 +25,7 @@ from server.demo.skills import ChatEncoder
 @dataclass(frozen=True)
 class FineTune:
     steps: int = 60  # steps on the skill
-    replay_every: int = 3  # after every this many skill steps, one step on the replay pool (0: none)
+    replay_every: int = 1  # after every this many skill steps, one step on the replay pool (0: none)
     batch: int = 8
     lr: float = 1e-4
     warmup: int = 5
