@@ -21,7 +21,7 @@ from router.router import Router
 from router.store import StoreError
 from server.api import errors
 from server.api.completions import install_completion_routes
-from server.api.common import SHUTTING_DOWN, done_unless_gone, engine_error, merged
+from server.api.common import SHUTTING_DOWN, done_unless_gone, engine_error, sse_events
 from server.api.constraints import compile_for, request_constraint
 from server.api.router_routes import install_router_routes
 from server.api.protocol import (
@@ -522,33 +522,24 @@ class ChatHandler:
 
     async def _sse(self, streams: list[RequestStream]):
         shapers = [ChoiceStream(self.tools, self.body.logprobs) for _ in streams]
-        status, error = "cancelled", None
-        try:
-            async with contextlib.aclosing(merged(streams)) as events:
-                async for index, ev in events:
-                    if ev.finish_reason == "error":
-                        error = ev.error
-                        continue
-                    if ev.token_ids and self.first_token_at is None:
-                        self.first_token_at = time.perf_counter()
-                    for delta, logprobs, finish in shapers[index].feed(ev):
-                        yield self._chunk([ChunkChoice(index=index, delta=Delta(**delta), finish_reason=finish,
-                                                       logprobs=None if logprobs is None
-                                                       else ChoiceLogprobs(content=logprobs))])
-            if error:
-                status = "error"
-                yield f"data: {json.dumps(engine_error(error).body())}\n\n"
-            else:
-                status = "ok"
-                if self.body.stream_options and self.body.stream_options.include_usage:
-                    completion = sum(s.completion_tokens for s in streams)
-                    yield self._chunk([], Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                                                total_tokens=self.prompt_tokens + completion))
-            yield "data: [DONE]\n\n"
-        finally:  # also when the client disconnects and the response task is cancelled
-            for s in streams:
-                s.cancel()
-            self._record(status, sum(s.completion_tokens for s in streams))
+
+        def shape(index: int, ev):
+            for delta, logprobs, finish in shapers[index].feed(ev):
+                yield self._chunk([ChunkChoice(index=index, delta=Delta(**delta), finish_reason=finish,
+                                               logprobs=None if logprobs is None
+                                               else ChoiceLogprobs(content=logprobs))])
+
+        def usage_chunk() -> str | None:
+            if not (self.body.stream_options and self.body.stream_options.include_usage):
+                return None
+            completion = sum(s.completion_tokens for s in streams)
+            return self._chunk([], Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                                         total_tokens=self.prompt_tokens + completion))
+
+        async for chunk in sse_events(streams, shape, usage_chunk, lambda at: setattr(self, "first_token_at", at),
+                                      lambda status: self._record(status, sum(s.completion_tokens
+                                                                              for s in streams))):
+            yield chunk
 
     # -- pipelines: stage 1 reasons, the final stage answers
     def _pipeline_usage(self, result: PipelineResult) -> dict:

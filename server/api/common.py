@@ -1,9 +1,13 @@
-"""What the API's handlers share: how an engine error reads, and noticing a client that went away."""
+"""What the API's handlers share: how an engine error reads, noticing a client that went away, and the frame of
+a streamed response."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+import contextlib
+import json
+import time
+from typing import AsyncIterator, Callable, Iterable
 
 from fastapi import Request
 
@@ -58,3 +62,39 @@ async def merged(streams: list) -> AsyncIterator[tuple[int, object]]:
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def sse_events(streams: list, shape: Callable[[int, object], Iterable[str]],
+                     usage_chunk: Callable[[], str | None], on_first_token: Callable[[float], None],
+                     record: Callable[[str], None], head: Iterable[str] = ()) -> AsyncIterator[str]:
+    """A streamed response's body: the ``head`` chunks, then its streams' events, ``shape(index, event)`` giving
+    each one's SSE chunks; after the last event comes the engine's error as an error event, or ``usage_chunk()`` if it gives
+    one, then ``[DONE]``. However it ends (the client gone included), the streams are cancelled and
+    ``record(status)`` is called once with "ok", "error" or "cancelled"."""
+    status, error, first = "cancelled", None, True
+    try:
+        for chunk in head:
+            yield chunk
+        async with contextlib.aclosing(merged(streams)) as events:
+            async for index, ev in events:
+                if ev.finish_reason == "error":
+                    error = ev.error
+                    continue
+                if ev.token_ids and first:
+                    first = False
+                    on_first_token(time.perf_counter())
+                for chunk in shape(index, ev):
+                    yield chunk
+        if error:
+            status = "error"
+            yield f"data: {json.dumps(engine_error(error).body())}\n\n"
+        else:
+            status = "ok"
+            tail = usage_chunk()
+            if tail:
+                yield tail
+        yield "data: [DONE]\n\n"
+    finally:
+        for s in streams:
+            s.cancel()
+        record(status)

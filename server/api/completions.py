@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import struct
@@ -28,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api import errors
-from server.api.common import SHUTTING_DOWN, done_unless_gone, engine_error, merged
+from server.api.common import SHUTTING_DOWN, done_unless_gone, engine_error, sse_events
 from server.api.constraints import compile_for, request_constraint
 from server.api.protocol import GuidedFields, ResponseFormat, StreamOptions, Usage, now
 from server.engine.sampling import MAX_LOGPROBS, SamplingParams
@@ -261,43 +260,32 @@ class CompletionHandler:
 
     async def _sse(self, streams):
         offsets = [len(self.echo[i]) for i, _, _ in streams]
-        status, error = "cancelled", None
-        try:
-            for k, (i, _, _) in enumerate(streams):
-                if self.echo[i]:
-                    yield self._chunk(k, self.echo[i])
-            async with contextlib.aclosing(merged([s for _, s, _ in streams])) as events:
-                async for k, ev in events:
-                    if ev.finish_reason == "error":
-                        error = ev.error
-                        continue
-                    if ev.token_ids and self.first_token_at is None:
-                        self.first_token_at = time.perf_counter()
-                    logprobs = None
-                    if self.body.logprobs is not None and ev.logprobs:
-                        logprobs = self._legacy(ev.logprobs, offsets[k])
-                        offsets[k] += sum(len(bytes(e["bytes"]).decode(errors="replace")) for e in ev.logprobs)
-                    if ev.text or logprobs:
-                        yield self._chunk(k, ev.text, logprobs=logprobs)
-                    if ev.finish_reason in ("stop", "length"):
-                        yield self._chunk(k, "", ev.finish_reason)
-            if error:
-                status = "error"
-                yield f"data: {json.dumps(engine_error(error).body())}\n\n"
-            else:
-                status = "ok"
-                if self.body.stream_options and self.body.stream_options.include_usage:
-                    completion = sum(s.completion_tokens for _, s, _ in streams)
-                    usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                                  total_tokens=self.prompt_tokens + completion).model_dump()
-                    data = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                            "choices": [], "usage": usage}
-                    yield f"data: {json.dumps(data)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            for _, s, _ in streams:
-                s.cancel()
-            self._record(status, streams)
+        echoes = [self._chunk(k, self.echo[i]) for k, (i, _, _) in enumerate(streams) if self.echo[i]]
+
+        def shape(k: int, ev):
+            logprobs = None
+            if self.body.logprobs is not None and ev.logprobs:
+                logprobs = self._legacy(ev.logprobs, offsets[k])
+                offsets[k] += sum(len(bytes(e["bytes"]).decode(errors="replace")) for e in ev.logprobs)
+            if ev.text or logprobs:
+                yield self._chunk(k, ev.text, logprobs=logprobs)
+            if ev.finish_reason in ("stop", "length"):
+                yield self._chunk(k, "", ev.finish_reason)
+
+        def usage_chunk() -> str | None:
+            if not (self.body.stream_options and self.body.stream_options.include_usage):
+                return None
+            completion = sum(s.completion_tokens for _, s, _ in streams)
+            usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                          total_tokens=self.prompt_tokens + completion).model_dump()
+            data = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                    "choices": [], "usage": usage}
+            return f"data: {json.dumps(data)}\n\n"
+
+        async for chunk in sse_events([s for _, s, _ in streams], shape, usage_chunk,
+                                      lambda at: setattr(self, "first_token_at", at),
+                                      lambda status: self._record(status, streams), head=echoes):
+            yield chunk
 
 
 class Embedders:
