@@ -39,7 +39,7 @@ def general_tasks(branch: int) -> list[Task]:
             for it in load_general()]
 
 
-def generate(source, branches: list[str], tasks: list[Task], max_batch: int = 64) -> list[tuple[str, str]]:
+def generate(source, branches: list[str], tasks: list[Task], max_batch: int = 128) -> list[tuple[str, str]]:
     """Greedy (reply, finish reason) for ``tasks`` (each on its branch), every branch mixed in the same batches."""
     from server.engine.model import FamilyModel
     from server.engine.runner import FamilyRunner, Sequence

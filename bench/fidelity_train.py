@@ -36,18 +36,32 @@ class FineTune:
         return self.steps + (self.steps // self.replay_every if self.replay_every else 0)
 
     def tag(self) -> str:
-        return f"s{self.steps}-r{self.replay_every}-b{self.batch}-lr{self.lr:g}-seed{self.seed}"
+        # "v2": fused AdamW and length-grouped replay batches; fine-tunes of the first recipe are not reused
+        return f"v2-s{self.steps}-r{self.replay_every}-b{self.batch}-lr{self.lr:g}-seed{self.seed}"
+
+
+def replay_batches(replay: list[tuple[str, str]], size: int, seed: int):
+    """Endless replay batches of similar length (the pool sorted by length, cut into batches, each pass
+    shuffled), so a batch pads little: the replies run from a few tokens to the 48-token cap."""
+    pool = sorted(replay, key=lambda pair: (len(pair[0]) + len(pair[1]), pair))
+    groups = [pool[i: i + size] for i in range(0, len(pool) - size + 1, size)]
+    if not groups:
+        raise ValueError(f"the replay pool has {len(replay)} pairs, fewer than one batch of {size}")
+    rng = random.Random(seed)
+    while True:
+        rng.shuffle(groups)
+        yield from groups
 
 
 def batches(skill: str, replay: list[tuple[str, str]], settings: FineTune) -> list[list[tuple[str, str]]]:
     """The training batches in order: skill batches, with a replay batch after every ``replay_every``."""
     data = examples(skill, settings.steps * settings.batch, "train", settings.seed)
-    rng = random.Random(settings.seed)
+    rehearse = replay_batches(replay, settings.batch, settings.seed)
     out = []
     for step in range(settings.steps):
         out.append(data[step * settings.batch: (step + 1) * settings.batch])
         if settings.replay_every and (step + 1) % settings.replay_every == 0:
-            out.append(rng.sample(replay, settings.batch))
+            out.append(next(rehearse))
     return out
 
 
@@ -63,7 +77,7 @@ def fine_tune(base: Path, skill: str, out: Path, settings: FineTune, replay: lis
     model.train()
     plan = batches(skill, replay, settings)
     total = len(plan)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0, betas=(0.9, 0.95), fused=True)
 
     def lr_at(step: int) -> float:
         if step < settings.warmup:

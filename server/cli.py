@@ -89,7 +89,21 @@ def cmd_serve(args) -> int:
 
     if args.demo == bool(args.config):
         raise UserError("give either --config FILE or --demo")
-    if args.demo:
+    if args.address and not args.ray:
+        raise UserError("--address needs --ray")
+    if args.ray:
+        try:
+            from server.ray_app import serve_ray
+        except ImportError:
+            raise UserError("--ray needs Ray Serve: pip install 'branchserve[ray]'") from None
+        if args.demo:
+            from server.demo.build import demo_config
+
+            config = demo_config()
+        else:
+            config = load_config(args.config)
+        serve_ray(config, args.host, args.port, args.address)
+    elif args.demo:
         from server.demo.build import banner, demo_config
 
         serve(demo_config(), args.host, args.port, banner(args.host, args.port))
@@ -175,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build (first time) and serve the offline demo from the data directory")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--ray", action="store_true",
+                   help="run as a Ray Serve application: an ingress and one deployment per model (the config's "
+                        "ray: sections); needs branchserve[ray]")
+    s.add_argument("--address", help="with --ray: the Ray cluster to join (default: start a local one)")
     s.set_defaults(func=cmd_serve)
 
     from server.router_cli import add_parsers

@@ -23,6 +23,48 @@ class SamplingDefaults(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
 
 
+class RayAutoscaling(_Strict):
+    """Ray Serve scales a deployment between these on its queue: each replica aims at this many requests."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(ge=1)
+    target_ongoing_requests: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas is above max_replicas")
+        return self
+
+
+class RayDeployment(_Strict):
+    """How `serve --ray` deploys one family, standalone model or the ingress (unset keys: ``ray.defaults``, then
+    built-in defaults: 1 replica; 1 CPU for a model and none for the ingress; 1 GPU for a model on cuda)."""
+
+    num_replicas: int | None = Field(None, ge=1)
+    autoscaling: RayAutoscaling | None = None
+    # requests one replica takes at once; default: twice limits.max_batch (the rest wait in Ray's queue)
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    num_cpus: float | None = Field(None, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
+    memory: int | None = Field(None, ge=0)  # bytes reserved per replica
+    resources: dict[str, float] = {}  # custom Ray resources per replica
+
+    @model_validator(mode="after")
+    def _one_scale(self):
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set num_replicas or autoscaling, not both")
+        return self
+
+
+class RaySection(_Strict):
+    """`branchserve serve --ray`: the ingress deployment and the defaults of every model deployment."""
+
+    ingress: RayDeployment = RayDeployment()
+    defaults: RayDeployment = RayDeployment()
+    app_name: str = Field("branchserve", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
 class FamilyConfig(_Strict):
     artifact: Path
     device: str = "cpu"
@@ -30,6 +72,7 @@ class FamilyConfig(_Strict):
     # exposed name -> branch; default: every branch under its own name
     branches: dict[str, str] | None = None
     sampling: SamplingDefaults = SamplingDefaults()
+    ray: RayDeployment | None = None  # `serve --ray` only
 
 
 class StandaloneConfig(_Strict):
@@ -39,6 +82,7 @@ class StandaloneConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     trust_remote_code: bool = False
     sampling: SamplingDefaults = SamplingDefaults()
+    ray: RayDeployment | None = None  # `serve --ray` only
 
 
 class Limits(_Strict):
@@ -117,6 +161,7 @@ class ServerConfig(_Strict):
     api_keys: list[str] = []
     cors_origins: list[str] = []
     shutdown_grace_s: float = Field(30.0, ge=0)
+    ray: RaySection = RaySection()  # `serve --ray` only
 
     @model_validator(mode="after")
     def _something_to_serve(self):

@@ -135,6 +135,22 @@ class RequestStream:
         self.seq.cancelled.set()
         self._wake.set()
 
+    async def raw(self):
+        """The engine's events as they come, each step's in one list, not detokenized (a Ray replica forwards them
+        to the ingress, which detokenizes). A consumer that stops early cancels the sequence."""
+        try:
+            while True:
+                batch = [await self._events.get()]
+                while not self._events.empty():
+                    batch.append(self._events.get_nowait())
+                yield batch
+                if batch[-1].finish_reason is not None:
+                    self.finish_reason = batch[-1].finish_reason
+                    return
+        finally:
+            if self.finish_reason is None:
+                self.cancel()
+
 
 def _deliver(batch: list) -> None:
     for events, event, _ in batch:
@@ -149,11 +165,109 @@ class EmbedJob:
     future: concurrent.futures.Future
 
 
-class Engine:
-    def __init__(self, max_waiting: int = 256, max_embed_tokens: int = 8448):
+class Admission:
+    """Sequences submitted and not yet finished, per key (a runner here, a deployment behind Ray): up to the key's
+    capacity run; beyond that, up to ``max_waiting`` wait, over all keys. Counted where they are submitted and where
+    they end, so a burst is admitted by the same rule whether or not the engine has run yet."""
+
+    def __init__(self, max_waiting: int):
         self.max_waiting = max_waiting
-        self.max_embed_tokens = max_embed_tokens
+        self._count: dict = {}
+        self._capacity: dict = {}
+        self._lock = threading.Lock()
+
+    def add(self, key, capacity: int) -> None:
+        self._capacity[key] = capacity
+
+    def _queued(self) -> int:
+        return sum(max(0, n - self._capacity[k]) for k, n in self._count.items())
+
+    def queued(self) -> int:
+        with self._lock:
+            return self._queued()
+
+    def _refuse(self, key) -> None:
+        if self._count.get(key, 0) >= self._capacity[key] and self._queued() >= self.max_waiting:
+            raise EngineFull(f"{self._queued()} requests are waiting; try again later")
+
+    def check(self, key) -> None:
+        """Raise EngineFull if a sequence for ``key`` would not be admitted now (reserves nothing)."""
+        with self._lock:
+            self._refuse(key)
+
+    def admit(self, key, force: bool = False) -> None:
+        """Count one more sequence for ``key``. ``force``: it continues a request already admitted (a pipeline's
+        next stage), so the queue bound does not refuse it."""
+        with self._lock:
+            if not force:
+                self._refuse(key)
+            self._count[key] = self._count.get(key, 0) + 1
+
+    def release(self, key) -> None:
+        with self._lock:
+            self._count[key] -= 1
+
+
+class EngineBase:
+    """What the API asks of an engine, whether it runs in this process (Engine) or behind Ray Serve
+    (server/ray_app.py): targets by name, admission, prompt checks, grammars and embeddings."""
+
+    def __init__(self, max_waiting: int):
         self.targets: dict[str, Target] = {}
+        self.admission = Admission(max_waiting)
+
+    def tokenizer(self, model: str):
+        return self._target(model).tokenizer
+
+    def _target(self, model: str) -> Target:
+        try:
+            return self.targets[model]
+        except KeyError:
+            raise UnknownModel(model) from None
+
+    def _key(self, target: Target):
+        """The admission key of ``target``: its runner."""
+        return id(target.runner)
+
+    def waiting(self) -> int:
+        """Sequences admitted beyond their runner's batch: the queue that ``max_waiting`` bounds."""
+        return self.admission.queued()
+
+    def check_admission(self, model: str) -> None:
+        """Raise EngineFull if a sequence for ``model`` would not be admitted now (reserves nothing)."""
+        self.admission.check(self._key(self._target(model)))
+
+    @staticmethod
+    def check_prompt(model: str, target: Target, prompt: list[int]) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= target.runner.max_seq:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; {model}'s context is {target.runner.max_seq}")
+
+    def compile_now(self, model: str, constraint):
+        """A structured.Constraint compiled for ``model``'s tokenizer -> a structured.Compiled to put in
+        SamplingParams.grammar. Blocking; raises ConstraintError."""
+        from server.engine.structured import Compiled
+
+        grammars = self._target(model).grammars()
+        return Compiled(constraint, grammars, grammars.compile(constraint))
+
+    async def compile(self, model: str, constraint):
+        """``compile_now`` in a worker thread: never on the engine thread or the event loop."""
+        return await asyncio.to_thread(self.compile_now, model, constraint)
+
+    def embed_future(self, model: str, tokens: list[int], layer: int = -1) -> concurrent.futures.Future:
+        raise NotImplementedError
+
+    async def embed(self, model: str, tokens: list[int], layer: int = -1):
+        """As ``embed_future``, awaited; cancelling the awaiting task cancels the job."""
+        return await asyncio.wrap_future(self.embed_future(model, tokens, layer))
+
+
+class Engine(EngineBase):
+    def __init__(self, max_waiting: int = 256, max_embed_tokens: int = 8448):
+        super().__init__(max_waiting)
+        self.max_embed_tokens = max_embed_tokens
         self.runners: list[Runner] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: list = []  # (event loop, queue, event, sequence) emitted during a step, engine thread only
@@ -162,13 +276,13 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # set by the engine thread once its warm-up is done
         self.start_error: BaseException | None = None
-        # Admission: sequences submitted and not yet finished, per runner. Counted where they are submitted and
-        # where they end, so a burst is admitted by the same rule whether or not the engine thread has run yet.
-        self._admitted: dict[int, int] = {}
-        self._admit_lock = threading.Lock()
         self._draining: str | None = None  # set by drain(): every sequence ends with this error
 
     # -- configuration
+    def _add_runner(self, runner: Runner) -> None:
+        self.runners.append(runner)
+        self.admission.add(id(runner), runner.max_batch)
+
     def _expose(self, target: Target) -> None:
         if target.name in self.targets:
             raise ValueError(f"model name {target.name!r} is used twice")
@@ -195,7 +309,7 @@ class Engine:
         for exposed, b in names.items():
             tok, stops = tokenizers[b]
             self._expose(Target(exposed, "branch", runner, tok, stops, branches.index(b), defaults))
-        self.runners.append(runner)
+        self._add_runner(runner)
         return runner
 
     def add_standalone(self, name: str, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -215,7 +329,7 @@ class Engine:
         runner = StandaloneRunner(model, max_batch, max_seq, prefill_chunk)
         tok = load_tokenizer(path)
         self._expose(Target(name, "standalone", runner, tok, frozenset(stop_token_ids(path, tok)), 0, defaults))
-        self.runners.append(runner)
+        self._add_runner(runner)
         return runner
 
     # -- lifecycle
@@ -232,6 +346,9 @@ class Engine:
         if self.start_error is not None:
             raise self.start_error
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
@@ -245,32 +362,8 @@ class Engine:
         self._wake.set()
 
     # -- requests
-    def tokenizer(self, model: str):
-        return self._target(model).tokenizer
-
-    def _target(self, model: str) -> Target:
-        try:
-            return self.targets[model]
-        except KeyError:
-            raise UnknownModel(model) from None
-
-    def waiting(self) -> int:
-        """Sequences admitted beyond their runner's batch: the queue that ``max_waiting`` bounds."""
-        with self._admit_lock:
-            return self._queued()
-
     def running(self) -> int:
         return sum(len(r.running) for r in self.runners)
-
-    def _queued(self) -> int:
-        return sum(max(0, self._admitted.get(id(r), 0) - r.max_batch) for r in self.runners)
-
-    def check_admission(self, model: str) -> None:
-        """Raise EngineFull if a sequence for ``model`` would not be admitted now (reserves nothing)."""
-        runner = self._target(model).runner
-        with self._admit_lock:
-            if self._admitted.get(id(runner), 0) >= runner.max_batch and self._queued() >= self.max_waiting:
-                raise EngineFull(f"{self._queued()} requests are waiting; try again later")
 
     def submit(self, model: str, prompt: list[int], params: SamplingParams, request_id: str | None = None,
                admitted: bool = False) -> RequestStream:
@@ -278,40 +371,20 @@ class Engine:
         the queue bound does not refuse it."""
         target = self._target(model)
         runner = target.runner
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if len(prompt) >= runner.max_seq:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; {model}'s context is {runner.max_seq}")
+        self.check_prompt(model, target, prompt)
         loop = asyncio.get_running_loop()
-        with self._admit_lock:  # up to max_batch run; beyond that, up to max_waiting wait (over all runners)
-            count = self._admitted.get(id(runner), 0)
-            if not admitted and count >= runner.max_batch and self._queued() >= self.max_waiting:
-                raise EngineFull(f"{self._queued()} requests are waiting; try again later")
-            self._admitted[id(runner)] = count + 1
+        self.admission.admit(id(runner), force=admitted)
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(event: Event) -> None:  # on the engine thread: delivered in one batch per step (_flush)
             if event.finish_reason is not None:
-                with self._admit_lock:
-                    self._admitted[id(runner)] -= 1
+                self.admission.release(id(runner))
             self._outbox.append((loop, events, event, seq))
 
         seq = Sequence(request_id or uuid.uuid4().hex, list(prompt), params, emit, target.branch, target.stop_ids)
         self._inbox.put((runner, seq))
         self._wake.set()
         return RequestStream(seq, events, self._wake, target.tokenizer)
-
-    def compile_now(self, model: str, constraint):
-        """A structured.Constraint compiled for ``model``'s tokenizer -> a structured.Compiled to put in
-        SamplingParams.grammar. Blocking; raises ConstraintError."""
-        from server.engine.structured import Compiled
-
-        grammars = self._target(model).grammars()
-        return Compiled(constraint, grammars, grammars.compile(constraint))
-
-    async def compile(self, model: str, constraint):
-        """``compile_now`` in a worker thread: never on the engine thread or the event loop."""
-        return await asyncio.to_thread(self.compile_now, model, constraint)
 
     def embed_future(self, model: str, tokens: list[int], layer: int = -1) -> concurrent.futures.Future:
         """Queue an embed job: ``model``'s hidden states at ``layer`` for ``tokens`` -> a future of an (L, H)
@@ -325,10 +398,6 @@ class Engine:
         self._inbox.put(EmbedJob(target, list(tokens), layer, future))
         self._wake.set()
         return future
-
-    async def embed(self, model: str, tokens: list[int], layer: int = -1):
-        """As ``embed_future``, awaited; cancelling the awaiting task cancels the job."""
-        return await asyncio.wrap_future(self.embed_future(model, tokens, layer))
 
     # -- the engine thread
     def _run_embeds(self, jobs: list[EmbedJob]) -> None:

@@ -1,0 +1,388 @@
+"""`branchserve serve --ray`: the same server as a Ray Serve application. The only module that imports Ray.
+
+    ingress deployment (no model)                  one deployment per family and per standalone model
+    the FastAPI app of `serve`: OpenAI front,  ──▶ ModelServer replicas, each running today's Engine for
+    auth, router, pipelines, over a RemoteEngine  ◀── its entry; token events streamed back per step
+
+The ingress runs the same handlers as the single process. Its RemoteEngine answers what they ask of an engine
+(targets, admission, prompt checks, grammars) from each deployment's description, and turns ``submit`` into a
+streaming call to that deployment; detokenization and stop strings stay at the ingress, as in one process. A
+client that goes away cancels the call, and Ray cancels the replica's generator, which cancels the sequence.
+Router embeddings of a served model are embed jobs on a replica that serves it. Exemplar edits go through the
+exemplar file and its lock, which every ingress replica re-reads when it changes (a shared file system when they
+run on several machines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import ray
+from ray import serve
+
+from compression.errors import UserError
+from server.config import RayDeployment, ServerConfig
+from server.engine.runner import Event, Sequence
+from server.engine.scheduler import EngineBase, EngineFull, RequestStream, Target
+
+log = logging.getLogger("branchserve.ray")
+
+LOST = "the replica serving {model} was lost"
+
+
+# -- configuration -> deployments
+
+def deployments(config: ServerConfig) -> list[tuple[str, str, int]]:
+    """(deployment name, kind, index in the config) per family and standalone model."""
+    out, seen = [], set()
+    entries = [("family", i, f.artifact.name) for i, f in enumerate(config.families)]
+    entries += [("standalone", i, s.name) for i, s in enumerate(config.standalone)]
+    for kind, i, label in entries:
+        name = "".join(c if c.isalnum() or c in "-_" else "-" for c in f"{kind}-{label}")
+        while name in seen:
+            name += "-"
+        seen.add(name)
+        out.append((name, kind, i))
+    return out
+
+
+def entry_of(config: ServerConfig, kind: str, index: int):
+    return config.families[index] if kind == "family" else config.standalone[index]
+
+
+def options(config: ServerConfig, own: RayDeployment | None, device: str | None) -> dict:
+    """Ray Serve deployment options: the entry's ``ray:`` over ``ray.defaults`` over the built-in defaults (a model
+    replica takes 1 CPU, and 1 GPU on cuda; the ingress, ``device`` None, takes none)."""
+    base = config.ray.defaults if device is not None else RayDeployment()
+    merged = {**base.model_dump(exclude_unset=True), **(own.model_dump(exclude_unset=True) if own else {})}
+    d = RayDeployment.model_validate(merged)
+    out: dict = {"max_ongoing_requests": d.max_ongoing_requests or 2 * config.limits.max_batch}
+    if d.autoscaling is not None:
+        out["autoscaling_config"] = d.autoscaling.model_dump()
+    else:
+        out["num_replicas"] = d.num_replicas or 1
+    actor: dict = {"num_cpus": d.num_cpus if d.num_cpus is not None else (1 if device is not None else 0)}
+    gpus = d.num_gpus if d.num_gpus is not None else (1 if device and device.startswith("cuda") else 0)
+    if gpus:
+        actor["num_gpus"] = gpus
+    if d.memory is not None:
+        actor["memory"] = d.memory
+    if d.resources:
+        actor["resources"] = dict(d.resources)
+    out["ray_actor_options"] = actor
+    return out
+
+
+def most_replicas(opts: dict) -> int:
+    return opts["autoscaling_config"]["max_replicas"] if "autoscaling_config" in opts else opts["num_replicas"]
+
+
+# -- the model deployments
+
+class ModelServer:
+    """One family or standalone model: a replica runs the Engine `serve` runs, with only that entry."""
+
+    def __init__(self, config: dict, kind: str, index: int):
+        from server.serve import build_engine
+
+        config = ServerConfig.model_validate(config)
+        entry = entry_of(config, kind, index)
+        only = config.model_copy(update={"families": [entry] if kind == "family" else [],
+                                         "standalone": [entry] if kind == "standalone" else []})
+        self.engine = build_engine(only)
+        self.engine.start()
+        self.engine.wait_ready()  # compiled and captured before Ray marks the replica healthy
+        self._metrics()
+
+    def _metrics(self) -> None:
+        """The replica's load as Ray metrics (Ray adds the deployment, replica and application tags)."""
+        from ray.serve import metrics
+
+        running = metrics.Gauge("branchserve_replica_running", "Sequences in this replica's running batches")
+        waiting = metrics.Gauge("branchserve_replica_waiting", "Sequences waiting for a slot in this replica")
+        self.tokens = metrics.Counter("branchserve_replica_generation_tokens", "Tokens this replica generated",
+                                      tag_keys=("model",))
+
+        def report():
+            while True:
+                running.set(self.engine.running())
+                waiting.set(self.engine.waiting())
+                time.sleep(1.0)
+
+        threading.Thread(target=report, name="branchserve-replica-metrics", daemon=True).start()
+
+    def describe(self) -> list[dict]:
+        """What the ingress needs to answer for each served name without a model: its tokenizer, limits and
+        defaults."""
+        return [{"name": t.name, "kind": t.kind, "branch": t.branch, "defaults": t.defaults,
+                 "tokenizer": t.tokenizer, "stop_ids": sorted(t.stop_ids), "max_seq": t.runner.max_seq,
+                 "max_batch": t.runner.max_batch, "vocab_size": t.runner.vocab_size}
+                for t in self.engine.targets.values()]
+
+    async def generate(self, model: str, prompt: list[int], params, constraint, request_id: str):
+        """The sequence's events, each engine step's in one list, as plain tuples. Ray cancels this generator
+        when the ingress stops reading; the sequence is cancelled with it."""
+        if constraint is not None:
+            params = dataclasses.replace(params, grammar=await self.engine.compile(model, constraint))
+        try:
+            stream = self.engine.submit(model, prompt, params, request_id, admitted=True)
+        except (ValueError, EngineFull) as e:
+            yield [("", [], "error", len(prompt), 0, str(e), None)]
+            return
+        async for batch in stream.raw():
+            n = sum(len(e.token_ids) for e in batch)
+            if n:
+                self.tokens.inc(n, tags={"model": model})
+            yield [(e.text, e.token_ids, e.finish_reason, e.prompt_tokens, e.completion_tokens, e.error,
+                    e.logprobs) for e in batch]
+
+    async def embed(self, model: str, tokens: list[int], layer: int):
+        return await self.engine.embed(model, tokens, layer)
+
+    def stats(self) -> dict:
+        ctx = serve.get_replica_context()
+        return {"replica": ctx.replica_id.unique_id, "pid": os.getpid(), "running": self.engine.running(),
+                "waiting": self.engine.waiting()}
+
+    def check_health(self) -> None:
+        if not self.engine.alive():
+            raise RuntimeError("the engine thread has stopped")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+
+
+# -- the ingress side
+
+@dataclass
+class RemoteRunner:
+    """The limits of a runner on a replica: what the handlers read from ``target.runner``."""
+
+    max_seq: int
+    max_batch: int
+    vocab_size: int
+
+
+class _Cancel:
+    """RequestStream's wake-up, for a remote sequence: cancelling it cancels the streaming call."""
+
+    def __init__(self, future: concurrent.futures.Future):
+        self.future = future
+
+    def set(self) -> None:
+        self.future.cancel()
+
+
+class RemoteEngine(EngineBase):
+    """The engine interface of the handlers over deployment handles. Its own event loop, in a thread, makes every
+    call to Ray, so it serves the handlers' loop and blocking callers (the router's set-up) alike."""
+
+    def __init__(self, handles: dict, capacities: dict[str, int], max_waiting: int):
+        super().__init__(max_waiting)
+        self.handles = handles  # deployment name -> DeploymentHandle
+        self.capacities = capacities  # deployment name -> most replicas
+        self.deployment_of: dict[str, str] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="branchserve-remote", daemon=True)
+        self._inflight: dict[concurrent.futures.Future, tuple] = {}
+        self._lock = threading.Lock()
+        self._draining: str | None = None
+
+    def _call(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    # -- lifecycle
+    def start(self) -> None:
+        if self._thread.is_alive():  # the ingress starts it early, to learn the served names
+            return
+        self._thread.start()
+        for name, handle in self.handles.items():
+            described = self._call(self._describe(handle)).result()
+            capacity = 0
+            for d in described:
+                runner = RemoteRunner(d["max_seq"], d["max_batch"], d["vocab_size"])
+                capacity = d["max_batch"] * self.capacities[name]
+                self.targets[d["name"]] = Target(d["name"], d["kind"], runner, d["tokenizer"],
+                                                 frozenset(d["stop_ids"]), d["branch"], d["defaults"])
+                self.deployment_of[d["name"]] = name
+            self.admission.add(name, capacity)
+
+    @staticmethod
+    async def _describe(handle):
+        return await handle.describe.remote()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Every deployment was described in ``start``: its replicas are up."""
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self.drain("the server is shutting down")
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def drain(self, message: str) -> None:
+        self._draining = message
+        with self._lock:
+            inflight = list(self._inflight.items())
+        for future, (caller, events, seq) in inflight:
+            caller.call_soon_threadsafe(events.put_nowait, Event("", [], "error", len(seq.prompt), 0, error=message))
+            future.cancel()
+
+    # -- requests
+    def _key(self, target: Target):
+        return self.deployment_of[target.name]
+
+    def running(self) -> int:
+        """Sequences this ingress replica has in flight (each replica reports its own batches to Ray)."""
+        return len(self._inflight)
+
+    def submit(self, model: str, prompt: list[int], params, request_id: str | None = None,
+               admitted: bool = False) -> RequestStream:
+        target = self._target(model)
+        self.check_prompt(model, target, prompt)
+        if self._draining:
+            raise EngineFull(self._draining)
+        key = self._key(target)
+        self.admission.admit(key, force=admitted)
+        caller = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        seq = Sequence(request_id or uuid.uuid4().hex, list(prompt), params, lambda event: None, target.branch,
+                       target.stop_ids)
+        constraint = params.grammar.constraint if params.grammar is not None else None
+        wire = dataclasses.replace(params, grammar=None)
+        future = self._call(self._stream(key, model, seq, wire, constraint, caller, events))
+        with self._lock:
+            self._inflight[future] = (caller, events, seq)
+        future.add_done_callback(lambda f: self._done(f, key))
+        return RequestStream(seq, events, _Cancel(future), target.tokenizer)
+
+    def _done(self, future, key: str) -> None:
+        with self._lock:
+            self._inflight.pop(future, None)
+        self.admission.release(key)
+
+    async def _stream(self, key: str, model: str, seq: Sequence, params, constraint, caller, events) -> None:
+        def put(event: Event) -> None:
+            caller.call_soon_threadsafe(events.put_nowait, event)
+
+        response = self.handles[key].options(stream=True).generate.remote(model, seq.prompt, params, constraint,
+                                                                        seq.id)
+        finished = False
+        try:
+            async for batch in response:
+                for item in batch:
+                    event = Event(*item)
+                    put(event)
+                    finished = event.finish_reason is not None
+            if not finished:
+                put(Event("", [], "error", len(seq.prompt), 0, error=LOST.format(model=model)))
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception as e:  # the replica died or its call failed: the stream ends with an error event
+            log.warning("stream %s on %s failed: %s", seq.id, key, f"{type(e).__name__}: {e}".splitlines()[0])
+            put(Event("", [], "error", len(seq.prompt), 0, error=LOST.format(model=model)))
+
+    def embed_future(self, model: str, tokens: list[int], layer: int = -1) -> concurrent.futures.Future:
+        target = self._target(model)
+        if not tokens:
+            raise ValueError("nothing to embed")
+        return self._call(self._embed(self._key(target), model, list(tokens), layer))
+
+    async def _embed(self, key: str, model: str, tokens: list[int], layer: int):
+        return await self.handles[key].embed.remote(model, tokens, layer)
+
+
+class Ingress:
+    """The FastAPI app of `branchserve serve`, over a RemoteEngine: auth, router, pipelines; no model."""
+
+    def __init__(self, config: dict, handles: dict, capacities: dict[str, int], host: str):
+        from server.api.app import State
+        from server.serve import router_factory
+        from server.pipelines import load_pipelines
+
+        self.config = ServerConfig.model_validate(config)
+        self.host = host
+        engine = RemoteEngine(handles, capacities, self.config.limits.queue_size)
+        engine.start()  # describes every deployment: the served names are known from here
+        pipelines = load_pipelines(self.config.pipelines, set(engine.targets))
+        self.state = State(self.config, lambda: engine, router_factory(self.config, pipelines), pipelines, host)
+        self.state.load()
+
+    def __serve_build_asgi_app__(self):
+        from server.api.app import build_app
+
+        return build_app(self.config, host=self.host, loaded=self.state)
+
+
+def build_application(config: ServerConfig, host: str):
+    """The Ray Serve application of ``config``: an ingress deployment over one deployment per model."""
+    raw = config.model_dump(mode="json")
+    handles, capacities = {}, {}
+    for name, kind, index in deployments(config):
+        entry = entry_of(config, kind, index)
+        opts = options(config, entry.ray, entry.device)
+        capacities[name] = most_replicas(opts)
+        handles[name] = serve.deployment(ModelServer, name=name, **opts).bind(raw, kind, index)
+    ingress = serve.deployment(serve.ingress()(Ingress), name="ingress", **options(config, config.ray.ingress, None))
+    return ingress.bind(raw, handles, capacities, host)
+
+
+def serve_ray(config: ServerConfig, host: str, port: int, address: str | None) -> None:
+    """Deploy ``config`` on Ray (a local instance, or the cluster at ``address``) and block until a signal."""
+    from server.serve import preflight
+
+    preflight(config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    local = address is None
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 **({"num_cpus": local_cpus(config)} if local else {}))
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.run(build_application(config, host), name=config.ray.app_name, route_prefix="/")
+        except RuntimeError as e:
+            raise UserError(f"the Ray Serve application did not start: {str(e).splitlines()[0]}") from None
+        names = [n for n, _, _ in deployments(config)]
+        print(f"branchserve: http://{host}:{port}/v1 on Ray Serve (application {config.ray.app_name!r}: "
+              f"ingress, {', '.join(names)})", flush=True)
+        stop.wait()
+    finally:
+        try:
+            serve.delete(config.ray.app_name)
+        except Exception:  # the cluster is going away anyway
+            log.debug("deleting the application failed", exc_info=True)
+        if local:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def local_cpus(config: ServerConfig) -> int:
+    """Logical CPUs for a local Ray instance: the machine's, or what the deployments reserve if that is more (a
+    replica's reservation is a scheduling unit; torch still uses the cores it finds)."""
+    wanted = 0.0
+    for _, kind, index in deployments(config):
+        entry = entry_of(config, kind, index)
+        opts = options(config, entry.ray, entry.device)
+        wanted += opts["ray_actor_options"]["num_cpus"] * most_replicas(opts)
+    opts = options(config, config.ray.ingress, None)
+    wanted += opts["ray_actor_options"]["num_cpus"] * most_replicas(opts)
+    return max(os.cpu_count() or 1, int(wanted + 0.999))
