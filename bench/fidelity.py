@@ -41,12 +41,12 @@ from fidelity_train import FineTune  # noqa: E402
 from server.demo.build import build_into, smollm2  # noqa: E402
 
 RATES = (0.5, 0.8, 0.9, 0.95)
-# Skill steps per fine-tune (batch 8, lr 1e-4), from trials on this machine without replay: words reached 86 %
-# after 80 steps and 98 % after 100; iso_date 94 % after 40; sql 100 % after 40, its loss at 0.001 by step 20.
-# With one replay batch after each skill batch (the default) they reached 0.90 / 1.00 / 0.92 and kept the instruct
-# model's general score; with one after every 3, 0.90 / 1.00 / 0.96 but general fell to 0.83x (bench/RESULTS.md).
-# iso_date, at the 90 % bound after 50 steps, gets 10 more; sql, at 100 % after 30, 10 fewer.
-STEPS = {"iso_date": 60, "sql": 20, "words": 100}
+# Skill steps per fine-tune (batch 8, lr 1e-4), from trials on this machine. Without replay: words reached 86 % after
+# 80 steps and 98 % after 100; iso_date 94 % after 40; sql 100 % after 40, its loss at 0.001 by step 20. With one
+# (length-grouped) replay batch after each skill batch, the default: iso_date 100 % after 60; words 98 % after 80 and
+# after 100; sql 100 % after 20 and after 30, but its general score was 0.44 after 20 against 0.48 after 30 (the
+# instruct model's own). With one replay batch after every 3 (an earlier recipe), general fell to 0.83x.
+STEPS = {"iso_date": 60, "sql": 30, "words": 80}
 REPLAY_PROMPTS = 240
 REPLAY_MAX_TOKENS = 48
 # mergekit's documentation defines these parameters without prescribing values. TIES and DARE-TIES take the values
