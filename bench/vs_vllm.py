@@ -108,15 +108,15 @@ async def load(url: str, model: str, concurrency: int, max_tokens: int) -> dict:
             "texts": {p: results[p][2] for p in PROMPTS}}
 
 
-def branchserve_server(config: dict, port: int, home: Path) -> subprocess.Popen:
+def branchserve_server(config: dict, port: int, home: Path, *extra: str, log=subprocess.DEVNULL) -> subprocess.Popen:
+    """`branchserve serve` on ``config`` (``extra``: more of its arguments, ``--ray`` say)."""
     import yaml
 
     path = home / f"config-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, BRANCHSERVE_HOME=str(home))
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(path), "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=Path(__file__).resolve().parent.parent)
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(path), "--port", str(port),
+                             *extra], env=env, stdout=log, stderr=log, cwd=Path(__file__).resolve().parent.parent)
 
 
 def vllm_server(python: str, checkpoint: Path, port: int, max_batch: int) -> subprocess.Popen:

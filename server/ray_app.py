@@ -340,6 +340,20 @@ def build_application(config: ServerConfig, host: str):
     return ingress.bind(raw, handles, capacities, host)
 
 
+def app_builder(args: dict):
+    """The application for Ray's own tools: ``serve run server.ray_app:app_builder config=/path/serve.yaml``, or the
+    ``import_path`` of a KubeRay RayService (deploy/kuberay/rayservice.yaml). ``host`` (default 0.0.0.0) is where
+    Ray's proxy listens: the router API stays closed off loopback until an admin key is set."""
+    from server.config import load_config
+    from server.serve import preflight
+
+    if "config" not in args:
+        raise UserError("app_builder needs config=/path/to/serve.yaml")
+    config = load_config(args["config"])
+    preflight(config)
+    return build_application(config, args.get("host", "0.0.0.0"))
+
+
 def serve_ray(config: ServerConfig, host: str, port: int, address: str | None) -> None:
     """Deploy ``config`` on Ray (a local instance, or the cluster at ``address``) and block until a signal."""
     from server.serve import preflight

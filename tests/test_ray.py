@@ -44,11 +44,11 @@ class RayServer:
         self.url = url
 
 
-def ray_config(models, exemplars) -> ServerConfig:
+def ray_config(paths, exemplars) -> ServerConfig:
     return ServerConfig.model_validate({
-        "families": [{"artifact": str(models["artifact"]), "branches": {"math": "math", "code": "code",
+        "families": [{"artifact": str(paths["artifact"]), "branches": {"math": "math", "code": "code",
                                                                          "chat": "chat"}}],
-        "standalone": [{"name": "phi3", "path": str(models["phi3"])}],
+        "standalone": [{"name": "phi3", "path": str(paths["phi3"])}],
         "router": {"default_route": "general", "exemplars": str(exemplars)},
         "pipelines": [{"name": "reason-then-answer", "stages": [
             {"model": "phi3", "template": "stage1/reason", "max_tokens": 10},
@@ -137,3 +137,19 @@ def test_deployment_options_come_from_the_ray_sections(models):  # noqa: F811
     with pytest.raises(ValueError, match="not both"):
         ServerConfig.model_validate({"standalone": [{"name": "x", "path": "x", "ray": {
             "num_replicas": 2, "autoscaling": {"max_replicas": 2, "target_ongoing_requests": 1}}}]})
+
+
+def test_the_kuberay_manifest_holds_a_valid_config_and_our_import_path():
+    import importlib
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    docs = list(yaml.safe_load_all((ROOT / "deploy/kuberay/rayservice.yaml").read_text()))
+    config = ServerConfig.model_validate(yaml.safe_load(docs[0]["data"]["serve.yaml"]))
+    assert [name for name, _, _ in deployments(config)] == ["family-llama3-family", "standalone-phi3"]
+    assert options(config, config.families[0].ray, "cuda")["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
+    app = yaml.safe_load(docs[1]["spec"]["serveConfigV2"])["applications"][0]
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
