@@ -356,9 +356,10 @@ def app_builder(args: dict):
 
 def serve_ray(config: ServerConfig, host: str, port: int, address: str | None) -> None:
     """Deploy ``config`` on Ray (a local instance, or the cluster at ``address``) and block until a signal."""
-    from server.serve import preflight
+    from server.serve import bind, preflight
 
     preflight(config)
+    bind(host, port).close()  # a port in use is one clear line now, not a proxy that fails later
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     local = address is None
     try:

@@ -1,7 +1,7 @@
 """`serve --ray`: the conformance tests of the single process, run against the Ray Serve application.
 
-One local Ray instance (started here, 2 CPUs' worth of work on tiny models) serves one application: the ingress and
-one deployment per model, with a router and a pipeline. The tests imported below are the single process's own,
+One local Ray instance (started here, tiny models) serves one application: two ingress replicas and one deployment
+per model, with a router and a pipeline. The tests imported below are the single process's own,
 unchanged: they take this module's ``server`` and ``client``.
 """
 
@@ -55,6 +55,7 @@ def ray_config(paths, exemplars) -> ServerConfig:
             {"model": "math", "template": "stage2/concise", "domain": "arithmetic", "max_tokens": 6},
         ]}],
         "limits": {"max_batch": 8, "max_context": 512},
+        "ray": {"ingress": {"num_replicas": 2}},  # an exemplar edit through one must reach the other
     })
 
 
@@ -94,11 +95,15 @@ def test_auto_routes_and_an_exemplar_edit_takes_effect(server, client):
     assert raw.headers["x-branchserve-route"] == "math" and raw.parse().model == "math"
     added = httpx.post(server.url + "/v1/router/routes/general/exemplars", json={"text": "What is 45 times 3?"})
     assert added.status_code == 201
-    decided = httpx.post(server.url + "/v1/router/decide", json={"text": "What is 45 times 3?"}).json()
-    assert decided["route"] == "general"
+
+    def routes() -> list[str]:  # two ingress replicas: 8 decisions reach both with probability 1 - 2/256
+        return [httpx.post(server.url + "/v1/router/decide", json={"text": "What is 45 times 3?"}).json()["route"]
+                for _ in range(8)]
+
+    assert routes() == ["general"] * 8
     gone = httpx.delete(server.url + f"/v1/router/routes/general/exemplars/{added.json()['id']}")
     assert gone.status_code == 204
-    assert httpx.post(server.url + "/v1/router/decide", json={"text": "What is 45 times 3?"}).json()["route"] == "math"
+    assert routes() == ["math"] * 8
 
 
 def replica_stats(name: str) -> dict:
