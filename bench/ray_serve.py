@@ -6,14 +6,14 @@ Tiny synthetic models (a 3-branch family, rate 0.9) on the CPU, so what is measu
 runs the real CLI, `branchserve serve --config FILE [--ray]`, in a child process; this script joins its local Ray
 instance as a second driver to read the replicas' stats and Ray's Prometheus metrics.
 
-1. Overhead at concurrency 1: the single process and the Ray app (one replica, 2 CPUs), both up, requests
-   alternating between them: TTFT and tokens/s, and their ratio.
-2. A client disconnect mid-stream (same Ray app): how long until the replica's running count is back to 0, against
-   the time of one decode step.
-3. The family with 2 replicas (1 CPU each) under ``--clients`` streaming clients for ``--seconds``: outcomes, and
+1. The family with 2 replicas (1 CPU each) under ``--clients`` streaming clients for ``--seconds``: outcomes, and
    requests per replica from Ray's metrics.
-4. The same load again; one replica's process is killed (SIGKILL) a third of the way in: what the streams on it got,
+2. The same load again; one replica's process is killed (SIGKILL) a third of the way in: what the streams on it got,
    when the last failed request started, and when the replica was back.
+3. A client disconnect mid-stream: how long until the replicas' running count is back to 0, against the time of
+   one decode step.
+4. Overhead at concurrency 1: the single process and the Ray app (one replica, 2 CPUs), both up, requests
+   alternating between them: TTFT and tokens/s, and their ratio.
 """
 
 from __future__ import annotations
@@ -136,9 +136,21 @@ def per_replica(text: str, metric: str) -> dict[str, float]:
 
 
 def stats() -> dict:
+    """One replica's stats (whichever Ray routes the call to)."""
     from ray import serve
 
     return serve.get_deployment_handle(FAMILY, app_name=APP).stats.remote().result()
+
+
+def running_everywhere(replicas: int) -> int:
+    """Sequences running on all ``replicas`` replicas: stats calls until each has answered once."""
+    seen: dict[str, int] = {}
+    for _ in range(200):
+        s = stats()
+        seen[s["replica"]] = s["running"]
+        if len(seen) == replicas:
+            break
+    return sum(seen.values())
 
 
 def running_replicas() -> int:
@@ -156,12 +168,6 @@ def connect() -> None:
     import ray
 
     ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
-
-
-def disconnect() -> None:
-    import ray
-
-    ray.shutdown()
 
 
 def config(artifact: Path, replicas: int, cpus: float) -> dict:
@@ -196,26 +202,11 @@ def main() -> int:
             wait_healthy(url, proc, timeout=600)
             return proc, url, time.monotonic() - t0
 
-        # 1-2: one replica with 2 CPUs against the single process; then a disconnect.
-        single, single_url, _ = start(config(artifact, 1, 2), False)
-        ray_proc, ray_url, ready = start(config(artifact, 1, 2), True)
-        try:
-            say(f"ray app ready in {ready:.0f} s; overhead at concurrency 1")
-            report["ray_ready_s"] = ready
-            report["overhead"] = asyncio.run(alternate({"single process": single_url, "ray": ray_url}, args.rounds,
-                                                       64))
-            stop(single)
-            connect()
-            report["disconnect"] = asyncio.run(client_gone(ray_url))
-            disconnect()
-        finally:
-            stop(single)
-            stop(ray_proc)
-
-        # 3-4: two replicas, one CPU each.
+        # 1-3: two replicas, one CPU each: load, a replica killed, a client gone.
         ray_proc, ray_url, ready = start(config(artifact, 2, 1), True)
         try:
-            connect()
+            connect()  # once: Serve's handles in this process stay bound to the first cluster they met
+            report["ray_ready_s"] = ready
             before = per_replica(ray_metrics(), "ray_serve_deployment_request_counter_total")
             say(f"{args.clients} clients for {args.seconds:.0f} s on 2 replicas")
             results = asyncio.run(load(ray_url, args.clients, args.seconds))
@@ -226,8 +217,20 @@ def main() -> int:
                               "requests_per_replica": spread}
             say("the same load; one replica killed")
             report["kill"] = kill_one(ray_url, args.clients, args.seconds)
-            disconnect()
+            say("a client gone mid-stream")
+            report["disconnect"] = asyncio.run(client_gone(ray_url))
         finally:
+            stop(ray_proc)
+
+        # 4: one replica with 2 CPUs against the single process, both up, requests alternating.
+        single, single_url, _ = start(config(artifact, 1, 2), False)
+        ray_proc, ray_url, _ = start(config(artifact, 1, 2), True)
+        try:
+            say("overhead at concurrency 1")
+            report["overhead"] = asyncio.run(alternate({"single process": single_url, "ray": ray_url}, args.rounds,
+                                                       64))
+        finally:
+            stop(single)
             stop(ray_proc)
         logs.close()
     summarize(report)
@@ -251,16 +254,22 @@ async def client_gone(url: str) -> dict:
                     seen += 1
                     if seen == 3:
                         break
-            running_before = await asyncio.to_thread(lambda: stats()["running"])
+            running_before, poll_ms = 0, 0.0
+            for _ in range(100):  # until the replicas report it running
+                polled = time.time()
+                running_before = await asyncio.to_thread(running_everywhere, 2)
+                poll_ms = 1000 * (time.time() - polled)  # what one look at both replicas costs
+                if running_before:
+                    break
         closed = time.time()
     freed = None
     while time.time() - closed < 10:
-        if await asyncio.to_thread(lambda: stats()["running"]) == 0:
+        if await asyncio.to_thread(running_everywhere, 2) == 0:
             freed = time.time() - closed
             break
         await asyncio.sleep(0.005)
     return {"running_before_close": running_before, "freed_after_ms": None if freed is None else 1000 * freed,
-            "decode_step_ms": 1000 * step}
+            "decode_step_ms": 1000 * step, "one_poll_ms": poll_ms}
 
 
 def kill_one(url: str, clients: int, seconds: float) -> dict:
@@ -303,7 +312,7 @@ def summarize(report: dict) -> None:
     d = report["disconnect"]
     print(f"\nclient gone mid-stream: running {d['running_before_close']} -> 0 after "
           f"{d['freed_after_ms'] if d['freed_after_ms'] is None else round(d['freed_after_ms'], 1)} ms "
-          f"(one decode step: {d['decode_step_ms']:.1f} ms)")
+          f"(one decode step: {d['decode_step_ms']:.1f} ms; one look at both replicas' stats: {d['one_poll_ms']:.1f} ms)")
     load_, kill = report["load"], report["kill"]
     print(f"\n{report['clients']} clients, {report['seconds']:.0f} s, 2 replicas: {load_['requests']} requests, "
           f"outcomes {load_['outcomes']}, per replica {load_['requests_per_replica']}")
