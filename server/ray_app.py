@@ -32,7 +32,7 @@ from ray import serve
 from compression.errors import UserError
 from server.config import RayDeployment, ServerConfig
 from server.engine.runner import Event, Sequence
-from server.engine.scheduler import EngineBase, EngineFull, RequestStream, Target
+from server.engine.scheduler import EngineBase, EngineFull, RequestStream, Target, deliver
 
 log = logging.getLogger("branchserve.ray")
 
@@ -209,14 +209,12 @@ class RemoteEngine(EngineBase):
         self._thread.start()
         for name, handle in self.handles.items():
             described = self._call(self._describe(handle)).result()
-            capacity = 0
-            for d in described:
+            for d in described:  # the names of one deployment share its runner
                 runner = RemoteRunner(d["max_seq"], d["max_batch"], d["vocab_size"])
-                capacity = d["max_batch"] * self.capacities[name]
                 self.targets[d["name"]] = Target(d["name"], d["kind"], runner, d["tokenizer"],
                                                  frozenset(d["stop_ids"]), d["branch"], d["defaults"])
                 self.deployment_of[d["name"]] = name
-            self.admission.add(name, capacity)
+            self.admission.add(name, described[0]["max_batch"] * self.capacities[name])
 
     @staticmethod
     async def _describe(handle):
@@ -274,18 +272,17 @@ class RemoteEngine(EngineBase):
         self.admission.release(key)
 
     async def _stream(self, key: str, model: str, seq: Sequence, params, constraint, caller, events) -> None:
-        def put(event: Event) -> None:
-            caller.call_soon_threadsafe(events.put_nowait, event)
+        def put(*batch: Event) -> None:  # one thread-safe call per engine step, not per event
+            caller.call_soon_threadsafe(deliver, [(events, event, None) for event in batch])
 
         response = self.handles[key].options(stream=True).generate.remote(model, seq.prompt, params, constraint,
                                                                         seq.id)
         finished = False
         try:
             async for batch in response:
-                for item in batch:
-                    event = Event(*item)
-                    put(event)
-                    finished = event.finish_reason is not None
+                got = [Event(*item) for item in batch]
+                put(*got)
+                finished = got[-1].finish_reason is not None
             if not finished:
                 put(Event("", [], "error", len(seq.prompt), 0, error=LOST.format(model=model)))
         except asyncio.CancelledError:
@@ -297,8 +294,7 @@ class RemoteEngine(EngineBase):
 
     def embed_future(self, model: str, tokens: list[int], layer: int = -1) -> concurrent.futures.Future:
         target = self._target(model)
-        if not tokens:
-            raise ValueError("nothing to embed")
+        self.check_embed(tokens)  # the same bound as in one process, before anything crosses to a replica
         return self._call(self._embed(self._key(target), model, list(tokens), layer))
 
     async def _embed(self, key: str, model: str, tokens: list[int], layer: int):

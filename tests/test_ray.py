@@ -158,3 +158,16 @@ def test_the_kuberay_manifest_holds_a_valid_config_and_our_import_path():
     app = yaml.safe_load(docs[1]["spec"]["serveConfigV2"])["applications"][0]
     module, _, attr = app["import_path"].partition(":")
     assert callable(getattr(importlib.import_module(module), attr))
+
+
+def test_the_ingress_bounds_an_embedding_before_it_reaches_a_replica():
+    from server.ray_app import RemoteEngine, RemoteRunner
+    from server.engine.scheduler import Target
+
+    engine = RemoteEngine({}, {}, max_waiting=4)
+    engine.targets["math"] = Target("math", "branch", RemoteRunner(512, 8, 300), None, frozenset())
+    engine.deployment_of["math"] = "family-art"
+    with pytest.raises(ValueError, match="the limit is 8448"):
+        engine.embed_future("math", [1] * 9000)
+    with pytest.raises(ValueError, match="nothing to embed"):
+        engine.embed_future("math", [])

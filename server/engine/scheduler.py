@@ -152,7 +152,8 @@ class RequestStream:
                 self.cancel()
 
 
-def _deliver(batch: list) -> None:
+def deliver(batch: list) -> None:
+    """(queue, event, sequence) triples onto their queues, on the queues' event loop."""
     for events, event, _ in batch:
         events.put_nowait(event)
 
@@ -212,9 +213,10 @@ class EngineBase:
     """What the API asks of an engine, whether it runs in this process (Engine) or behind Ray Serve
     (server/ray_app.py): targets by name, admission, prompt checks, grammars and embeddings."""
 
-    def __init__(self, max_waiting: int):
+    def __init__(self, max_waiting: int, max_embed_tokens: int = 8448):
         self.targets: dict[str, Target] = {}
         self.admission = Admission(max_waiting)
+        self.max_embed_tokens = max_embed_tokens
 
     def tokenizer(self, model: str):
         return self._target(model).tokenizer
@@ -244,6 +246,12 @@ class EngineBase:
         if len(prompt) >= target.runner.max_seq:
             raise ValueError(f"the prompt has {len(prompt)} tokens; {model}'s context is {target.runner.max_seq}")
 
+    def check_embed(self, tokens: list[int]) -> None:
+        if not tokens:
+            raise ValueError("nothing to embed")
+        if len(tokens) > self.max_embed_tokens:
+            raise ValueError(f"{len(tokens)} tokens to embed; the limit is {self.max_embed_tokens}")
+
     def compile_now(self, model: str, constraint):
         """A structured.Constraint compiled for ``model``'s tokenizer -> a structured.Compiled to put in
         SamplingParams.grammar. Blocking; raises ConstraintError."""
@@ -266,8 +274,7 @@ class EngineBase:
 
 class Engine(EngineBase):
     def __init__(self, max_waiting: int = 256, max_embed_tokens: int = 8448):
-        super().__init__(max_waiting)
-        self.max_embed_tokens = max_embed_tokens
+        super().__init__(max_waiting, max_embed_tokens)
         self.runners: list[Runner] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: list = []  # (event loop, queue, event, sequence) emitted during a step, engine thread only
@@ -390,10 +397,7 @@ class Engine(EngineBase):
         """Queue an embed job: ``model``'s hidden states at ``layer`` for ``tokens`` -> a future of an (L, H)
         float32 tensor on the host. Cancelling the future before the engine reaches it drops the job."""
         target = self._target(model)
-        if not tokens:
-            raise ValueError("nothing to embed")
-        if len(tokens) > self.max_embed_tokens:
-            raise ValueError(f"{len(tokens)} tokens to embed; the limit is {self.max_embed_tokens}")
+        self.check_embed(tokens)
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(EmbedJob(target, list(tokens), layer, future))
         self._wake.set()
@@ -496,7 +500,7 @@ class Engine(EngineBase):
             by_loop.setdefault(loop, []).append((events, event, seq))
         for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, batch)
+                loop.call_soon_threadsafe(deliver, batch)
             except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
                 for _, _, seq in batch:
                     seq.cancelled.set()
