@@ -9,6 +9,11 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 class Metrics:
+    """The server's own counters and histograms, rendered by ``/metrics``. Under Ray Serve, RayMetrics
+    (server/ray_app.py) takes its place and ``elsewhere`` says where they are exported instead."""
+
+    elsewhere: str | None = None
+
     def __init__(self, engine_load=None):
         self.registry = CollectorRegistry()
         r = self.registry
@@ -40,6 +45,13 @@ class Metrics:
             self.ttft.labels(model).observe(ttft)
             if completion_tokens > 1:
                 self.tpot.labels(model).observe((e2e - ttft) / (completion_tokens - 1))
+
+    def refused(self, model: str, status: str, stages: str = "") -> None:
+        """A request answered with a 4xx before it generated anything."""
+        self.requests.labels(model, status, stages).inc()
+
+    def routed(self, route: str, outcome: str) -> None:
+        self.route_decisions.labels(route, outcome).inc()
 
     def render(self) -> bytes:
         if self._engine_load is not None:

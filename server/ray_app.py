@@ -165,6 +165,56 @@ class ModelServer:
 
 # -- the ingress side
 
+METRICS_IN_RAY = ("Under Ray Serve the metrics are in Ray's Prometheus export, one endpoint per node (ray start "
+                  "--metrics-export-port), as ray_branchserve_*: each ingress replica counts its own requests there")
+
+
+class RayMetrics:
+    """The ingress's request counters and latency histograms as Ray metrics, the Metrics interface. Through Ray's
+    proxy, ``/metrics`` would reach one ingress replica of several, so it points at Ray's export instead."""
+
+    elsewhere = METRICS_IN_RAY
+
+    def __init__(self):
+        from ray.serve import metrics
+
+        from server.metrics import LATENCY_BUCKETS, TPOT_BUCKETS
+
+        model = ("model",)
+        self.requests = metrics.Counter("branchserve_requests", "Chat completion requests by model, status and "
+                                        "stages", tag_keys=("model", "status", "stages"))
+        self.prompt_tokens = metrics.Counter("branchserve_prompt_tokens", "Prompt tokens processed", tag_keys=model)
+        self.generation_tokens = metrics.Counter("branchserve_generation_tokens", "Tokens generated", tag_keys=model)
+        self.ttft = metrics.Histogram("branchserve_time_to_first_token_seconds", "Time to first token",
+                                      boundaries=list(LATENCY_BUCKETS), tag_keys=model)
+        self.tpot = metrics.Histogram("branchserve_time_per_output_token_seconds", "Time per output token after "
+                                      "the first", boundaries=list(TPOT_BUCKETS), tag_keys=model)
+        self.e2e = metrics.Histogram("branchserve_e2e_request_latency_seconds", "End-to-end request latency",
+                                     boundaries=list(LATENCY_BUCKETS), tag_keys=model)
+        self.route_decisions = metrics.Counter("branchserve_route_decisions", "Router decisions by route and "
+                                               "outcome", tag_keys=("route", "outcome"))
+
+    def observe(self, model: str, status: str, prompt_tokens: int, completion_tokens: int,
+                ttft: float | None, e2e: float, stages: str = "") -> None:
+        self.refused(model, status, stages)
+        tags = {"model": model}
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens, tags=tags)
+        if completion_tokens:
+            self.generation_tokens.inc(completion_tokens, tags=tags)
+        self.e2e.observe(e2e, tags=tags)
+        if ttft is not None:
+            self.ttft.observe(ttft, tags=tags)
+            if completion_tokens > 1:
+                self.tpot.observe((e2e - ttft) / (completion_tokens - 1), tags=tags)
+
+    def refused(self, model: str, status: str, stages: str = "") -> None:
+        self.requests.inc(1, tags={"model": model, "status": status, "stages": stages})
+
+    def routed(self, route: str, outcome: str) -> None:
+        self.route_decisions.inc(1, tags={"route": route, "outcome": outcome})
+
+
 @dataclass
 class RemoteRunner:
     """The limits of a runner on a replica: what the handlers read from ``target.runner``."""
@@ -315,6 +365,7 @@ class Ingress:
         engine.start()  # describes every deployment: the served names are known from here
         pipelines = load_pipelines(self.config.pipelines, set(engine.targets))
         self.state = State(self.config, lambda: engine, router_factory(self.config, pipelines), pipelines, host)
+        self.state.metrics = RayMetrics()
         self.state.load()
 
     def __serve_build_asgi_app__(self):
@@ -375,6 +426,9 @@ def serve_ray(config: ServerConfig, host: str, port: int, address: str | None) -
         names = [n for n, _, _ in deployments(config)]
         print(f"branchserve: http://{host}:{port}/v1 on Ray Serve (application {config.ray.app_name!r}: "
               f"ingress, {', '.join(names)})", flush=True)
+        if local:
+            print(f"branchserve: metrics in Ray's export, http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}"
+                  "/metrics (ray_branchserve_*)", flush=True)
         stop.wait()
     finally:
         try:

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import threading
 import time
 
@@ -122,7 +123,7 @@ def test_content_parts_and_unknown_fields(client):
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
-def test_errors(client):
+def test_errors(client, metric_total):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="nobody", messages=MESSAGES)
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
@@ -135,9 +136,8 @@ def test_errors(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=10_000)
     assert e.value.body["code"] == "context_length_exceeded"
-    counted = metric_text(client)
-    assert 'branchserve_requests_total{model="unknown",stages="",status="404"}' in counted
-    assert 'branchserve_requests_total{model="math",stages="",status="400"}' in counted
+    assert metric_total("branchserve_requests_total", model="unknown", stages="", status="404") >= 1
+    assert metric_total("branchserve_requests_total", model="math", stages="", status="400") >= 1
 
 
 def test_bad_bodies_say_what_is_wrong(server, client):
@@ -188,8 +188,27 @@ def test_a_body_over_the_limit_is_413(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-def metric_text(client) -> str:
-    return httpx.get(str(client.base_url).removesuffix("/v1/") + "/metrics").text
+def series_total(text: str, name: str, labels: dict) -> float:
+    """The sum of ``name``'s samples in Prometheus ``text`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        key, value = line.rsplit(" ", 1)
+        found = dict(re.findall(r'(\w+)="([^"]*)"', key.partition("{")[2]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+@pytest.fixture
+def metric_total(server):
+    """(metric name, at_least, **labels) -> the summed value in /metrics; the Ray tests read Ray's export instead,
+    which lags, so they wait for ``at_least``."""
+    def total(name: str, at_least: float = 1.0, **labels) -> float:
+        return series_total(httpx.get(server.url + "/metrics").text, name, labels)
+
+    return total
 
 
 def test_eight_concurrent_streams_complete(server):
@@ -218,12 +237,14 @@ def metric(server, name: str) -> dict[str, float]:
     return out
 
 
-def test_metrics_have_per_model_series(client, server):
+def test_metrics_have_per_model_series(client, metric_total):
     client.chat.completions.create(model="phi3", messages=MESSAGES, max_tokens=3, temperature=0)
-    requests = metric(server, "branchserve_requests_total")
-    assert requests['branchserve_requests_total{model="phi3",stages="",status="ok"}'] >= 1
-    assert metric(server, "branchserve_generation_tokens_total")['branchserve_generation_tokens_total{model="phi3"}'] >= 3
-    assert 'branchserve_time_to_first_token_seconds_count{model="phi3"}' in metric(server, "branchserve_time_to")
+    assert metric_total("branchserve_requests_total", model="phi3", stages="", status="ok") >= 1
+    assert metric_total("branchserve_generation_tokens_total", 3, model="phi3") >= 3
+    assert metric_total("branchserve_time_to_first_token_seconds_count", model="phi3") >= 1
+
+
+def test_metrics_report_the_engines_load(server):
     assert "branchserve_requests_running" in metric(server, "branchserve_requests_running")
 
 

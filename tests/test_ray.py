@@ -29,7 +29,7 @@ from tests.test_api import (  # noqa: F401  (collected here, against the Ray app
     test_stop_and_max_completion_tokens,
     test_stream_without_usage_has_no_usage_field,
 )
-from tests.test_api import models  # noqa: F401  (the fixture)
+from tests.test_api import models, series_total  # noqa: F401  (the fixture)
 from tests.test_pipelines import (  # noqa: F401
     test_streaming_streams_the_final_stage,
     test_two_stages_content_reasoning_and_usage,
@@ -65,7 +65,8 @@ def server(models, tmp_path_factory):  # noqa: F811
     mp = pytest.MonkeyPatch()
     mp.setenv("BRANCHSERVE_HOME", str(home))  # the Ray workers started below inherit it
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             _metrics_export_port=free_port(), _system_config={"metrics_report_interval_ms": 500})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ray_config(models, write_exemplars(home / "ex.yaml"))
@@ -80,6 +81,34 @@ def server(models, tmp_path_factory):  # noqa: F811
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def ray_export() -> str:
+    port = ray.nodes()[0]["MetricsExportPort"]
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+@pytest.fixture
+def metric_total(server):
+    """The conformance tests' metric reader, on Ray's export: the series of every ingress replica, summed."""
+    def total(name: str, at_least: float = 1.0, **labels) -> float:
+        deadline = time.monotonic() + 20  # Ray exports every 0.5 s here (10 s by default)
+        while True:
+            value = series_total(ray_export(), "ray_" + name, {"application": APP, **labels})
+            if value >= at_least or time.monotonic() > deadline:
+                return value
+            time.sleep(0.25)
+
+    return total
+
+
+def test_metrics_point_at_rays_export_and_replicas_report_there(server, client, metric_total):
+    r = httpx.get(server.url + "/metrics")
+    assert r.status_code == 404 and "metrics-export-port" in r.json()["error"]["message"]
+    client.chat.completions.create(model="code", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert metric_total("branchserve_replica_generation_tokens_total", 4, model="code",
+                        deployment="family-art") >= 4
+    assert "ray_branchserve_replica_running" in ray_export()
 
 
 def test_models_list_names_every_kind(client):

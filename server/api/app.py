@@ -196,6 +196,8 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}})
     async def metrics():
+        if state.metrics.elsewhere:
+            raise errors.APIError(404, state.metrics.elsewhere, code="metrics_elsewhere")
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=[Depends(authorized)], responses=errors.documented(401, 503))
@@ -245,7 +247,7 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
                 known = handler.model in state.engine.targets or handler.model in state.pipelines
                 pipeline = state.pipelines.get(handler.model)
                 stages = pipeline.stage_models if pipeline else ""
-                state.metrics.requests.labels(handler.model if known else "unknown", str(e.status), stages).inc()
+                state.metrics.refused(handler.model if known else "unknown", str(e.status), stages)
             raise
 
     return app
@@ -355,7 +357,7 @@ class ChatHandler:
         d = self.decision
         self.model = d.target
         self.domain = self.state.config.route_domains.get(d.route)
-        self.state.metrics.route_decisions.labels(d.route, "fallback" if d.fallback else "match").inc()
+        self.state.metrics.routed(d.route, "fallback" if d.fallback else "match")
         score = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         log.info("request %s: route %s -> %s (score %s; runner-up %s %s)%s", self.request_id, d.route, d.target,
                  score(d.score), d.runner_up, score(d.runner_up_score), " [default route]" if d.fallback else "")
