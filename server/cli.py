@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C now would turn exit 130 into a signal death
         sys.stderr.write("error: interrupted; nothing was written\n")
         return 130
 
