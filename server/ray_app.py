@@ -413,7 +413,10 @@ def serve_ray(config: ServerConfig, host: str, port: int, address: str | None) -
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  **({"num_cpus": local_cpus(config)} if local else {}))
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+        hint = ("" if os.environ.get("RAY_AUTH_MODE") == "token" else
+                " (a cluster started by `ray start` 2.59 or later asks for its token: set RAY_AUTH_MODE=token, with "
+                "the token in ~/.ray/auth_token or RAY_AUTH_TOKEN)")
+        raise UserError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}{hint}") from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
