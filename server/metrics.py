@@ -10,9 +10,7 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 class Metrics:
     """The server's own counters and histograms, rendered by ``/metrics``. Under Ray Serve, RayMetrics
-    (server/ray_app.py) takes its place and ``elsewhere`` says where they are exported instead."""
-
-    elsewhere: str | None = None
+    (server/ray_app.py) takes its place."""
 
     def __init__(self, engine_load=None):
         self.registry = CollectorRegistry()

@@ -165,15 +165,63 @@ class ModelServer:
 
 # -- the ingress side
 
-METRICS_IN_RAY = ("Under Ray Serve the metrics are in Ray's Prometheus export, one endpoint per node (ray start "
-                  "--metrics-export-port), as ray_branchserve_*: each ingress replica counts its own requests there")
+# Labels Ray adds to every exported series; /metrics sums them away (replica and node), as one process would count.
+RAY_LABELS = frozenset({"Component", "NodeAddress", "SessionName", "Version", "WorkerId", "replica", "application",
+                        "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"})
+
+
+def summed(texts: list[str], app: str) -> str:
+    """Prometheus text of ``app``'s ray_branchserve_* samples in ``texts``, without Ray's prefix and labels, summed
+    per remaining label set (the ingress's deployment label dropped too: it is every request's)."""
+    import re
+
+    meta: dict[str, list[str]] = {}
+    totals: dict[str, dict[tuple, float]] = {}
+    for text in texts:
+        for line in text.splitlines():
+            if line.startswith(("# HELP ray_branchserve_", "# TYPE ray_branchserve_")):
+                kind, _, rest = line[2:].partition(" ")
+                family = rest.split(" ", 1)[0].removeprefix("ray_")
+                entry = meta.setdefault(family, [])
+                if not any(m.startswith(f"# {kind} ") for m in entry):
+                    entry.append(f"# {kind} {rest.removeprefix('ray_')}")
+                continue
+            if not line.startswith("ray_branchserve_"):
+                continue
+            key, _, value = line.rpartition(" ")
+            name, _, body = key.partition("{")
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', body))
+            if labels.get("application") != app:
+                continue
+            kept = tuple(sorted((k, v) for k, v in labels.items() if k not in RAY_LABELS
+                                and not (k == "deployment" and v == "ingress")))
+            series = totals.setdefault(name.removeprefix("ray_"), {})
+            series[kept] = series.get(kept, 0.0) + float(value)
+    def order(item):  # histogram buckets in increasing ``le``, as Prometheus expects
+        labels = item[0]
+        return [(k, float(v) if k == "le" else 0.0, "" if k == "le" else v) for k, v in labels]
+
+    def lines(name: str) -> list[str]:
+        out = []
+        for labels, value in sorted(totals.pop(name).items(), key=order):
+            body = ",".join(f'{k}="{v}"' for k, v in labels)
+            out.append(f"{name}{{{body}}} {value!r}" if body else f"{name} {value!r}")
+        return out
+
+    out = []
+    for family in sorted(meta):
+        out += meta[family]
+        for name in sorted(n for n in totals if n == family or n.startswith(family + "_")):
+            out += lines(name)
+    for name in sorted(totals):  # samples whose family had no HELP/TYPE line
+        out += lines(name)
+    return "\n".join(out) + "\n"
 
 
 class RayMetrics:
-    """The ingress's request counters and latency histograms as Ray metrics, the Metrics interface. Through Ray's
-    proxy, ``/metrics`` would reach one ingress replica of several, so it points at Ray's export instead."""
-
-    elsewhere = METRICS_IN_RAY
+    """The ingress's request counters and latency histograms as Ray metrics, with the Metrics interface. Ray
+    exports them with every replica's, one endpoint per node; ``/metrics`` on the ingress reads those endpoints and
+    answers the application's series summed over replicas and nodes, under the single process's names."""
 
     def __init__(self):
         from ray.serve import metrics
@@ -213,6 +261,24 @@ class RayMetrics:
 
     def routed(self, route: str, outcome: str) -> None:
         self.route_decisions.inc(1, tags={"route": route, "outcome": outcome})
+
+    def render(self) -> bytes:
+        """Every node's export, this application's ``ray_branchserve_*`` series, summed over replicas and nodes.
+        Blocking (one HTTP read per node, 2 s each at most): the handler runs it in a thread. Ray exports every
+        few seconds (``metrics_report_interval_ms``), so the totals lag by that much."""
+        import httpx
+
+        app = serve.get_replica_context().app_name
+        texts = []
+        for node in ray.nodes():
+            if not node.get("Alive") or not node.get("MetricsExportPort"):
+                continue
+            url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            try:
+                texts.append(httpx.get(url, timeout=2.0).text)
+            except httpx.HTTPError as e:
+                log.warning("metrics of node %s unread: %s", node["NodeManagerAddress"], e)
+        return summed(texts, app).encode()
 
 
 @dataclass

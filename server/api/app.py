@@ -196,9 +196,8 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}})
     async def metrics():
-        if state.metrics.elsewhere:
-            raise errors.APIError(404, state.metrics.elsewhere, code="metrics_elsewhere")
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        text = await asyncio.to_thread(state.metrics.render)  # under Ray it reads every node's export
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=[Depends(authorized)], responses=errors.documented(401, 503))
     async def models() -> ModelList:
