@@ -16,8 +16,11 @@ turns) is put before the text, cut to its last ``context_tokens`` tokens.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import queue
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Protocol
@@ -52,6 +55,55 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
+class Batcher:
+    """Concurrent requests in one call: a worker thread takes every item waiting (up to ``most``) and runs
+    ``fn(items) -> results`` once for all of them, then the next group. A request alone waits for nothing; a
+    burst costs one forward per group instead of one per request, on as many threads."""
+
+    def __init__(self, fn: Callable[[list], list], most: int = 32, name: str = "branchserve-batcher"):
+        self.fn, self.most, self.name = fn, most, name
+        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    async def submit(self, item):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.waiting.put((item, loop, future))
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self.thread.start()
+        return await future
+
+    def _run(self) -> None:
+        while True:
+            group = [self.waiting.get()]
+            while len(group) < self.most:
+                try:
+                    group.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    break
+            group = [g for g in group if not g[2].cancelled()]  # their requests went away while they waited
+            if not group:
+                continue
+            try:
+                results, error = self.fn([item for item, _, _ in group]), None
+            except Exception as e:  # every request of the group gets it
+                results, error = [None] * len(group), e
+            for (_, loop, future), result in zip(group, results):
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
+    if future.done():  # cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class SentenceTransformerEmbedder:
     def __init__(self, path: str | Path | None = None, device: str = "cpu", max_tokens: int = 512,
                  context_tokens: int = 128):
@@ -70,6 +122,7 @@ class SentenceTransformerEmbedder:
         self.fingerprint = f"st-{name}-{_digest(config, size)}"
         self.max_chars = 8 * max_tokens  # the model cuts to its own max_seq_length in tokens after this
         self.context_tokens = context_tokens
+        self.batcher: Batcher | None = None  # made on first use, by the loop that serves requests
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         out = self.model.encode([tail(t, self.max_chars)[0] for t in texts], normalize_embeddings=True,
@@ -89,6 +142,16 @@ class SentenceTransformerEmbedder:
     def embed_one(self, text: str, context: str = "") -> tuple[torch.Tensor, bool]:
         cut, truncated = tail(text, self.max_chars)
         return self.embed([self.with_context(cut, context) if context else cut])[0], truncated
+
+    async def aembed_one(self, text: str, context: str = "") -> tuple[torch.Tensor, bool]:
+        """As ``embed_one``, for the event loop: concurrent requests are embedded together, in one encode."""
+        cut, truncated = tail(text, self.max_chars)
+        if self.batcher is None:
+            self.batcher = Batcher(self._embed_group, name="branchserve-router-embed")
+        return await self.batcher.submit((cut, context)), truncated
+
+    def _embed_group(self, items: list[tuple[str, str]]) -> list[torch.Tensor]:
+        return list(self.embed([self.with_context(cut, context) if context else cut for cut, context in items]))
 
 
 def suffix_template() -> str:

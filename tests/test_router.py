@@ -202,6 +202,62 @@ def test_decoder_suffix_embedder_on_tiny_models(tiny_models):
     assert branch.embed(["hello"]).shape == (1, 64)
 
 
+def test_concurrent_embeddings_are_batched_and_equal_the_single_ones(minilm):
+    texts = [f"Question number {i}: what is {i} plus {i + 1}?" for i in range(16)] + ["hi"]
+    calls = []
+    encode = minilm.embed
+
+    def counted(batch):
+        calls.append(len(batch))
+        return encode(batch)
+
+    minilm.embed = counted
+    try:
+        async def burst():
+            return await asyncio.gather(*(minilm.aembed_one(t) for t in texts))
+
+        together = asyncio.run(burst())
+    finally:
+        del minilm.embed
+    assert sum(calls) == len(texts) and len(calls) < len(texts) // 2, calls  # grouped, none lost
+    for text, (vector, truncated) in zip(texts, together):
+        assert not truncated
+        assert torch.allclose(vector, minilm.embed_one(text)[0], atol=1e-5)
+
+
+def test_a_group_error_reaches_each_request_of_the_group_and_a_cancelled_one_is_skipped():
+    from router.embedders import Batcher
+
+    groups, release = [], threading.Event()
+
+    def fn(items):
+        groups.append(list(items))
+        if items == ["first"]:
+            release.wait(10)  # the others queue meanwhile
+        if "bad" in items:
+            raise ValueError("no")
+        return [x.upper() for x in items]
+
+    batcher = Batcher(fn)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit("first"))
+        while not groups:
+            await asyncio.sleep(0.005)
+        gone = asyncio.ensure_future(batcher.submit("gone"))
+        rest = [asyncio.ensure_future(batcher.submit(x)) for x in ("bad", "b")]
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        return await first, await asyncio.gather(*rest, return_exceptions=True)
+
+    first, rest = asyncio.run(main())
+    assert first == "FIRST"
+    assert groups == [["first"], ["bad", "b"]]  # one group for those that waited; the cancelled one never ran
+    assert all(isinstance(r, ValueError) for r in rest)
+
+
 def test_cache_re_embeds_only_what_changed(tmp_path, minilm):
     store = ExemplarStore(write_exemplars(tmp_path / "ex.yaml"))
     r1 = Router(store, minilm, tmp_path / "cache", "general")

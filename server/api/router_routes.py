@@ -84,8 +84,12 @@ class DecisionOut(BaseModel):
 
 
 async def _edit(fn, *args, **kw):
+    return await _answered(asyncio.to_thread(fn, *args, **kw))
+
+
+async def _answered(work):
     try:
-        return await asyncio.to_thread(fn, *args, **kw)
+        return await work
     except StoreError as e:
         status = 404 if e.missing else 409 if e.conflict else 400
         raise errors.APIError(status, str(e), param=None,
@@ -147,5 +151,5 @@ def install_router_routes(app: FastAPI, router, admin) -> None:
         else:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             text, context = await _edit(route_input, messages, r.input)
-        decision = await _edit(r.decide_text, text, context=context)
+        decision = await _answered(r.adecide_text(text, context))  # as `auto` decides: concurrent ones batched
         return decision.to_json()
