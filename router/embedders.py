@@ -89,6 +89,8 @@ class Batcher:
                 continue
             try:
                 results, error = self.fn([item for item, _, _ in group]), None
+                if len(results) != len(group):
+                    raise RuntimeError(f"{self.name}: {len(results)} results for {len(group)} items")
             except Exception as e:  # every request of the group gets it
                 results, error = [None] * len(group), e
             for (_, loop, future), result in zip(group, results):

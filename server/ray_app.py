@@ -197,6 +197,7 @@ def summed(texts: list[str], app: str) -> str:
                                 and not (k == "deployment" and v == "ingress")))
             series = totals.setdefault(name.removeprefix("ray_"), {})
             series[kept] = series.get(kept, 0.0) + float(value)
+
     def order(item):  # histogram buckets in increasing ``le``, as Prometheus expects
         labels = item[0]
         return [(k, float(v) if k == "le" else 0.0, "" if k == "le" else v) for k, v in labels]
