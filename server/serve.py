@@ -75,7 +75,7 @@ def build_engine(config: ServerConfig) -> Engine:
     for sa in config.standalone:
         engine.add_standalone(sa.name, sa.path, device=sa.device, dtype=DTYPES[sa.dtype] if sa.dtype else None,
                               trust_remote_code=sa.trust_remote_code,
-                              defaults=sa.sampling.model_dump(exclude_none=True), **common)
+                              defaults=sa.sampling.model_dump(exclude_none=True), compile=limits.compile, **common)
     return engine
 
 

@@ -349,6 +349,34 @@ def test_every_decode_step_is_compiled_at_start_and_never_while_serving(paths):
     assert not counters["frames"] or counters["frames"]["total"] == counters["frames"]["ok"]
 
 
+def test_a_compiled_standalone_model_decodes_the_same_tokens_and_compiles_only_at_start(paths):
+    """limits.compile for a transformers model: its decode step compiled by warm_up (dynamic batch and span),
+    the same greedy tokens as eager for rows alone and together, and nothing compiled while serving."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    tokens = {}
+    for compile in (False, True):
+        e = Engine()
+        e.add_standalone("phi3", paths["phi3"], max_batch=4, max_seq=600, prefill_chunk=32, compile=compile)
+        e.start()
+        try:
+            e.wait_ready(timeout=600)
+            made = dict(counters["stats"])
+            if compile:
+                assert made["unique_graphs"] >= 1
+            p = PROMPTS["phi3"]
+            requests = [("phi3", p * 30, 6), ("phi3", p[:3], 6), ("phi3", p[2:7], 6)]  # long and short rows
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                tokens[compile] = run_alone_then_together(e, requests)
+        finally:
+            e.stop()
+    assert tokens[True] == tokens[False]
+    assert dict(counters["stats"]) == made  # nothing compiled while serving
+
+
 def test_sliding_window_models_are_held_inside_their_window(tmp_path):
     import json
 

@@ -15,6 +15,7 @@ causal LM through the same slots (server/engine/rowcache.py).
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,6 +25,8 @@ import torch
 from server.engine.model import linear, row_groups, single_branch
 from server.engine.sampling import SamplingParams, sample_rows, token_logprobs
 from server.engine.structured import apply_constraints
+
+log = logging.getLogger("branchserve.engine")
 
 
 @dataclass
@@ -317,7 +320,10 @@ class StandaloneRunner(Runner):
     """Any transformers causal LM, on a ``RowCache``: per-row slots like the family's, nothing copied when a
     sequence joins, one row when one leaves."""
 
-    def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256):
+    def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
+                 compile: bool = False):
+        """``compile``: decode steps go through torch.compile (one function, dynamic in batch and span),
+        compiled by ``warm_up``; prefill stays eager."""
         from server.engine.rowcache import ATTENTION, RowCache
 
         super().__init__(model.device, max_batch, max_seq, prefill_chunk)
@@ -332,6 +338,26 @@ class StandaloneRunner(Runner):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.cache = RowCache(cfg.num_hidden_layers, max_batch + 1, getattr(cfg, "num_key_value_heads", None) or heads,
                               max_seq, head_dim, model.dtype, model.device)
+        self.decode_forward = model
+        if compile:
+            # Versions: batch 1, any other batch; spans are symbolic. The limit leaves room, never a silent eager
+            # fallback past dynamo's default of 8.
+            self.decode_forward = torch.compile(model, dynamic=True, recompile_limit=16)
+        self.compiled = compile
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """With ``compile``: every decode version compiled now (batches 1, 2 and max_batch; short and full
+        spans), on rows that prefill overwrites before anything reads them."""
+        if not self.compiled:
+            return
+        import time
+
+        t0 = time.perf_counter()
+        for rows in sorted({1, min(2, self.max_batch), self.max_batch}):
+            for span in sorted({2, 3, self.max_seq}):
+                self._forward([[0]] * rows, [span - 1] * rows, list(range(rows)), (rows, span), True)
+        log.info("standalone decode steps compiled in %.1f s", time.perf_counter() - t0)
 
     def _caches(self):
         return list(zip(self.cache.k, self.cache.v))
@@ -345,8 +371,9 @@ class StandaloneRunner(Runner):
         mask = torch.arange(read[1], device=self.device)[None, None, :] <= pos[:, :, None]  # (B, L, keys)
         self.cache.slots, self.cache.pos = to_device(slots, self.device), pos.clamp(max=self.max_seq - 1)
         self.cache.read, self.cache.decoding = read, decoding
-        return self.model(input_ids=to_device(tokens, self.device), position_ids=pos, attention_mask=mask[:, None],
-                          past_key_values=self.cache, use_cache=True, **kw).logits
+        forward = self.decode_forward if decoding else self.model
+        return forward(input_ids=to_device(tokens, self.device), position_ids=pos, attention_mask=mask[:, None],
+                       past_key_values=self.cache, use_cache=True, **kw).logits
 
     @torch.inference_mode()
     def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor:

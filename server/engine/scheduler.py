@@ -321,7 +321,8 @@ class Engine(EngineBase):
 
     def add_standalone(self, name: str, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                        max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
-                       trust_remote_code: bool = False, defaults: dict | None = None) -> StandaloneRunner:
+                       trust_remote_code: bool = False, defaults: dict | None = None,
+                       compile: bool = False) -> StandaloneRunner:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto",
@@ -333,7 +334,7 @@ class Engine(EngineBase):
             log.warning("%s: context limited to its sliding window of %d tokens (configured %d)", name, window,
                         max_seq)
             max_seq = window
-        runner = StandaloneRunner(model, max_batch, max_seq, prefill_chunk)
+        runner = StandaloneRunner(model, max_batch, max_seq, prefill_chunk, compile=compile)
         tok = load_tokenizer(path)
         self._expose(Target(name, "standalone", runner, tok, frozenset(stop_token_ids(path, tok)), 0, defaults))
         self._add_runner(runner)
