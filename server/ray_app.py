@@ -33,6 +33,7 @@ from compression.errors import UserError
 from server.config import RayDeployment, ServerConfig
 from server.engine.runner import Event, Sequence
 from server.engine.scheduler import EngineBase, EngineFull, RequestStream, Target, deliver
+from server.metrics import REQUEST_METRICS, RequestMetrics
 
 log = logging.getLogger("branchserve.ray")
 
@@ -219,49 +220,24 @@ def summed(texts: list[str], app: str) -> str:
     return "\n".join(out) + "\n"
 
 
-class RayMetrics:
-    """The ingress's request counters and latency histograms as Ray metrics, with the Metrics interface. Ray
-    exports them with every replica's, one endpoint per node; ``/metrics`` on the ingress reads those endpoints and
-    answers the application's series summed over replicas and nodes, under the single process's names."""
+class RayMetrics(RequestMetrics):
+    """The ingress's request counters and latency histograms as Ray metrics. Ray exports them with every replica's,
+    one endpoint per node; ``/metrics`` on the ingress reads those endpoints and answers the application's series
+    summed over replicas and nodes, under the single process's names."""
 
     def __init__(self):
         from ray.serve import metrics
 
-        from server.metrics import LATENCY_BUCKETS, TPOT_BUCKETS
+        self.series = {key: metrics.Histogram(name, doc, boundaries=list(buckets), tag_keys=labels) if buckets
+                       else metrics.Counter(name, doc, tag_keys=labels)
+                       for key, name, doc, labels, buckets in REQUEST_METRICS}
 
-        model = ("model",)
-        self.requests = metrics.Counter("branchserve_requests", "Chat completion requests by model, status and "
-                                        "stages", tag_keys=("model", "status", "stages"))
-        self.prompt_tokens = metrics.Counter("branchserve_prompt_tokens", "Prompt tokens processed", tag_keys=model)
-        self.generation_tokens = metrics.Counter("branchserve_generation_tokens", "Tokens generated", tag_keys=model)
-        self.ttft = metrics.Histogram("branchserve_time_to_first_token_seconds", "Time to first token",
-                                      boundaries=list(LATENCY_BUCKETS), tag_keys=model)
-        self.tpot = metrics.Histogram("branchserve_time_per_output_token_seconds", "Time per output token after "
-                                      "the first", boundaries=list(TPOT_BUCKETS), tag_keys=model)
-        self.e2e = metrics.Histogram("branchserve_e2e_request_latency_seconds", "End-to-end request latency",
-                                     boundaries=list(LATENCY_BUCKETS), tag_keys=model)
-        self.route_decisions = metrics.Counter("branchserve_route_decisions", "Router decisions by route and "
-                                               "outcome", tag_keys=("route", "outcome"))
+    def _count(self, key: str, labels: dict, value: float = 1.0) -> None:
+        if value > 0:  # Ray's counters take positive increments only
+            self.series[key].inc(value, tags=labels)
 
-    def observe(self, model: str, status: str, prompt_tokens: int, completion_tokens: int,
-                ttft: float | None, e2e: float, stages: str = "") -> None:
-        self.refused(model, status, stages)
-        tags = {"model": model}
-        if prompt_tokens:
-            self.prompt_tokens.inc(prompt_tokens, tags=tags)
-        if completion_tokens:
-            self.generation_tokens.inc(completion_tokens, tags=tags)
-        self.e2e.observe(e2e, tags=tags)
-        if ttft is not None:
-            self.ttft.observe(ttft, tags=tags)
-            if completion_tokens > 1:
-                self.tpot.observe((e2e - ttft) / (completion_tokens - 1), tags=tags)
-
-    def refused(self, model: str, status: str, stages: str = "") -> None:
-        self.requests.inc(1, tags={"model": model, "status": status, "stages": stages})
-
-    def routed(self, route: str, outcome: str) -> None:
-        self.route_decisions.inc(1, tags={"route": route, "outcome": outcome})
+    def _observe(self, key: str, labels: dict, value: float) -> None:
+        self.series[key].observe(value, tags=labels)
 
     def render(self) -> bytes:
         """Every node's export, this application's ``ray_branchserve_*`` series, summed over replicas and nodes.
