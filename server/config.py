@@ -94,7 +94,8 @@ class Limits(_Strict):
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     # Family decode steps with static shapes, padded to batch buckets and, on CUDA, replayed from CUDA graphs.
     cuda_graphs: bool = False
-    # Those static decode steps compiled by torch.compile (inductor) first; implies cuda_graphs' static shapes.
+    # Those static decode steps compiled by torch.compile (inductor) first; implies cuda_graphs' static shapes. A
+    # standalone model's decode step is compiled too (dynamic shapes; its prefill stays eager). All at start.
     compile: bool = False
 
 

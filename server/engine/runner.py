@@ -343,13 +343,12 @@ class StandaloneRunner(Runner):
             # Versions: batch 1, any other batch; spans are symbolic. The limit leaves room, never a silent eager
             # fallback past dynamo's default of 8.
             self.decode_forward = torch.compile(model, dynamic=True, recompile_limit=16)
-        self.compiled = compile
 
     @torch.inference_mode()
     def warm_up(self) -> None:
         """With ``compile``: every decode version compiled now (batches 1, 2 and max_batch; short and full
         spans), on rows that prefill overwrites before anything reads them."""
-        if not self.compiled:
+        if self.decode_forward is self.model:
             return
         import time
 
