@@ -195,3 +195,20 @@ def test_static_decode_steps_run_on_the_model_device(artifact):
     for mix in graphs.mixes:  # each branch's step, and the mixed one where the layers need no row groups
         hidden = graphs._forward((4, 64, mix))  # a step's layers; its heads run after the replay
         assert hidden.device.type == "meta" and hidden.shape == (4, model.cfg.hidden_size)
+
+
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (37, 19)])
+def test_the_cpu_linear_layouts_give_the_linear_product(shape):
+    """model.linear reorders the product for few rows on the CPU; every row count gives F.linear's numbers, and
+    one row alone gives bitwise what it gives beside one or two others."""
+    from server.engine.model import linear
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=gen)
+    x = torch.randn(70, shape[1], generator=gen)
+    for rows in (1, 2, 3, 16, 64, 65, 70):
+        torch.testing.assert_close(linear(x[:rows], w), torch.nn.functional.linear(x[:rows], w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(linear(x[:6].view(2, 3, -1), w), torch.nn.functional.linear(x[:6], w).view(2, 3, -1),
+                               rtol=1e-5, atol=1e-4)
+    alone = linear(x[:1], w)[0]
+    assert torch.equal(alone, linear(x[:2], w)[0]) and torch.equal(alone, linear(x[:3], w)[0])
