@@ -478,3 +478,31 @@ def test_embed_jobs_are_bounded_and_checked_before_queueing(paths):
         e.embed_future("nobody", [1])
     with pytest.raises(TimeoutError):
         e.wait_ready(timeout=0.01)  # not started: no warm-up has run
+
+
+def test_standalone_prefill_chunks_of_several_rows_give_each_rows_own_logits(paths):
+    """Rows of different lengths and starts prefilled in one left-padded forward: each row's logits are those
+    of transformers' plain forward over its whole prompt, and the cache holds what decoding needs."""
+    from transformers import AutoModelForCausalLM
+
+    from server.engine.runner import Sequence, StandaloneRunner
+
+    plain = AutoModelForCausalLM.from_pretrained(paths["phi3"], dtype=torch.float32).eval()
+    runner = StandaloneRunner(AutoModelForCausalLM.from_pretrained(paths["phi3"], dtype=torch.float32).eval(),
+                              max_batch=4, max_seq=64)
+    prompts = [list(range(40, 53)), [7, 8, 9], list(range(100, 109))]
+    seqs = [Sequence(str(i), p, greedy(), lambda e: None) for i, p in enumerate(prompts)]
+    for s in seqs:
+        runner._admit(s)
+    first = runner._prefill([(seqs[0], prompts[0][:6]), (seqs[2], prompts[2][:2])])  # two rows, unequal chunks
+    seqs[0].prefilled, seqs[2].prefilled = 6, 2
+    rest = runner._prefill([(s, s.prompt[s.prefilled:]) for s in seqs])  # three rows, three starts
+    with torch.inference_mode():
+        want = [plain(torch.tensor([p])).logits[0] for p in prompts]
+        torch.testing.assert_close(first, torch.stack([want[0][5], want[2][1]]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rest, torch.stack([w[-1] for w in want]), rtol=1e-4, atol=1e-4)
+        for s in seqs:  # one decode step on top of the cache: the next position's logits
+            s.output.append(5)
+        step = runner._decode(seqs)
+        for row, p in zip(step, prompts):
+            torch.testing.assert_close(row, plain(torch.tensor([p + [5]])).logits[0, -1], rtol=1e-4, atol=1e-4)

@@ -4,11 +4,13 @@
 (slots, kv_heads, max_seq + 1, head_dim) keys and values per layer. The runner
 tells it, before each forward, where the rows write (slot, positions) and what
 they read: in a decode step row i reads cache row i over a span, in a prefill
-one row reads its own slot. ``update`` writes the new keys and values and hands
-back views, never copies. Attention runs through ``attend`` (registered with
-transformers as "branchserve"), which folds query groups instead of expanding
-the keys. The mask is built by the runner, so nothing slides out of a window
-and left padding does not exist.
+each row reads its own slot. ``update`` writes the new keys and values and hands
+back views of the cache; only a prefill of several rows gathers their slots
+(keys its attention reads once anyway), and a decode step never copies.
+Attention runs through ``attend`` (registered with transformers as
+"branchserve"), which folds query groups instead of expanding the keys. The
+mask is built by the runner, so nothing slides out of a window, and a prefill's
+left padding writes only the spare last column of its row's slot.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class RowCache(Cache):
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.slots: torch.Tensor | None = None  # (B,) where each row writes
         self.pos: torch.Tensor | None = None  # (B, L) the positions it writes
-        self.read: tuple[int, int] | None = None  # decode: (rows, span); prefill: (slot, end) of its one row
+        self.read: tuple | None = None  # decode: (rows, span); prefill: (the rows' slots, end)
         self.decoding = False
 
     def __len__(self) -> int:
@@ -64,5 +66,7 @@ class RowCache(Cache):
         if self.decoding:
             rows, span = self.read
             return kc[:rows, :, :span], vc[:rows, :, :span]
-        slot, end = self.read
-        return kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end]
+        slots, end = self.read
+        if len(slots) == 1:
+            return kc[slots[0]:slots[0] + 1, :, :end], vc[slots[0]:slots[0] + 1, :, :end]
+        return kc[self.slots, :, :end], vc[self.slots, :, :end]

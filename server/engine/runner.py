@@ -361,14 +361,25 @@ class StandaloneRunner(Runner):
     def _caches(self):
         return list(zip(self.cache.k, self.cache.v))
 
-    def _forward(self, tokens: list[list[int]], start: list[int], slots: list[int], read: tuple[int, int],
-                 decoding: bool, **kw):
-        """``read``: (rows, span) for a decode step, (slot, end) for one prefill row; either way the keys
-        attended over are the first read[1] positions, and a query at position p sees those <= p."""
+    def _forward(self, tokens: list[list[int]], start: list[int], slots: list[int], read: tuple, decoding: bool,
+                 pad: list[int] | None = None, **kw):
+        """``read``: (rows, span) for a decode step, (the rows' slots, end) for a prefill; either way the keys
+        attended over are the first read[1] positions, and a query at position p sees those <= p. ``pad``: how
+        many padding tokens lead each prefill row (left padding, so every row's last token is the forward's
+        last): they write the spare column of their own slot and see only the first key."""
         L = len(tokens[0])
-        pos = to_device(start, self.device)[:, None] + torch.arange(L, device=self.device)  # (B, L)
-        mask = torch.arange(read[1], device=self.device)[None, None, :] <= pos[:, :, None]  # (B, L, keys)
-        self.cache.slots, self.cache.pos = to_device(slots, self.device), pos.clamp(max=self.max_seq - 1)
+        steps = torch.arange(L, device=self.device)
+        pos = to_device(start, self.device)[:, None] + steps  # (B, L)
+        write = pos.clamp(max=self.max_seq - 1)
+        if pad is not None and any(pad):
+            lead = steps[None, :] < to_device(pad, self.device)[:, None]  # (B, L) padding positions
+            pos = (pos - to_device(pad, self.device)[:, None]).clamp(min=0)
+            write = torch.where(lead, self.max_seq, pos)
+            seen = torch.where(lead, 0, pos)
+        else:
+            seen = pos
+        mask = torch.arange(read[1], device=self.device)[None, None, :] <= seen[:, :, None]  # (B, L, keys)
+        self.cache.slots, self.cache.pos = to_device(slots, self.device), write
         self.cache.read, self.cache.decoding = read, decoding
         forward = self.decode_forward if decoding else self.model
         return forward(input_ids=to_device(tokens, self.device), position_ids=pos, attention_mask=mask[:, None],
@@ -376,12 +387,15 @@ class StandaloneRunner(Runner):
 
     @torch.inference_mode()
     def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
-        logits = []
-        for seq, chunk in batch:  # one row at a time, each over its own slot
-            out = self._forward([chunk], [seq.prefilled], [seq.slot], (seq.slot, seq.prefilled + len(chunk)), False,
-                                logits_to_keep=1)
-            logits.append(out[0, -1])
-        return torch.stack(logits)
+        """Every row's chunk in one forward, left-padded to the longest."""
+        longest = max(len(chunk) for _, chunk in batch)
+        pad = [longest - len(chunk) for _, chunk in batch]
+        slots = [seq.slot for seq, _ in batch]
+        end = max(seq.prefilled + len(chunk) for seq, chunk in batch)
+        out = self._forward([[0] * p + chunk for p, (_, chunk) in zip(pad, batch)],
+                            [seq.prefilled for seq, _ in batch], slots, (slots, end), False, pad=pad,
+                            logits_to_keep=1)
+        return out[:, -1]
 
     @torch.inference_mode()
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
