@@ -28,6 +28,14 @@ from server.engine.model import single_branch
 log = logging.getLogger("branchserve.engine")
 
 
+def compile_step(fn, recompile_limit: int, fullgraph: bool = False):
+    """``fn`` through torch.compile, dynamic in batch and span. The weights and caches of a served model never
+    change after load, so the step does not re-check its modules' tensors on every call (that check was 1 ms of a
+    29 ms decode step here)."""
+    return torch.compile(fn, dynamic=True, fullgraph=fullgraph, recompile_limit=recompile_limit,
+                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+
 def buckets(max_batch: int) -> list[int]:
     sizes, b = [], 1
     while b < max_batch:
@@ -70,8 +78,7 @@ class DecodeGraphs:
             # One function, dynamic in batch and span; dynamo makes one version per branch mix (and for batch 1),
             # all at start. Its recompile limit (8 by default, past which it would run the step eagerly, silently)
             # is set to cover them, and fullgraph turns any fallback into an error.
-            self.step = torch.compile(self._step, dynamic=True, fullgraph=True,
-                                      recompile_limit=2 * len(self.mixes) + 4)
+            self.step = compile_step(self._step, 2 * len(self.mixes) + 4, fullgraph=True)
         dev = model.device
         self.inputs = {b: {"tokens": torch.zeros(b, 1, dtype=torch.long, device=dev),
                            "start": torch.zeros(b, dtype=torch.long, device=dev),

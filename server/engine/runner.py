@@ -342,7 +342,9 @@ class StandaloneRunner(Runner):
         if compile:
             # Versions: batch 1, any other batch; spans are symbolic. The limit leaves room, never a silent eager
             # fallback past dynamo's default of 8.
-            self.decode_forward = torch.compile(model, dynamic=True, recompile_limit=16)
+            from server.engine.graphs import compile_step
+
+            self.decode_forward = compile_step(model, 16)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
