@@ -4,8 +4,10 @@
 
 Through ``POST /v1/router/decide`` (the router alone, no generation): the p50 of
 one request at a time, then the p50 and p95 of ``--concurrent`` requests sent at
-once; ``--long`` requests one at a time with a message of about 200 tokens
-(LONG: 202 tokens for all-MiniLM-L6-v2's tokenizer, 199 for SmolLM2's); and one
+once; the same bursts to ``GET /health``, which routes nothing (the floor that
+HTTP and request handling set on the same cores); ``--long`` requests one at a
+time with a message of about 200 tokens (LONG: 202 tokens for
+all-MiniLM-L6-v2's tokenizer, 199 for SmolLM2's); and one
 chat completion to ``auto`` with a ``--huge-mb`` message, timed, followed by a
 normal chat request that must still answer. Prints a table and JSON.
 """
@@ -44,6 +46,12 @@ async def decide(client: httpx.AsyncClient, url: str, text: str) -> float:
     return time.perf_counter() - t0
 
 
+async def ping(client: httpx.AsyncClient, url: str) -> float:
+    t0 = time.perf_counter()
+    (await client.get(url + "/health")).raise_for_status()
+    return time.perf_counter() - t0
+
+
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -61,6 +69,13 @@ async def main_async(args) -> dict:
         report = {"alone_p50_s": statistics.median(alone), "concurrent": args.concurrent,
                   "concurrent_p50_s": statistics.median(rounds), "concurrent_p95_s": p95(rounds)}
         report["p95_vs_alone_p50"] = report["concurrent_p95_s"] / report["alone_p50_s"]
+        # The floor under those numbers on this machine: the same bursts to GET /health, which routes nothing
+        # (HTTP, the client and the server's request handling alone, on the same cores).
+        health_alone = [await ping(client, args.url) for _ in range(args.concurrent)]
+        health = []
+        for _ in range(args.rounds):
+            health += await asyncio.gather(*(ping(client, args.url) for _ in range(args.concurrent)))
+        report["health"] = {"alone_p50_s": statistics.median(health_alone), "concurrent_p95_s": p95(health)}
         if args.long:
             await decide(client, args.url, LONG)
             long = [await decide(client, args.url, LONG) for _ in range(args.long)]
@@ -93,6 +108,9 @@ def main() -> int:
     print(f"time to route ({args.url}): one at a time p50 {1000 * report['alone_p50_s']:.0f} ms; "
           f"{report['concurrent']} at once p50 {1000 * report['concurrent_p50_s']:.0f} ms, "
           f"p95 {1000 * report['concurrent_p95_s']:.0f} ms ({report['p95_vs_alone_p50']:.2f}x the p50 alone)")
+    h = report["health"]
+    print(f"the same bursts to GET /health: one at a time p50 {1000 * h['alone_p50_s']:.1f} ms; "
+          f"{report['concurrent']} at once p95 {1000 * h['concurrent_p95_s']:.1f} ms")
     if "long_200_tokens" in report:
         lg = report["long_200_tokens"]
         print(f"a 200-token message, one at a time ({lg['n']}): p50 {1000 * lg['p50_s']:.1f} ms, "

@@ -137,6 +137,9 @@ def cmd_bench_engine(args) -> int:
         raise UserError("--device cuda: no CUDA device is available")
     if min(args.branches, args.batch, args.new_tokens, args.prompt, args.ttft_prompt) < 1:
         raise UserError("--branches, --batch, --prompt, --new-tokens and --ttft-prompt must be at least 1")
+    if args.new_tokens < 4:
+        raise UserError("--new-tokens must be at least 4: the prefill step brings two, one decode step is watched "
+                        "for KV copies, and at least one more is timed")
     if not 0 < args.rate < 1:
         raise UserError(f"--rate must be within (0, 1) for the engine benchmark, got {args.rate}")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")

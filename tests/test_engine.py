@@ -421,7 +421,7 @@ def test_bench_engine_reports_bytes_bandwidth_ttft_and_memory():
 
     from tests.conftest import run_cli
 
-    out = run_cli("bench", "engine", "--shape", "tiny", "--batch", "4", "--prompt", "4", "--new-tokens", "3",
+    out = run_cli("bench", "engine", "--shape", "tiny", "--batch", "4", "--prompt", "4", "--new-tokens", "4",
                   "--ttft-prompt", "16", "--standalone", "small", "--cuda-graphs", "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)

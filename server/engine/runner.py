@@ -1,8 +1,9 @@
 """Runners: continuous batching for one model, one engine step at a time.
 
 A step admits waiting sequences into free slots, runs at most one prefill chunk
-(so a newcomer's prompt never stalls the running decodes for long), then one
-decode step for every sequence that is generating. Finished and cancelled
+(so a newcomer's prompt never stalls the running decodes for long, and its first
+token never waits for their step), then one decode step for every sequence that
+is generating. Finished and cancelled
 sequences leave between steps.
 
 Both runners keep a preallocated KV-cache slot per sequence, addressed by row:
@@ -112,19 +113,19 @@ class Runner:
                 continue
             self._admit(seq)
             self.running.append(seq)
-        decoding = [s for s in self.running if s.output and not s.finished]
-        if decoding:
-            self.peak_batch = max(self.peak_batch, len(decoding))
-            self.peak_mixed = max(self.peak_mixed, len({s.branch for s in decoding}))
-            self._accept(decoding, self._decode(decoding))
         batch = self._prefill_batch()
-        if batch:
+        if batch:  # first: a newcomer's first token does not wait for the others' decode step
             logits = self._prefill(batch)
             for seq, chunk in batch:
                 seq.prefilled += len(chunk)
             done = [i for i, (seq, _) in enumerate(batch) if seq.prefilled == len(seq.prompt)]
             if done:
                 self._accept([batch[i][0] for i in done], logits[done])
+        decoding = [s for s in self.running if s.output and not s.finished]  # those just prefilled included
+        if decoding:
+            self.peak_batch = max(self.peak_batch, len(decoding))
+            self.peak_mixed = max(self.peak_mixed, len({s.branch for s in decoding}))
+            self._accept(decoding, self._decode(decoding))
         self._reap()
 
     def _prefill_batch(self) -> list[tuple[Sequence, list[int]]]:
