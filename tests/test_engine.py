@@ -506,3 +506,31 @@ def test_standalone_prefill_chunks_of_several_rows_give_each_rows_own_logits(pat
         step = runner._decode(seqs)
         for row, p in zip(step, prompts):
             torch.testing.assert_close(row, plain(torch.tensor([p + [5]])).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_newcomers_first_token_goes_out_before_the_others_decode_step(paths):
+    """A step prefills first, then decodes every running row once. The prompt's last chunk gives the newcomer's
+    first token; the step hands it to its listener before that decode runs, not after it."""
+    from transformers import AutoModelForCausalLM
+
+    from server.engine.runner import Sequence, StandaloneRunner
+
+    runner = StandaloneRunner(AutoModelForCausalLM.from_pretrained(paths["phi3"], dtype=torch.float32).eval(),
+                              max_batch=4, max_seq=64)
+    pending, delivered = [], []
+    old = Sequence("old", [3, 4, 5], greedy(8), pending.append)
+    runner.add(old)
+    runner.step()  # old: prefilled and one token decoded
+    pending.clear()
+    new = Sequence("new", [7, 8, 9, 10], greedy(8), pending.append)
+    runner.add(new)
+    decode = runner._decode
+    runner._decode = lambda seqs: (delivered.append("decode"), decode(seqs))[1]
+
+    def flush():
+        delivered.extend(e.token_ids[0] for e in pending)
+        pending.clear()
+
+    runner.step(flush)
+    assert delivered == [new.output[0], "decode"]  # the newcomer's first token, then the decode step
+    assert len(new.output) == 2 and len(old.output) == 3  # both decoded in that same step

@@ -104,7 +104,10 @@ class Runner:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def step(self) -> None:
+    def step(self, flush: Callable[[], None] | None = None) -> None:
+        """One engine step: admit waiting sequences, prefill a chunk of their prompts, then decode every running
+        row once (those just prefilled included). ``flush`` delivers the events emitted so far; it is called
+        between the two, so a newcomer's first token goes out before the decode step, not after it."""
         self._reap()
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting.popleft()
@@ -121,6 +124,8 @@ class Runner:
             done = [i for i, (seq, _) in enumerate(batch) if seq.prefilled == len(seq.prompt)]
             if done:
                 self._accept([batch[i][0] for i in done], logits[done])
+                if flush is not None:
+                    flush()
         decoding = [s for s in self.running if s.output and not s.finished]  # those just prefilled included
         if decoding:
             self.peak_batch = max(self.peak_batch, len(decoding))

@@ -481,7 +481,7 @@ class Engine(EngineBase):
                 if runner.has_work():
                     busy = True
                     try:
-                        runner.step()
+                        runner.step(self._flush)
                     except Exception as e:  # a failed step must not take the engine down
                         log.exception("engine step failed")
                         runner.fail_all(f"engine error: {type(e).__name__}: {e}")
