@@ -291,7 +291,7 @@ def test_a_burst_of_max_batch_plus_queue_size_is_admitted_whole_then_429(models)
     gate = threading.Event()
     runner = server.server.config.app.state.branchserve.engine.targets["math"].runner
     step = runner.step
-    runner.step = lambda: (gate.wait(30), step())  # hold the engine: nothing finishes meanwhile
+    runner.step = lambda flush=None: (gate.wait(30), step(flush))  # hold the engine: nothing finishes meanwhile
     try:
         body = {"model": "math", "messages": MESSAGES, "max_tokens": 2}
         results = []
