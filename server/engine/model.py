@@ -157,12 +157,14 @@ class Member(NamedTuple):
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ w (out, in)^T. On the CPU up to 64 rows go through w @ x^T, and one row goes through it
-    as two (the row twice): MKL's x @ w^T with 2-16 rows ran at a third of its one-row speed here, and its
-    one-row product (a GEMV) on one core, at two thirds of the speed of this layout with two rows."""
+    as two (the row twice) where w has 512 rows or more: MKL's x @ w^T with 2-16 rows ran at a third of its
+    one-row speed here, and its one-row product (a GEMV) on one core, at two thirds of the speed of this layout
+    with two rows. A narrower w (a residual's V, say) is faster as the GEMV: the two-row call costs more than
+    the weight takes to read."""
     if x.device.type != "cpu" or x.dim() < 2:
         return F.linear(x, w)
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > 64:
+    if rows.shape[0] > 64 or (rows.shape[0] == 1 and w.shape[0] < 512):
         return F.linear(x, w)
     if rows.shape[0] == 1:
         return (w @ torch.cat([rows, rows]).T)[:, :1].T.reshape(*x.shape[:-1], w.shape[0])
