@@ -164,11 +164,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or x.dim() < 2:
         return F.linear(x, w)
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > 64 or (rows.shape[0] == 1 and w.shape[0] < 512):
+    n = rows.shape[0]
+    if n > 64 or (n == 1 and w.shape[0] < 512):
         return F.linear(x, w)
-    if rows.shape[0] == 1:
-        return (w @ torch.cat([rows, rows]).T)[:, :1].T.reshape(*x.shape[:-1], w.shape[0])
-    return (w @ rows.T).T.reshape(*x.shape[:-1], w.shape[0])
+    cols = torch.cat([rows, rows]) if n == 1 else rows
+    return (w @ cols.T)[:, :n].T.reshape(*x.shape[:-1], w.shape[0])
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

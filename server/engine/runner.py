@@ -380,8 +380,9 @@ class StandaloneRunner(Runner):
         pos = to_device(start, self.device)[:, None] + steps  # (B, L)
         write = pos.clamp(max=self.max_seq - 1)
         if pad is not None and any(pad):
-            lead = steps[None, :] < to_device(pad, self.device)[:, None]  # (B, L) padding positions
-            pos = (pos - to_device(pad, self.device)[:, None]).clamp(min=0)
+            pad_t = to_device(pad, self.device)[:, None]
+            lead = steps[None, :] < pad_t  # (B, L) padding positions
+            pos = (pos - pad_t).clamp(min=0)
             write = torch.where(lead, self.max_seq, pos)
             seen = torch.where(lead, 0, pos)
         else:
