@@ -90,3 +90,29 @@ def start_server(config) -> LiveServer:
     server = LiveServer(build_app(config, lambda: build_engine(config), router_factory(config, pipelines), pipelines))
     server.wait_ready()
     return server
+
+
+def run_rows(model, ids, start, seqs, branches, head=True):
+    """One family-model step as a runner makes it, without a runner: rows ``ids`` (token lists of equal length)
+    at positions start[i].. of sequence seqs[i], for branches[i]. Sequence s owns a fixed block table, blocks
+    s * 8 .. s * 8 + 7 (128 positions), of a cache allocated here on first use. One-token rows must come
+    first (decode rows) -> logits (B, L, V), or final hidden states (B, L, H) with ``head=False``."""
+    import torch
+
+    from server.engine.kv_cache import BLOCK_SIZE, StepBatch
+    from server.engine.model import row_groups, single_branch
+
+    per_seq = 8
+    if not model.k_cache:
+        model.allocate_cache(per_seq * 8)
+    tables = {s: list(range(s * per_seq, (s + 1) * per_seq)) for s in set(seqs)}
+    decode_rows = sum(1 for row in ids if len(row) == 1)
+    batch = StepBatch([(tables[s], p, len(row)) for row, s, p in zip(ids, seqs, start)], decode_rows, BLOCK_SIZE,
+                      model.cfg.num_heads, model.cfg.num_kv_heads, model.dtype, model.device)
+    tokens = [t for row in ids for t in row]
+    per_token = [b for row, b in zip(ids, branches) for _ in row]
+    single = single_branch(per_token)
+    out = model(torch.tensor(tokens, device=model.device), torch.tensor(per_token, device=model.device), batch,
+                single=single, groups=row_groups(per_token, model.device) if single is None else None,
+                last_branches=None, head=head)
+    return out.view(len(ids), len(ids[0]), -1)

@@ -13,7 +13,7 @@ from compression.compress import CompressOptions, compress
 from compression.export import export_branch
 from compression.plan import is_compressed, rank_for_rate
 from server.cli import main
-from tests.conftest import member_args
+from tests.conftest import member_args, run_rows
 
 PROMPT = torch.tensor([[5, 80, 17, 200, 33, 101, 7, 64, 250, 3, 99, 42]])
 
@@ -228,9 +228,7 @@ def test_gain_allocated_branches_serve_and_export_alike(family, tmp_path):
     out = tmp_path / "gain"
     compress(family, out, CompressOptions(rate=0.8, allocation="gain", progress=False))
     model = FamilyModel.from_artifact(Artifact(out))
-    model.allocate_cache(slots=1, max_seq=32)
     for b, name in enumerate(model.branches):
         ref = logits(export_branch(out, name, tmp_path / name, progress=False))
-        got = model(PROMPT, torch.tensor([0]), torch.tensor([b]), torch.tensor([0]), single=b,
-                    own=[(0, 0, PROMPT.shape[1])])
+        got = run_rows(model, PROMPT.tolist(), [0], [0], [b])
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

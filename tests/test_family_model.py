@@ -8,19 +8,14 @@ from compression.artifact import Artifact
 from compression.compress import CompressOptions, compress
 from compression.export import export_branch
 from compression.synthetic import build_family
-from server.engine.model import FamilyModel, row_groups, single_branch
+from server.engine.model import FamilyModel
+from tests.conftest import run_rows
 
 PROMPTS = [[5, 80, 17, 200, 33, 101, 7, 64, 250, 3, 99, 42], [9, 8, 7, 6, 5], [120, 121, 122, 123, 124, 125, 126]]
 
 
-def run(model, ids, start, slots, branches, head=True):
-    """A prefill forward as the runner makes one: rows of ``ids`` (lists of equal length) at positions
-    start[i].., written to slots[i], for branches[i]; the host's facts (single branch, row groups) given."""
-    n = len(ids[0])
-    single = single_branch(branches)
-    return model(torch.tensor(ids), torch.tensor(start), torch.tensor(branches), torch.tensor(slots),
-                 single=single, groups=None if single is not None else row_groups(branches, model.device),
-                 own=[(s, p, n) for s, p in zip(slots, start)], head=head)
+def run(model, ids, start, seqs, branches, head=True):
+    return run_rows(model, ids, start, seqs, branches, head)
 
 
 def hf_logits(path, ids):
@@ -39,7 +34,6 @@ def artifact(request, family, tmp_path_factory):
 @pytest.mark.parametrize("rank_multiple", [1, 64])  # 64: ranks padded with zeros, as on CUDA
 def test_each_branch_matches_its_export(artifact, rank_multiple, tmp_path):
     model = FamilyModel.from_artifact(artifact, rank_multiple=rank_multiple)
-    model.allocate_cache(slots=4, max_seq=64)
     for b, name in enumerate(model.branches):
         ref = hf_logits(export_branch(artifact.path, name, tmp_path / name, progress=False), PROMPTS[0])
         got = run(model, [PROMPTS[0]], [0], [b], [b])[0]
@@ -50,21 +44,18 @@ def test_each_branch_matches_its_export(artifact, rank_multiple, tmp_path):
 def test_mixed_batch_and_incremental_decode_match(artifact, rank_multiple, tmp_path):
     """Rows of different branches at different positions in one step equal each branch alone."""
     model = FamilyModel.from_artifact(artifact, rank_multiple=rank_multiple)
-    model.allocate_cache(slots=3, max_seq=64)
     refs = {name: hf_logits(export_branch(artifact.path, name, tmp_path / name, progress=False), PROMPTS[i])
             for i, name in enumerate(model.branches)}
-    # Prefill all but the last token of each prompt, one request per slot, then decode the last tokens together.
-    for slot, ids in enumerate(PROMPTS):
-        run(model, [ids[:-1]], [0], [slot], [slot])
-    last = torch.tensor([[ids[-1]] for ids in PROMPTS])
-    start = torch.tensor([len(ids) - 1 for ids in PROMPTS])
-    # A decode step: row i is cache row i, read as a view over the longest row's span.
-    step = dict(single=None, groups=row_groups([0, 1, 2], model.device), span=int(start.max()) + 1)
-    got = model(last, start, torch.arange(3), torch.arange(3), **step)[:, 0]
+    # Prefill all but the last token of each prompt, one sequence each, then decode the last tokens together.
+    for seq, ids in enumerate(PROMPTS):
+        run(model, [ids[:-1]], [0], [seq], [seq])
+    last = [[ids[-1]] for ids in PROMPTS]
+    start = [len(ids) - 1 for ids in PROMPTS]
+    got = run(model, last, start, [0, 1, 2], [0, 1, 2])[:, 0]  # a decode step: each row reads its own blocks
     for i, name in enumerate(model.branches):
         torch.testing.assert_close(got[i], refs[name][-1], rtol=1e-4, atol=1e-4)
-    # Per-branch heads on last hidden states only, as after a graph replay: only the present heads.
-    hidden = model(last, start, torch.arange(3), torch.arange(3), head=False, **step)[:, 0]
+    # Per-branch heads on last hidden states only: only the present heads.
+    hidden = run(model, last, start, [0, 1, 2], [0, 1, 2], head=False)[:, 0]
     two = torch.tensor([2, 0])
     torch.testing.assert_close(model.project(hidden[[2, 0]], two, [2, 0]), got[[2, 0]], rtol=1e-5, atol=1e-5)
 
@@ -77,7 +68,6 @@ def test_llama3_rope_scaling_and_tied_head(tmp_path):
     art = Artifact(tmp_path / "art")
     model = FamilyModel.from_artifact(art)
     assert model.heads is None
-    model.allocate_cache(slots=1, max_seq=64)
     ids = list(range(40, 80))  # longer than the original context, so the scaling matters
     for b, name in enumerate(model.branches):
         ref = hf_logits(export_branch(art.path, name, tmp_path / name, progress=False), ids)
@@ -105,9 +95,8 @@ def test_bfloat16_on_the_cpu_stays_close_to_float32(artifact):
     outs = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = FamilyModel.from_artifact(artifact, dtype=dtype)
-        model.allocate_cache(slots=1, max_seq=32)
-        assert model.k_cache[0].dtype == dtype
         outs[dtype] = run(model, ids.tolist(), [0], [0], [1])[0, -1].float()
+        assert model.k_cache[0].dtype == dtype
     assert torch.isfinite(outs[torch.bfloat16]).all()
     assert (outs[torch.bfloat16] - outs[torch.float32]).abs().max() < 0.05 * outs[torch.float32].abs().max() + 0.05
 
@@ -120,7 +109,6 @@ def test_compressed_embeddings_and_heads_match_their_export(which, request, tmp_
     art = Artifact(out)
     assert art.is_compressed("model.embed_tokens.weight")
     model = FamilyModel.from_artifact(art)
-    model.allocate_cache(slots=len(model.branches), max_seq=64)
     refs = {}
     for b, name in enumerate(model.branches):
         refs[name] = hf_logits(export_branch(out, name, tmp_path / name, progress=False), PROMPTS[0])
@@ -132,7 +120,7 @@ def test_compressed_embeddings_and_heads_match_their_export(which, request, tmp_
     got = run(model, ids, [0] * n, list(range(n)), list(range(n)))
     for b, name in enumerate(model.branches):
         torch.testing.assert_close(got[b], refs[name], rtol=1e-4, atol=1e-4)
-    # The head alone on last hidden states, as a graph-replayed decode step uses it.
+    # The head alone on last hidden states, as a step uses it for the tokens it samples.
     hidden = run(model, ids, [0] * n, list(range(n)), list(range(n)), head=False)
     projected = model.project(hidden[:, -1], torch.arange(n), list(range(n)))
     torch.testing.assert_close(projected, got[:, -1], rtol=1e-5, atol=1e-5)
@@ -145,7 +133,6 @@ def test_step_read_bytes_count_the_trunk_once_and_only_the_residuals_in_use(fami
     compress(family, tmp_path / "art", CompressOptions(rate=0.9, progress=False))
     artifact = Artifact(tmp_path / "art")
     model = FamilyModel.from_artifact(artifact)
-    model.allocate_cache(slots=4, max_seq=64)
     size = model.dtype.itemsize
     linears = [n for n in artifact.tensor_names if artifact.is_compressed(n) and ".layers." in n]
     trunk = sum(artifact.trunk(n).numel() for n in linears) * size
@@ -178,23 +165,19 @@ def test_a_rate_0_family_holds_each_branch_once(family, tmp_path):
 def test_every_weight_and_buffer_is_on_the_model_device(artifact):
     """A tensor left on the host breaks the CUDA path; the meta device shows it without a GPU."""
     model = FamilyModel.from_artifact(artifact, device="meta", rank_multiple=64)
-    model.allocate_cache(slots=2, max_seq=16)
+    model.allocate_cache(4)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     assert {name for name, t in tensors.items() if t.device.type != "meta"} == set()
     assert model.k_cache[0].device.type == "meta"
 
 
-def test_static_decode_steps_run_on_the_model_device(artifact):
-    """What a CUDA graph captures, run on the meta device: no tensor made on the host, no value read back."""
-    from server.engine.graphs import DecodeGraphs
-
+def test_a_step_runs_on_the_model_device(artifact):
+    """A step's layers and heads on the meta device: no tensor made on the host inside the forward."""
     model = FamilyModel.from_artifact(artifact, device="meta", rank_multiple=64)
-    model.allocate_cache(slots=5, max_seq=64)
-    graphs = DecodeGraphs(model, 4, scratch_slot=4, capture=False)
-    assert graphs.run([1, 2, 3], [5, 6, 7], [0, 1, 2], [1, 1, 1]).shape == (3, model.cfg.vocab_size)
-    for mix in graphs.mixes:  # each branch's step, and the mixed one where the layers need no row groups
-        hidden = graphs._forward((4, 64, mix))  # a step's layers; its heads run after the replay
-        assert hidden.device.type == "meta" and hidden.shape == (4, model.cfg.hidden_size)
+    for branches in ([1, 1, 1], [0, 1, 2]):
+        if not model.row_grouped or len(set(branches)) == 1:
+            hidden = run(model, [[1], [2], [3]], [5, 6, 7], [0, 1, 2], branches, head=False)
+            assert hidden.device.type == "meta" and hidden.shape == (3, 1, model.cfg.hidden_size)
 
 
 @pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (37, 19)])

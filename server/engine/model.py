@@ -13,10 +13,9 @@ Per-branch embeddings, norms and lm_heads are gathered per row; residuals are
 never densified. Scales are applied in fp32 on every path, so a row's numbers
 do not depend on which branches share its batch.
 
-The KV cache is addressed by row, never gathered: it is preallocated as
-(slots, kv_heads, max_seq, head_dim) per layer. A decode step's row i is cache
-row i (the runner keeps running sequences in slots 0..n-1), so attention reads
-``cache[:B, :, :span]``, a view. A prefill row reads its own slot's rows.
+A step is one forward over a flat batch of tokens (decode rows and prompt chunks together), each token with
+its branch and position; keys and values live in the paged cache (server/engine/kv_cache.py), and attention
+reads each sequence's own blocks. The lm_heads run on the tokens whose next token is sampled, only.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from torch import nn
 
 from compression.artifact import Artifact
 from compression.errors import UserError
+from server.engine.kv_cache import BLOCK_SIZE, StepBatch, allocate, causal_attention, paged_attention, write
 
 # The linear layers of a block, grouped by the input they read: each group is one BranchLinear.
 LINEARS = {
@@ -109,24 +109,10 @@ def single_branch(branches: list[int]) -> int | None:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, L, heads, hd); cos/sin: (B, L, 1, hd). Half-split rotation, as HF Llama checkpoints expect.
+    # x: (..., heads, hd); cos/sin: (..., 1, hd). Half-split rotation, as HF Llama checkpoints expect.
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
-
-
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-           scale: float | None = None) -> torch.Tensor:
-    """q (B, L, H, hd) over keys/values (B, kv, Lk, hd), which may be strided views of the cache; mask (B, L, Lk)
-    -> (B, L, H * hd). The query heads that share a kv head are folded into the query length, so grouped-query
-    attention never expands (copies) the keys and values."""
-    B, L, H, hd = q.shape
-    kv, Lk = keys.shape[1], keys.shape[2]
-    g = H // kv
-    qf = q.view(B, L, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(B, kv, g * L, hd)
-    m = mask[:, None] if L == 1 else mask[:, None, None].expand(B, 1, g, L, Lk).reshape(B, 1, g * L, Lk)
-    out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=m, scale=scale)  # (B, kv, g * L, hd)
-    return out.view(B, kv, g, L, hd).permute(0, 3, 1, 2, 4).reshape(B, L, H * hd)
 
 
 @dataclass
@@ -134,16 +120,12 @@ class Rows:
     """Per-forward facts about the batch that every layer needs. The host decides them before the forward;
     nothing here is read back from the device."""
 
-    branch: torch.Tensor  # (B,) branch index of each row
+    branch: torch.Tensor  # (T,) branch index of each token of a step, or (B,) of each row of an embed job
     single: int | None  # the branch index when every row has the same one
-    pos: torch.Tensor  # (B, L) absolute positions
-    cos: torch.Tensor  # (B, L, 1, hd)
+    cos: torch.Tensor  # (T, 1, hd) or (B, L, 1, hd)
     sin: torch.Tensor
-    slots: torch.Tensor | None = None  # (B,) the cache slot each row writes its new keys and values to
-    span: int | None = None  # decode: row i reads cache row i over this many positions, with decode_mask
-    decode_mask: torch.Tensor | None = None  # (B, 1, span)
-    own: list[tuple[int, int, int]] | None = None  # prefill: each row's (slot, start, real tokens)
-    groups: list[tuple[int, torch.Tensor]] | None = None  # mixed batches: (branch, its row indices) per branch
+    batch: StepBatch | None = None  # a step: where keys and values go and what each query reads; None: no cache
+    groups: list[tuple[int, torch.Tensor]] | None = None  # mixed batches: (branch, its token indices) per branch
 
 
 class Member(NamedTuple):
@@ -264,7 +246,7 @@ class BranchLinear(nn.Module):
         return outs[0] if len(outs) == 1 else outs
 
     def lookup(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """Rows ``tokens`` (B, L) of each row's branch weight (a compressed embedding; one member): (B, L, in)."""
+        """Rows ``tokens`` (T,) or (B, L) of each one's branch weight (a compressed embedding; one member)."""
         O = self.trunk_rows
         x = self.weight[:O][tokens]
         if rows.single is not None:
@@ -272,10 +254,11 @@ class BranchLinear(nn.Module):
             if r:
                 x = x + self.UT0[off:off + r].T[tokens] @ self.weight[O + off:O + off + r]
             return _scaled(x, self.scale_list[0][rows.single])
+        per_token = rows.branch.view(-1, *(1,) * tokens.dim())  # (T, 1) or (B, 1, 1)
         if self.rank:
-            u = self.UT0.T[tokens] * (self.owner == rows.branch[:, None, None])  # (B, L, R)
+            u = self.UT0.T[tokens] * (self.owner == per_token)  # (T, R) or (B, L, R)
             x = x + u @ self.weight[O:]
-        return _scaled(x, self.scales[0][rows.branch][:, None, None])
+        return _scaled(x, self.scales[0][per_token])
 
 
 class DenseBranches(nn.Module):
@@ -315,11 +298,12 @@ class PerBranch(nn.Module):
         return self.weight[0] if self.shared else self.weight[branch]
 
     def lookup(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """Embedding rows: tokens (B, L) of each row's branch -> (B, L, H), without copying whole tables."""
+        """Embedding rows: tokens (T,) or (B, L) of each one's branch -> (..., H), without copying whole tables."""
         if self.shared:
             return self.weight[0][tokens]
         n, vocab, hidden = self.weight.shape
-        return self.weight.view(n * vocab, hidden)[rows.branch[:, None] * vocab + tokens]
+        branch = rows.branch if tokens.dim() == 1 else rows.branch[:, None]
+        return self.weight.view(n * vocab, hidden)[branch * vocab + tokens]
 
     def __call__(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
         """As an lm_head: each present branch's head reads its own rows, found by the host (rows.groups)."""
@@ -334,8 +318,8 @@ class PerBranch(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # weight: (H,) or (B, H) per row
-    if weight.dim() == 2:
+    # weight: (H,), or one per token (T, H) for x (T, H), or one per row (B, H) for x (B, L, H)
+    if weight.dim() == 2 and x.dim() == 3:
         weight = weight[:, None, :]
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
@@ -351,30 +335,15 @@ class Block(nn.Module):
 
     def attention(self, x: torch.Tensor, rows: Rows, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None):
         cfg = self.cfg
-        B, L, _ = x.shape
+        lead = x.shape[:-1]  # (T,) for a step, (B, L) for an embed job
         q, k, v = self.qkv(x, rows)
-        q = q.view(B, L, cfg.num_heads, cfg.head_dim)
-        k = k.view(B, L, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(B, L, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, rows.cos, rows.sin), apply_rope(k, rows.cos, rows.sin)
-        if k_cache is None:  # a one-off forward (router embeddings): attend to this input only, causally
-            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-            out = attend(q, k.transpose(1, 2), v.transpose(1, 2), causal.expand(B, L, L))
-            return self.o(out, rows)
-        # (B, L, kv, hd) into each row's slot at its positions; the cache is (slots, kv, max_seq, hd)
-        k_cache[rows.slots[:, None], :, rows.pos] = k.to(k_cache.dtype)
-        v_cache[rows.slots[:, None], :, rows.pos] = v.to(v_cache.dtype)
-        if rows.span is not None:  # decode: row i is cache row i; a view, never a copy
-            out = attend(q, k_cache[:B, :, :rows.span], v_cache[:B, :, :rows.span], rows.decode_mask)
-        else:  # prefill: each row reads its own slot, its real tokens only
-            out = x.new_zeros(B, L, cfg.num_heads * cfg.head_dim)
-            for i, (slot, start, n) in enumerate(rows.own):
-                end = start + n
-                causal = torch.arange(end, device=x.device)[None, :] <= \
-                    torch.arange(start, end, device=x.device)[:, None]
-                out[i, :n] = attend(q[i:i + 1, :n], k_cache[slot:slot + 1, :, :end], v_cache[slot:slot + 1, :, :end],
-                                    causal[None])[0]
-        return self.o(out, rows)
+        q = apply_rope(q.view(*lead, cfg.num_heads, cfg.head_dim), rows.cos, rows.sin)
+        k = apply_rope(k.view(*lead, cfg.num_kv_heads, cfg.head_dim), rows.cos, rows.sin)
+        v = v.view(*lead, cfg.num_kv_heads, cfg.head_dim)
+        if rows.batch is None:  # a one-off forward (router embeddings): attend to this input only, causally
+            return self.o(causal_attention(q, k, v), rows)
+        write(k_cache, v_cache, k, v, rows.batch)
+        return self.o(paged_attention(q, k_cache, v_cache, rows.batch), rows)
 
     def forward(self, x, rows: Rows, k_cache, v_cache):
         eps = self.cfg.rms_norm_eps
@@ -403,9 +372,8 @@ class FamilyModel(nn.Module):
         self.embed, self.norm = embed, norm
         self.heads = heads  # None: tied to the embeddings
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.k_cache: list[torch.Tensor] = []
+        self.k_cache: list[torch.Tensor] = []  # per layer: (blocks, block_size, kv_heads, head_dim)
         self.v_cache: list[torch.Tensor] = []
-        self.max_seq = 0
 
     @property
     def device(self) -> torch.device:
@@ -417,66 +385,53 @@ class FamilyModel(nn.Module):
 
     @property
     def row_grouped(self) -> bool:
-        """Whether a mixed batch needs the host's row groups inside the layers (dense per-branch weights),
-        which a captured graph cannot take: only the lm_head then needs them."""
+        """Whether a mixed batch needs the host's token groups inside the layers (dense per-branch weights)."""
         return any(isinstance(m, DenseBranches) for b in self.blocks for m in (b.qkv, b.o, b.gate_up, b.down))
 
-    def allocate_cache(self, slots: int, max_seq: int) -> None:
-        cfg = self.cfg
-        # One spare position: a decode span never covers the whole cache, so slicing it is never a no-op that
-        # torch.compile would specialize on.
-        shape = (slots, cfg.num_kv_heads, max_seq + 1, cfg.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
-        self.max_seq = max_seq
+    @property
+    def kv_heads(self) -> int:
+        return self.cfg.num_kv_heads
 
-    def _rows(self, branch: torch.Tensor, start: torch.Tensor, L: int, single: int | None,
-              groups: list | None, cached: bool = True) -> Rows:
-        pos = start[:, None] + torch.arange(L, device=start.device)  # (B, L)
-        if cached:
-            # Padding past the cache's end (right-padded prefill rows) is written onto its last entry.
-            pos = pos.clamp(max=self.max_seq - 1)
-        freqs = pos[..., None].float() * self.inv_freq  # (B, L, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        return Rows(branch, single, pos, emb.cos().to(self.dtype), emb.sin().to(self.dtype), groups=groups)
+    def allocate_cache(self, num_blocks: int, block_size: int = BLOCK_SIZE) -> None:
+        cfg = self.cfg
+        self.k_cache, self.v_cache = allocate(cfg.num_layers, num_blocks, cfg.num_kv_heads, cfg.head_dim,
+                                              self.dtype, self.device, block_size)
+
+    def _rows(self, branch: torch.Tensor, pos: torch.Tensor, single: int | None, groups: list | None) -> Rows:
+        freqs = pos[..., None].float() * self.inv_freq  # (..., hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]
+        return Rows(branch, single, emb.cos().to(self.dtype), emb.sin().to(self.dtype), groups=groups)
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot trace steps over the (normal) cache tensors
-    def forward(self, tokens: torch.Tensor, start: torch.Tensor, branch: torch.Tensor, slots: torch.Tensor, *,
-                single: int | None, span: int | None = None, own: list[tuple[int, int, int]] | None = None,
+    def forward(self, tokens: torch.Tensor, branch: torch.Tensor, batch: StepBatch, *, single: int | None,
                 groups: list[tuple[int, torch.Tensor]] | None = None, last: torch.Tensor | None = None,
-                head: bool = True) -> torch.Tensor:
-        """tokens (B, L) at positions start[b] + 0..L-1 for branch branch[b]; their keys and values are written
-        to slot slots[b] -> logits (B, L, V), or with ``last`` (B,) each row's logits at index last[b]: (B, V).
+                last_branches: list[int] | None = None, head: bool = True) -> torch.Tensor:
+        """One step over a flat batch: tokens (T,) of branches branch (T,) at batch.positions; their keys and
+        values go to the cache -> the logits (S, V) of the tokens at indices ``last`` (S,), whose branches the
+        host knows (``last_branches``), or of every token without ``last``.
 
-        Decode (``span``): row i attends over cache row i, positions < span (a static shape: CUDA graphs and
-        torch.compile can take it). Prefill (``own``): row i attends over its own slot; rows may be
-        right-padded past their real tokens, whose cache entries are never read and are overwritten later.
-        ``single``: the branch of every row when all rows share one, None when they do not. ``groups``: for a
-        mixed batch, each branch's row indices as the host knows them (needed by per-branch heads).
-        ``head=False`` stops before the lm_head: final normed hidden states (see ``project``).
+        ``single``: the branch of every token when all share one, None when they do not. ``groups``: for a mixed
+        batch of a model with dense per-branch weights, each branch's token indices. ``head=False`` stops before
+        the lm_head: final normed hidden states (see ``project``).
         """
-        B, L = tokens.shape
-        rows = self._rows(branch, start, L, single, groups)
-        rows.slots, rows.span, rows.own = slots, span, own
-        if span is not None:
-            rows.decode_mask = torch.arange(span, device=tokens.device)[None, None, :] <= rows.pos[:, :, None]
+        rows = self._rows(branch, batch.positions, single, groups)
+        rows.batch = batch
         x = self.embed.lookup(tokens, rows)
         for block, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
             x = block(x, rows, kc, vc)
         if last is not None:
-            x = x[torch.arange(B, device=x.device), last][:, None]
+            x, branch = x[last], branch[last]
         x = rms_norm(x, self.norm.select(branch), self.cfg.rms_norm_eps)
         if not head:
-            return x[:, 0] if last is not None else x
-        logits = (self.heads or self.embed)(x, rows)
-        return logits[:, 0] if last is not None else logits
+            return x
+        return self.project(x, branch, last_branches if last is not None else branch.tolist())
 
     @torch.no_grad()
     def project(self, x: torch.Tensor, branch: torch.Tensor, branches: list[int]) -> torch.Tensor:
         """Each row's own lm_head over final hidden states x (B, ..., H); ``branches``: each row's branch as the
         host knows it, so that only the present heads are read and nothing is read back from the device."""
         single = single_branch(branches)
-        rows = Rows(branch, single, None, None, None,
+        rows = Rows(branch, single, None, None,
                     groups=None if single is not None else row_groups(branches, x.device))
         return (self.heads or self.embed)(x, rows)
 
@@ -495,8 +450,8 @@ class FamilyModel(nn.Module):
         t = torch.tensor([ids + [0] * (longest - len(ids)) for ids in tokens], device=self.device)
         b = torch.tensor(branches, device=self.device)
         single = single_branch(branches)
-        rows = self._rows(b, torch.zeros(len(tokens), dtype=torch.long, device=self.device), longest, single,
-                          None if single is not None else row_groups(branches, self.device), cached=False)
+        pos = torch.arange(longest, device=self.device).expand(len(tokens), longest)
+        rows = self._rows(b, pos, single, None if single is not None else row_groups(branches, self.device))
         x = self.embed.lookup(t, rows)
         for block in self.blocks[:index]:  # layers past the one asked for are not run
             x = block(x, rows, None, None)

@@ -1,16 +1,17 @@
-"""Runners: continuous batching for one model, one engine step at a time.
+"""Runners: continuous batching for one model, one forward per engine step.
 
-A step admits waiting sequences into free slots, runs at most one prefill chunk
-(so a newcomer's prompt never stalls the running decodes for long, and its first
-token never waits for their step), then one decode step for every sequence that
-is generating. Finished and cancelled
-sequences leave between steps.
+A step schedules every running sequence's next tokens as one flat batch under a token budget (vLLM v1's
+unified batch): each decoding sequence's one new token, then prompt chunks of those still prefilling, up to
+``prefill_chunk`` prompt tokens in all; waiting sequences join while there are batch places, budget and KV
+blocks. Then one forward, and every sequence whose tokens are all computed samples its next token.
 
-Both runners keep a preallocated KV-cache slot per sequence, addressed by row:
-running sequences hold slots 0..n-1, so a decode step's row i is slot i and
-attention reads the cache as a view. ``FamilyRunner`` drives the family model
-(branches mixed in one forward); ``StandaloneRunner`` drives any transformers
-causal LM through the same slots (server/engine/rowcache.py).
+Keys and values live in a paged cache (server/engine/kv_cache.py): a sequence takes blocks as it grows and
+gives them back when it leaves. When a running sequence needs a block and none is free, the newest
+sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
+(its prompt and the tokens it has produced) when blocks free up. Nothing is lost and no token changes.
+
+``FamilyRunner`` drives the family model (branches mixed in one forward); ``StandaloneRunner`` drives any
+transformers causal LM through the same cache and attention (server/engine/paged_hf.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from compression.errors import UserError
+from server.engine.kv_cache import BLOCK_SIZE, BlockPool, StepBatch, kv_bytes_per_token
 from server.engine.model import linear, row_groups, single_branch
 from server.engine.sampling import SamplingParams, sample_rows, token_logprobs
 from server.engine.structured import apply_constraints
@@ -54,8 +57,8 @@ class Sequence:
     stop_ids: frozenset = frozenset()
     generator: torch.Generator | None = None
     matcher: object | None = None  # structured.Matcher when decoding is constrained
-    slot: int = -1
-    prefilled: int = 0
+    blocks: list[int] = field(default_factory=list)  # the block table: the KV blocks this sequence holds
+    computed: int = 0  # tokens whose keys and values are in the cache
     output: list[int] = field(default_factory=list)
     finished: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -64,26 +67,58 @@ class Sequence:
     def length(self) -> int:
         return len(self.prompt) + len(self.output)
 
+    def tokens(self, start: int, n: int) -> list[int]:
+        """Tokens start..start+n-1 of prompt + output, without joining the two."""
+        p = len(self.prompt)
+        if start + n <= p:
+            return self.prompt[start:start + n]
+        if start >= p:
+            return self.output[start - p:start - p + n]
+        return self.prompt[start:] + self.output[:start + n - p]
+
 
 def to_device(values, device: torch.device) -> torch.Tensor:
     """Host values as a long tensor on ``device``: through pinned memory without blocking on CUDA."""
     t = torch.tensor(values, dtype=torch.long)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 class Runner:
     def __init__(self, device: torch.device, max_batch: int, max_seq: int, prefill_chunk: int):
         self.device = device
         self.max_batch = max_batch
+        self.max_context = max_seq  # as configured; max_seq is capped by the cache once it is allocated
         self.max_seq = max_seq
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk  # prompt tokens per step, over all rows
+        self.pool: BlockPool | None = None
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-        self.peak_batch = 0  # most sequences in one decode step
-        self.peak_mixed = 0  # most distinct branches in one decode step
-        self.slots: list[Sequence] = []  # slots[i] holds slot i's sequence
-        self.scratch = max_batch  # the cache slot padding rows write to
-        self.copied_rows = 0  # cache rows moved to keep slots compact (one per leave that opens a hole)
+        self.peak_batch = 0  # most sequences in one step
+        self.peak_mixed = 0  # most distinct branches in one step
+        self.forwards = 0  # model forwards run by steps
+        self.preemptions = 0
+
+    # -- the KV cache
+    def kv_bytes_per_token(self) -> int:
+        raise NotImplementedError
+
+    def worst_case_tokens(self) -> int:
+        """Tokens the cache would need for every sequence at its longest: more is never used."""
+        return self.max_batch * self.max_context
+
+    def allocate(self, budget: int) -> None:
+        """Size the cache to ``budget`` bytes (at most the worst case) and allocate it."""
+        per_block = self.kv_bytes_per_token() * BLOCK_SIZE
+        blocks = min(budget // per_block, -(-self.worst_case_tokens() // BLOCK_SIZE))
+        if blocks < 1:
+            raise UserError(f"a KV cache of {budget} bytes holds no block of {BLOCK_SIZE} tokens "
+                            f"({per_block} bytes each); raise limits.kv_cache_memory")
+        self.pool = BlockPool(blocks)
+        self._allocate_blocks(blocks)
+        self.max_seq = min(self.max_context, self.pool.capacity)
+
+    def _allocate_blocks(self, blocks: int) -> None:
+        raise NotImplementedError
 
     # -- the scheduler's side
     def add(self, seq: Sequence) -> None:
@@ -99,63 +134,87 @@ class Runner:
         return self.model.config.vocab_size
 
     def warm_up(self) -> None:
-        """Compile and capture whatever the runner's steps need, before the server says it is ready."""
+        """Compile whatever the runner's steps need, before the server says it is ready."""
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def step(self, flush: Callable[[], None] | None = None) -> None:
-        """One engine step: admit waiting sequences, prefill a chunk of their prompts, then decode every running
-        row once (those just prefilled included). ``flush`` delivers the events emitted so far; it is called
-        between the two, so a newcomer's first token goes out before the decode step, not after it."""
+    def step(self) -> None:
+        """One engine step: schedule, one forward over every scheduled token, then sample for each sequence
+        whose tokens are now all computed (a decode row, or a prompt's last chunk)."""
         self._reap()
-        while self.waiting and len(self.running) < self.max_batch:
-            seq = self.waiting.popleft()
+        scheduled, decode_rows = self._schedule()
+        if scheduled:
+            sampling = [seq for seq, n in scheduled if seq.computed + n == seq.length]
+            logits = self._forward(scheduled, decode_rows, sampling)
+            self.forwards += 1
+            self.peak_batch = max(self.peak_batch, len(scheduled))
+            self.peak_mixed = max(self.peak_mixed, len({s.branch for s, _ in scheduled}))
+            for seq, n in scheduled:
+                seq.computed += n
+            if sampling:
+                self._accept(sampling, logits)
+        self._reap()
+
+    def _schedule(self) -> tuple[list[tuple[Sequence, int]], int]:
+        """(sequence, tokens) for this step, one-token rows first, and how many those are. Running sequences
+        first, in the order they joined; then waiting ones while there are places, budget and blocks."""
+        budget = self.prefill_chunk
+        single, chunks = [], []
+        for seq in list(self.running):
+            if seq.finished or seq not in self.running:  # preempted by an earlier row of this step
+                continue
+            left = seq.length - seq.computed
+            n = 1 if left == 1 and seq.output else min(left, budget)
+            if n == 0 or not self._grow(seq, seq.computed + n):
+                continue
+            if n > 1 or not seq.output:  # a prompt (or a recomputation) takes budget; a decode row does not
+                budget -= n
+            (single if n == 1 else chunks).append((seq, n))
+        while self.waiting and len(self.running) < self.max_batch and budget > 0:
+            seq = self.waiting[0]
             if seq.cancelled.is_set():
+                self.waiting.popleft()
                 self._finish(seq, "cancelled")
                 continue
-            self._admit(seq)
+            n = min(seq.length - seq.computed, budget)
+            if not self.pool.grow(seq.blocks, seq.computed + n):
+                break
+            self.waiting.popleft()
             self.running.append(seq)
-        batch = self._prefill_batch()
-        if batch:  # first: a newcomer's first token does not wait for the others' decode step
-            logits = self._prefill(batch)
-            for seq, chunk in batch:
-                seq.prefilled += len(chunk)
-            done = [i for i, (seq, _) in enumerate(batch) if seq.prefilled == len(seq.prompt)]
-            if done:
-                self._accept([batch[i][0] for i in done], logits[done])
-                if flush is not None:
-                    flush()
-        decoding = [s for s in self.running if s.output and not s.finished]  # those just prefilled included
-        if decoding:
-            self.peak_batch = max(self.peak_batch, len(decoding))
-            self.peak_mixed = max(self.peak_mixed, len({s.branch for s in decoding}))
-            self._accept(decoding, self._decode(decoding))
-        self._reap()
+            budget -= n
+            (single if n == 1 else chunks).append((seq, n))
+        return single + chunks, len(single)
 
-    def _prefill_batch(self) -> list[tuple[Sequence, list[int]]]:
-        """Prompt chunks for this step: rows padded to the longest stay within prefill_chunk tokens."""
-        batch, longest = [], 0
-        for seq in self.running:
-            left = len(seq.prompt) - seq.prefilled
-            if left <= 0:
-                continue
-            n = min(left, self.prefill_chunk)
-            if batch and (len(batch) + 1) * max(longest, n) > self.prefill_chunk:
-                if (len(batch) + 1) * longest > self.prefill_chunk:
-                    break
-                n = longest  # a shorter piece of a long prompt still fits beside the others
-            batch.append((seq, seq.prompt[seq.prefilled:seq.prefilled + n]))
-            longest = max(longest, n)
-        return batch
+    def _grow(self, seq: Sequence, tokens: int) -> bool:
+        """Blocks for ``tokens`` of ``seq``, preempting the newest running sequences until they are free; False
+        when ``seq`` itself had to go."""
+        while not self.pool.grow(seq.blocks, tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free its blocks and queue it first again; it is recomputed from its tokens when it resumes."""
+        self.pool.release(seq.blocks)
+        seq.computed = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+        log.debug("preempted %s at %d tokens (%d blocks free)", seq.id, seq.length, len(self.pool.free))
 
     def fail_all(self, message: str) -> None:
+        """End every sequence that has not ended yet with an error, once each."""
         for seq in list(self.running) + list(self.waiting):
-            seq.emit(Event("", [], "error", len(seq.prompt), len(seq.output), error=message))
-            seq.finished = "error"
+            if seq.finished is None:
+                seq.finished = "error"
+                seq.emit(Event("", [], "error", len(seq.prompt), len(seq.output), error=message))
+            if self.pool is not None:
+                self.pool.release(seq.blocks)
         self.running.clear()
         self.waiting.clear()
-        self._reset()
 
     # -- shared mechanics
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
@@ -171,19 +230,15 @@ class Runner:
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             seq.output.append(tok)
             event = Event("", [tok], logprobs=[logprobs[i]] if i in logprobs else None)
+            seq.emit(event)
             if seq.matcher is not None and not seq.matcher.accept(tok):  # cannot happen with the mask applied
-                seq.emit(event)
                 seq.finished = "error"
                 seq.emit(Event("", [], "error", len(seq.prompt), len(seq.output),
                                error=f"the constraint rejected token {tok}"))
-            elif tok in seq.stop_ids or tok in seq.params.stop_token_ids:
-                seq.emit(event)
+            elif tok in seq.params.stop_token_ids or (tok in seq.stop_ids and not seq.params.ignore_eos):
                 self._finish(seq, "stop")
             elif len(seq.output) >= seq.params.max_tokens or seq.length >= self.max_seq:
-                seq.emit(event)
                 self._finish(seq, "length")
-            else:
-                seq.emit(event)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finished = reason
@@ -196,125 +251,78 @@ class Runner:
         gone = [s for s in self.running if s.finished]
         if gone:
             self.running = [s for s in self.running if not s.finished]
-            self._release(gone)
+            for seq in gone:
+                self.pool.release(seq.blocks)
         self.waiting = collections.deque(s for s in self.waiting if not self._drop_cancelled(s))
 
     def _drop_cancelled(self, seq: Sequence) -> bool:
         if seq.cancelled.is_set():
+            self.pool.release(seq.blocks)  # a preempted sequence holds none; this is for safety's sake
             self._finish(seq, "cancelled")
             return True
         return False
 
-    # -- cache slots: running sequences hold slots 0..n-1
-    def _admit(self, seq: Sequence) -> None:
-        seq.slot = len(self.slots)
-        self.slots.append(seq)
+    def _batch(self, scheduled: list[tuple[Sequence, int]], decode_rows: int, heads: int, kv_heads: int,
+               dtype: torch.dtype) -> StepBatch:
+        return StepBatch([(seq.blocks, seq.computed, n) for seq, n in scheduled], decode_rows, self.pool.block_size,
+                         heads, kv_heads, dtype, self.device)
 
-    def _release(self, seqs: list[Sequence]) -> None:
-        """Leavers free their slots; the last running sequence moves into each hole (one row's cache copied
-        once), so slots stay compact and a decode step reads the cache's first rows as a view."""
-        gone = {id(s) for s in seqs}
-        for seq in seqs:
-            hole = seq.slot
-            while self.slots and id(self.slots[-1]) in gone:  # leavers at the end just go
-                self.slots.pop()
-            if hole >= len(self.slots) or id(self.slots[hole]) not in gone:
-                continue
-            last = self.slots.pop()
-            n = min(last.length, self.max_seq)
-            for kc, vc in self._caches():
-                kc[hole, :, :n] = kc[last.slot, :, :n]
-                vc[hole, :, :n] = vc[last.slot, :, :n]
-            self.copied_rows += 1
-            last.slot = hole
-            self.slots[hole] = last
-
-    def _reset(self) -> None:
-        self.slots = []
-
-    def decode_rows(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int], list[int]]:
-        """Inputs for one row per occupied slot: (tokens, positions, write slots, branches). Slots that are not
-        decoding (still prefilling) are padding rows: token 0 at position 0, written to the scratch slot, on a
-        present branch, their output dropped."""
-        decoding = {id(s) for s in seqs}
-        pad_branch = seqs[0].branch  # padding never adds a branch to the mix
-        tokens, start, write, branch = [], [], [], []
-        for i, s in enumerate(self.slots):
-            real = id(s) in decoding
-            tokens.append(s.output[-1] if real else 0)
-            start.append(s.length - 1 if real else 0)
-            write.append(i if real else self.scratch)
-            branch.append(s.branch if real else pad_branch)
-        return tokens, start, write, branch
-
-    def in_slot_order(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Rows of a decode step (one per slot) -> rows of ``seqs``, in their order."""
-        order = [s.slot for s in seqs]
-        return logits if order == list(range(len(self.slots))) else logits[to_device(order, self.device)]
+    @staticmethod
+    def _flat(scheduled: list[tuple[Sequence, int]], sampling: list[Sequence]) -> tuple[list[int], list[int]]:
+        """The step's flat tokens, and the index of each sampling sequence's last token among them."""
+        tokens, last, ends = [], [], {id(s) for s in sampling}
+        for seq, n in scheduled:
+            tokens += seq.tokens(seq.computed, n)
+            if id(seq) in ends:
+                last.append(len(tokens) - 1)
+        return tokens, last
 
     # -- what each model does differently
-    def _caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]: ...  # (keys, values) per layer, slot first
-    def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor: ...  # -> (B, V) at chunk ends
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor: ...  # -> (B, V)
+    def _forward(self, scheduled: list[tuple[Sequence, int]], decode_rows: int, sampling: list[Sequence]
+                 ) -> torch.Tensor: ...  # -> (len(sampling), V)
 
 
 class FamilyRunner(Runner):
     """The family model, branches mixed in one forward."""
 
     def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
-                 static_decode: bool = False, compile: bool = False):
-        """``static_decode``: decode steps with static shapes, padded to batch buckets; on CUDA they are
-        captured as CUDA graphs (server/engine/graphs.py). ``compile``: those steps go through
-        torch.compile first (implies ``static_decode``). Both are prepared by ``warm_up``."""
+                 compile: bool = False):
+        """``compile``: steps go through torch.compile (dynamic shapes), compiled by ``warm_up``."""
         super().__init__(model.device, max_batch, max_seq, prefill_chunk)
         self.model = model
-        model.allocate_cache(max_batch + 1, max_seq)  # + the scratch slot
-        self.graphs = None
-        if static_decode or compile:
-            from server.engine.graphs import DecodeGraphs
+        self.step_forward = model
+        if compile:
+            from server.engine.compiled import compile_step
 
-            self.graphs = DecodeGraphs(model, max_batch, self.scratch, capture=model.device.type == "cuda",
-                                       compile=compile)
+            self.step_forward = compile_step(model, 32)
 
     @property
     def vocab_size(self) -> int:
         return self.model.cfg.vocab_size
 
+    def kv_bytes_per_token(self) -> int:
+        cfg = self.model.cfg
+        return kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.model.dtype)
+
+    def _allocate_blocks(self, blocks: int) -> None:
+        self.model.allocate_cache(blocks)
+
     def warm_up(self) -> None:
-        if self.graphs is not None:
-            self.graphs.prepare()
+        if self.step_forward is not self.model:
+            from server.engine.compiled import warm_up
 
-    def _caches(self):
-        return list(zip(self.model.k_cache, self.model.v_cache))
+            warm_up(self)
 
-    def _tensor(self, values) -> torch.Tensor:
-        return to_device(values, self.device)
-
-    def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
-        longest = max(len(chunk) for _, chunk in batch)
-        tokens = [chunk + [0] * (longest - len(chunk)) for _, chunk in batch]  # right padding
-        seqs = [seq for seq, _ in batch]
-        branches = [s.branch for s in seqs]
+    def _forward(self, scheduled, decode_rows, sampling):
+        tokens, last = self._flat(scheduled, sampling)
+        branches = [seq.branch for seq, n in scheduled for _ in range(n)]
         single = single_branch(branches)
-        return self.model(
-            self._tensor(tokens), self._tensor([s.prefilled for s in seqs]), self._tensor(branches),
-            self._tensor([s.slot for s in seqs]),
-            single=single, groups=None if single is not None else row_groups(branches, self.device),
-            own=[(s.slot, s.prefilled, len(chunk)) for s, chunk in batch],
-            last=self._tensor([len(chunk) - 1 for _, chunk in batch]),
-        )
-
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        tokens, start, write, branch = self.decode_rows(seqs)
-        if self.graphs is not None:
-            logits = self.graphs.run(tokens, start, write, branch)
-        else:
-            single = single_branch(branch)
-            logits = self.model(
-                self._tensor([[t] for t in tokens]), self._tensor(start), self._tensor(branch), self._tensor(write),
-                single=single, groups=None if single is not None else row_groups(branch, self.device),
-                span=min(max(start) + 1, self.max_seq))[:, 0]
-        return self.in_slot_order(logits, seqs)
+        cfg = self.model.cfg
+        batch = self._batch(scheduled, decode_rows, cfg.num_heads, cfg.num_kv_heads, self.model.dtype)
+        groups = row_groups(branches, self.device) if single is None and self.model.row_grouped else None
+        return self.step_forward(to_device(tokens, self.device), to_device(branches, self.device), batch,
+                                 single=single, groups=groups, last=to_device(last, self.device),
+                                 last_branches=[s.branch for s in sampling], head=bool(sampling))
 
 
 def _cpu_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -323,92 +331,52 @@ def _cpu_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 class StandaloneRunner(Runner):
-    """Any transformers causal LM, on a ``RowCache``: per-row slots like the family's, nothing copied when a
-    sequence joins, one row when one leaves."""
+    """Any transformers causal LM on the same paged cache and attention as the family model: the engine's
+    attention is registered with transformers (server/engine/paged_hf.py), and a step is one forward over
+    the flat batch, as one sequence of T tokens whose positions and cache slots the batch gives."""
 
     def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
                  compile: bool = False):
-        """``compile``: decode steps go through torch.compile (one function, dynamic in batch and span),
-        compiled by ``warm_up``; prefill stays eager."""
-        from server.engine.rowcache import ATTENTION, RowCache
+        """``compile``: steps go through torch.compile (dynamic shapes), compiled by ``warm_up``."""
+        from server.engine.paged_hf import ATTENTION, PagedCache
 
         super().__init__(model.device, max_batch, max_seq, prefill_chunk)
         self.model = model
-        model.config._attn_implementation = ATTENTION  # views of the cache, grouped heads folded, no copies
+        model.config._attn_implementation = ATTENTION
         if model.device.type == "cpu":  # the family model's CPU GEMM layout for a few rows (model.linear)
             for module in model.modules():
                 if isinstance(module, torch.nn.Linear):
                     module.forward = _cpu_linear.__get__(module)
         cfg = model.config
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        self.cache = RowCache(cfg.num_hidden_layers, max_batch + 1, getattr(cfg, "num_key_value_heads", None) or heads,
-                              max_seq, head_dim, model.dtype, model.device)
-        self.decode_forward = model
+        self.heads = cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.cache = PagedCache(cfg.num_hidden_layers)
+        self.step_forward = model
         if compile:
-            # Versions: batch 1, any other batch; spans are symbolic. The limit leaves room, never a silent eager
-            # fallback past dynamo's default of 8.
-            from server.engine.graphs import compile_step
+            from server.engine.compiled import compile_step
 
-            self.decode_forward = compile_step(model, 16)
+            self.step_forward = compile_step(model, 32)
 
-    @torch.inference_mode()
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.model.config.num_hidden_layers, self.kv_heads, self.head_dim,
+                                  self.model.dtype)
+
+    def _allocate_blocks(self, blocks: int) -> None:
+        self.cache.allocate(blocks, self.kv_heads, self.head_dim, self.model.dtype, self.device)
+
     def warm_up(self) -> None:
-        """With ``compile``: every decode version compiled now (batches 1, 2 and max_batch; short and full
-        spans), on rows that prefill overwrites before anything reads them."""
-        if self.decode_forward is self.model:
-            return
-        import time
+        if self.step_forward is not self.model:
+            from server.engine.compiled import warm_up
 
-        t0 = time.perf_counter()
-        for rows in sorted({1, min(2, self.max_batch), self.max_batch}):
-            for span in sorted({2, 3, self.max_seq}):
-                self._forward([[0]] * rows, [span - 1] * rows, list(range(rows)), (rows, span), True)
-        log.info("standalone decode steps compiled in %.1f s", time.perf_counter() - t0)
-
-    def _caches(self):
-        return list(zip(self.cache.k, self.cache.v))
-
-    def _forward(self, tokens: list[list[int]], start: list[int], slots: list[int], read: tuple, decoding: bool,
-                 pad: list[int] | None = None, **kw):
-        """``read``: (rows, span) for a decode step, (the rows' slots, end) for a prefill; either way the keys
-        attended over are the first read[1] positions, and a query at position p sees those <= p. ``pad``: how
-        many padding tokens lead each prefill row (left padding, so every row's last token is the forward's
-        last): they write the spare column of their own slot and see only the first key."""
-        L = len(tokens[0])
-        steps = torch.arange(L, device=self.device)
-        pos = to_device(start, self.device)[:, None] + steps  # (B, L)
-        write = pos.clamp(max=self.max_seq - 1)
-        if pad is not None and any(pad):
-            pad_t = to_device(pad, self.device)[:, None]
-            lead = steps[None, :] < pad_t  # (B, L) padding positions
-            pos = (pos - pad_t).clamp(min=0)
-            write = torch.where(lead, self.max_seq, pos)
-            seen = torch.where(lead, 0, pos)
-        else:
-            seen = pos
-        mask = torch.arange(read[1], device=self.device)[None, None, :] <= seen[:, :, None]  # (B, L, keys)
-        self.cache.slots, self.cache.pos = to_device(slots, self.device), write
-        self.cache.read, self.cache.decoding = read, decoding
-        forward = self.decode_forward if decoding else self.model
-        return forward(input_ids=to_device(tokens, self.device), position_ids=pos, attention_mask=mask[:, None],
-                       past_key_values=self.cache, use_cache=True, **kw).logits
+            warm_up(self)
 
     @torch.inference_mode()
-    def _prefill(self, batch: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
-        """Every row's chunk in one forward, left-padded to the longest."""
-        longest = max(len(chunk) for _, chunk in batch)
-        pad = [longest - len(chunk) for _, chunk in batch]
-        slots = [seq.slot for seq, _ in batch]
-        end = max(seq.prefilled + len(chunk) for seq, chunk in batch)
-        out = self._forward([[0] * p + chunk for p, (_, chunk) in zip(pad, batch)],
-                            [seq.prefilled for seq, _ in batch], slots, (slots, end), False, pad=pad,
-                            logits_to_keep=1)
-        return out[:, -1]
-
-    @torch.inference_mode()
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        tokens, start, write, _ = self.decode_rows(seqs)
-        span = min(max(start) + 1, self.max_seq)
-        logits = self._forward([[t] for t in tokens], start, write, (len(tokens), span), True)[:, -1]
-        return self.in_slot_order(logits, seqs)
+    def _forward(self, scheduled, decode_rows, sampling):
+        tokens, last = self._flat(scheduled, sampling)
+        batch = self._batch(scheduled, decode_rows, self.heads, self.kv_heads, self.model.dtype)
+        self.cache.batch = batch
+        out = self.step_forward(input_ids=to_device(tokens, self.device)[None], position_ids=batch.positions[None],
+                                past_key_values=self.cache, use_cache=True,
+                                logits_to_keep=to_device(last, self.device), paged=batch)
+        return out.logits[0]

@@ -29,6 +29,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None: off; n >= 0: the sampled token's logprob and the n most likely
     grammar: object | None = None  # a structured.Compiled: decoding is constrained to it
+    ignore_eos: bool = False  # the model's end-of-turn tokens do not end the sequence (stop_token_ids still do)
 
     def __post_init__(self):
         if self.max_tokens < 1:

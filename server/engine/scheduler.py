@@ -272,9 +272,17 @@ class EngineBase:
         return await asyncio.wrap_future(self.embed_future(model, tokens, layer))
 
 
+DEFAULT_CPU_KV_BYTES = 2 * 2**30  # the KV budget on the CPU when limits.kv_cache_memory is not set
+GPU_MEMORY_UTILIZATION = 0.9  # on CUDA by default, keys and values take what loading left of 90% of the memory
+
+
 class Engine(EngineBase):
-    def __init__(self, max_waiting: int = 256, max_embed_tokens: int = 8448):
+    def __init__(self, max_waiting: int = 256, max_embed_tokens: int = 8448, kv_cache_memory: int | None = None):
+        """``kv_cache_memory``: bytes of keys and values per device, split between the models on it (default:
+        ``DEFAULT_CPU_KV_BYTES`` on the CPU; on CUDA what is free of ``GPU_MEMORY_UTILIZATION`` of the memory
+        once every model is loaded)."""
         super().__init__(max_waiting, max_embed_tokens)
+        self.kv_cache_memory = kv_cache_memory
         self.runners: list[Runner] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: list = []  # (event loop, queue, event, sequence) emitted during a step, engine thread only
@@ -297,8 +305,7 @@ class Engine(EngineBase):
 
     def add_family(self, artifact_dir: str | Path, names: dict[str, str] | None = None, device: str = "cpu",
                    dtype: torch.dtype | None = None, max_batch: int = 16, max_seq: int = 2048,
-                   prefill_chunk: int = 256, defaults: dict | None = None,
-                   static_decode: bool = False, compile: bool = False) -> FamilyRunner:
+                   prefill_chunk: int = 256, defaults: dict | None = None, compile: bool = False) -> FamilyRunner:
         """Serve an artifact's branches; ``names`` maps exposed name -> branch (default: every branch as itself)."""
         from compression.artifact import Artifact
         from server.engine.model import FamilyModel
@@ -307,7 +314,7 @@ class Engine(EngineBase):
         names = names or {b: b for b in artifact.branches}
         branches = list(dict.fromkeys(names.values()))
         model = FamilyModel.from_artifact(artifact, branches, device=device, dtype=dtype)
-        runner = FamilyRunner(model, max_batch, max_seq, prefill_chunk, static_decode, compile)
+        runner = FamilyRunner(model, max_batch, max_seq, prefill_chunk, compile)
         tokenizers = {}
         for b in branches:
             path = artifact.branch_dir(b)
@@ -330,7 +337,7 @@ class Engine(EngineBase):
         model = model.to(device).eval()
         window = getattr(model.config, "sliding_window", None)
         if window and getattr(model.config, "use_sliding_window", True) is not False and max_seq > window:
-            # The shared padded cache is only exact while nothing has slid out of the window.
+            # The engine's attention has no window: it is exact while nothing has slid out of it.
             log.warning("%s: context limited to its sliding window of %d tokens (configured %d)", name, window,
                         max_seq)
             max_seq = window
@@ -341,9 +348,50 @@ class Engine(EngineBase):
         return runner
 
     # -- lifecycle
+    def allocate_kv(self) -> None:
+        """Size and allocate every runner's KV cache: each device's budget split evenly between its models,
+        none given more than its worst case (every sequence at its full context), what that leaves going to
+        the others."""
+        by_device: dict = {}
+        for runner in self.runners:
+            by_device.setdefault(str(runner.device), []).append(runner)
+        for device, runners in by_device.items():
+            budget = self.kv_cache_memory
+            if budget is None and device.startswith("cuda"):
+                free, total = torch.cuda.mem_get_info(torch.device(device))
+                budget = int(free - (1 - GPU_MEMORY_UTILIZATION) * total)
+            elif budget is None:
+                budget = DEFAULT_CPU_KV_BYTES
+            runners = sorted(runners, key=lambda r: r.worst_case_tokens() * r.kv_bytes_per_token())
+            for i, runner in enumerate(runners):
+                share = budget // (len(runners) - i)
+                runner.allocate(share)
+                budget -= runner.pool.num_blocks * runner.pool.block_size * runner.kv_bytes_per_token()
+        for line in self.kv_report():
+            log.info("%s", line)
+
+    def kv_report(self) -> list[str]:
+        """A line per model: its KV capacity in tokens and bytes."""
+        lines = []
+        for runner in self.runners:
+            if runner.pool is None:
+                continue
+            names = ", ".join(t.name for t in self.targets.values() if t.runner is runner)
+            tokens = runner.pool.capacity
+            lines.append(f"KV cache for {names}: {tokens} tokens in {runner.pool.num_blocks} blocks of "
+                         f"{runner.pool.block_size} ({tokens * runner.kv_bytes_per_token() / 2**30:.2f} GiB); "
+                         f"context {runner.max_seq}, {tokens // runner.max_seq} sequences at full context")
+        return lines
+
+    def kv_usage(self) -> list[tuple[str, int, int, int]]:
+        """(model names, blocks in use, blocks, capacity in tokens) per runner: what /metrics reports."""
+        return [(",".join(t.name for t in self.targets.values() if t.runner is r), r.pool.used, r.pool.num_blocks,
+                 r.pool.capacity) for r in self.runners if r.pool is not None]
+
     def start(self) -> None:
-        """Start the engine thread; it prepares every runner's steps (compile, capture) before taking work,
-        and ``ready`` is set once it has."""
+        """Allocate the KV caches, then start the engine thread; it prepares every runner's steps (compile)
+        before taking work, and ``ready`` is set once it has."""
+        self.allocate_kv()
         self._thread = threading.Thread(target=self._loop, name="branchserve-engine", daemon=True)
         self._thread.start()
 
@@ -481,7 +529,7 @@ class Engine(EngineBase):
                 if runner.has_work():
                     busy = True
                     try:
-                        runner.step(self._flush)
+                        runner.step()
                     except Exception as e:  # a failed step must not take the engine down
                         log.exception("engine step failed")
                         runner.fail_all(f"engine error: {type(e).__name__}: {e}")

@@ -1,0 +1,269 @@
+"""The paged KV cache: fixed-size blocks, a block table per sequence, and attention over a step's flat batch.
+
+Memory goes by tokens, not by worst-case slots. Each layer's keys and values are one tensor of
+(blocks, block_size, kv_heads, head_dim); a sequence owns the blocks its table lists, taken from the
+``BlockPool`` as it grows and handed back when it leaves or is preempted.
+
+A step is one forward over a flat batch of T tokens: every decoding sequence's one token first, then the
+prompt chunks of the sequences still prefilling. ``StepBatch`` says, once per step, where each token's key
+and value go (``slots``) and what each query reads. Attention is cut into *units* of one shape: a tile of
+queries of one sequence (1 for a decode row, ``TILE`` for a prompt chunk) against a chunk of ``chunk`` of
+its own key positions, gathered from its blocks. A unit whose keys all lie before its queries needs no
+mask; the unit that holds the queries' own positions (the causal edge) is masked. A row reads its own
+positions only, rounded up to a chunk, whatever its neighbours' lengths; a sequence with several chunks gets
+one unit per chunk, and their partial results are merged by their log-sum-exps, as flash-decoding does.
+
+The number of kernels a layer launches depends on which kinds of units a step has, never on how many rows
+it has: a prefill of 16 rows issues the same calls as a prefill of one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_SIZE = 16  # tokens per block, vLLM's default
+TILE = 64  # prompt queries per attention unit
+MAX_CHUNK = 256  # key positions per attention unit
+
+
+class BlockPool:
+    """The free blocks of one model's cache. Host side only: the engine thread allocates, nothing else."""
+
+    def __init__(self, num_blocks: int, block_size: int = BLOCK_SIZE):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.free = list(range(num_blocks - 1, -1, -1))  # popped from the end: low ids first
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the cache holds."""
+        return self.num_blocks * self.block_size
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def grow(self, blocks: list[int], tokens: int) -> bool:
+        """Extend a block table to hold ``tokens`` tokens; False (and nothing taken) when too few are free."""
+        need = self.blocks_for(tokens) - len(blocks)
+        if need > len(self.free):
+            return False
+        for _ in range(need):
+            blocks.append(self.free.pop())
+        return True
+
+    def release(self, blocks: list[int]) -> None:
+        self.free.extend(reversed(blocks))
+        blocks.clear()
+
+
+def allocate(num_layers: int, num_blocks: int, kv_heads: int, head_dim: int, dtype, device,
+             block_size: int = BLOCK_SIZE) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Keys and values per layer, (blocks, block_size, kv_heads, head_dim). Zeros, not empty: a unit's
+    padding reads some block's stale entries with weight 0, which must be finite."""
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+
+
+def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def parse_bytes(value) -> int:
+    """``9GB``, ``512MiB``, ``1.5GB`` or a number of bytes -> bytes (GB and GiB both count 2**30, as vLLM's
+    ``--kv-cache-memory`` and most users do)."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = str(value).strip().upper().replace(" ", "")
+    for unit, scale in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 2**30), ("MB", 2**20),
+                        ("KB", 2**10), ("G", 2**30), ("M", 2**20), ("K", 2**10), ("B", 1)):
+        if text.endswith(unit):
+            return int(float(text[:-len(unit)]) * scale)
+    return int(float(text))
+
+
+@dataclass
+class Units:
+    """Same-shaped attention units of one kind (decode or prefill), masked or not."""
+
+    tile: torch.Tensor | None  # (U,) the query tile of each unit; None: unit i is tile i
+    blocks: torch.Tensor  # (U, chunk // block_size) the blocks whose keys it reads
+    mask: torch.Tensor | None  # (U, 1, G * Qt or 1, chunk) additive, in the model's dtype; None: all visible
+
+
+@dataclass
+class Kind:
+    """Decode rows (one query per tile) or prompt chunks (``TILE`` queries per tile) of a step."""
+
+    tiles: int
+    queries: int  # per tile
+    q_index: torch.Tensor | None  # (tiles, queries) flat token of each query; None: tiles are tokens 0..tiles-1
+    real: torch.Tensor | None  # (tokens,) the tile-major query slots that are real tokens, in token order
+    unit_tile: torch.Tensor | None  # (U,) over diag units then full units; None: one unit per tile, in order
+    empty: torch.Tensor | None  # (U_masked, 1, G * queries): queries of a masked unit that see none of its keys
+    parts: list[Units]  # the masked units first, then the unmasked ones
+
+
+class StepBatch:
+    """Everything a layer's attention needs for one step's flat batch, built once per step from the host's
+    block tables, and moved to the device in one go (pinned, non-blocking on CUDA).
+
+    ``rows``: (block table, first position, tokens) per sequence, its ``decode_rows`` decode rows (one token
+    each) first.
+    """
+
+    def __init__(self, rows: list[tuple[list[int], int, int]], decode_rows: int, block_size: int, heads: int,
+                 kv_heads: int, dtype: torch.dtype, device: torch.device):
+        self.block_size = block_size
+        self.group = heads // kv_heads
+        self.dtype = dtype
+        self.device = device
+        self.decode_rows = decode_rows
+        slots = [table[p // block_size] * block_size + p % block_size
+                 for table, start, n in rows for p in range(start, start + n)]
+        self.tokens = len(slots)
+        self.slots = _device(slots, device)
+        self.positions = _device([p for _, start, n in rows for p in range(start, start + n)], device)
+        decode, prefill = rows[:decode_rows], rows[decode_rows:]
+        longest = max((s + n for _, s, n in decode), default=1)
+        # A decode row's keys, rounded up to a chunk: short rows read little, whatever a long row beside them reads.
+        dchunk = min(MAX_CHUNK, max(4 * block_size, 1 << (longest - 1).bit_length()))
+        self.kinds: list[Kind] = []
+        if decode:
+            self.kinds.append(self._kind(decode, 0, 1, dchunk))
+        if prefill:
+            self.kinds.append(self._kind(prefill, decode_rows, TILE, MAX_CHUNK))
+
+    def _kind(self, rows, first_token: int, tile: int, chunk: int) -> Kind:
+        bs, per_chunk = self.block_size, chunk // self.block_size
+        q_index, real, tile_pos = [], [], []
+        diag, full = [], []  # (tile, key start, blocks)
+        token = first_token
+        for table, start, n in rows:
+            for a in range(start, start + n, tile):
+                b = min(a + tile, start + n)  # this tile's queries are positions a..b-1
+                t = len(tile_pos)
+                pos = list(range(a, b)) + [b - 1] * (tile - (b - a))
+                tile_pos.append(pos)
+                idx = [token + p - start for p in pos]
+                q_index.append(idx)
+                real.extend(t * tile + i for i in range(b - a))
+                for c0 in range(0, b, chunk):
+                    blocks = table[c0 // bs:c0 // bs + per_chunk]
+                    blocks = blocks + [0] * (per_chunk - len(blocks))
+                    (full if c0 + chunk <= a else diag).append((t, c0, blocks))
+            token += n
+        tiles = len(tile_pos)
+        units = diag + full
+        in_order = not full and [u[0] for u in diag] == list(range(tiles))
+        dev = self.device
+        decoding = tile == 1  # decode rows are the batch's first tokens, one per tile, in order
+        kind = Kind(tiles, tile, None if decoding else _device(q_index, dev),
+                    None if decoding else _device(real, dev),
+                    None if in_order else _device([u[0] for u in units], dev), None, [])
+        if diag:
+            qpos = _device([tile_pos[u[0]] for u in diag], dev)  # (U, Qt)
+            keys = _device([u[1] for u in diag], dev)[:, None] + torch.arange(chunk, device=dev)  # (U, chunk)
+            visible = keys[:, None, :] <= qpos[:, :, None]  # (U, Qt, chunk)
+            if not decoding:  # query rows are head-group-major: row g * Qt + i is query i of head g
+                visible = visible[:, None].expand(-1, self.group, -1, -1).reshape(len(diag), self.group * tile, chunk)
+                if not in_order:  # a query before a masked unit's first key sees none of it
+                    kind.empty = ~visible.any(-1)[:, None]
+            mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev).masked_fill_(~visible, float("-inf"))
+            kind.parts.append(Units(_device([u[0] for u in diag], dev), _device([u[2] for u in diag], dev),
+                                    mask[:, None]))  # decode: (U, 1, 1, chunk), broadcast over the head group
+        if full:
+            kind.parts.append(Units(_device([u[0] for u in full], dev), _device([u[2] for u in full], dev), None))
+        return kind
+
+
+def _device(values, device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _unit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (U, kv, R, hd) against k/v (U, kv, C, hd) -> (out (U, kv, R, hd), log-sum-exp (U, kv, R) fp32)."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                               scale=scale)
+        return out, lse.float()
+    s = (q @ k.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        s = s + mask
+    lse = torch.logsumexp(s, dim=-1)
+    return (torch.exp(s - lse[..., None]).to(v.dtype) @ v), lse
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
+                    scale: float | None = None) -> torch.Tensor:
+    """q (T, H, hd) for the step's flat tokens, whose keys and values are already in the cache ->
+    (T, H * hd). Grouped query heads are folded into the query rows, so keys are never repeated."""
+    T, H, hd = q.shape
+    kv = k_cache.shape[2]
+    g = H // kv
+    scale = scale if scale is not None else 1.0 / math.sqrt(hd)
+    outs = []
+    for kind in batch.kinds:
+        Qt = kind.queries
+        if Qt == 1:
+            qt = q[:kind.tiles].view(kind.tiles, kv, g, hd)
+        else:
+            qt = q[kind.q_index].view(kind.tiles, Qt, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(kind.tiles, kv, g * Qt, hd)
+        results = []
+        for part in kind.parts:
+            qu = qt if kind.unit_tile is None else qt[part.tile]
+            U, chunk = part.blocks.shape[0], part.blocks.shape[1] * batch.block_size
+            keys = k_cache[part.blocks].view(U, chunk, kv, hd).transpose(1, 2)
+            values = v_cache[part.blocks].view(U, chunk, kv, hd).transpose(1, 2)
+            results.append(_unit_attention(qu, keys, values, part.mask, scale))
+        if kind.unit_tile is None:
+            o = results[0][0]
+        else:  # several units per tile: merge their partial softmaxes by log-sum-exp
+            o = torch.cat([r[0] for r in results])
+            lse = torch.cat([r[1] for r in results])
+            if kind.empty is not None:
+                lse[:kind.empty.shape[0]].masked_fill_(kind.empty, float("-inf"))
+            per_unit = kind.unit_tile.view(-1, 1, 1).expand_as(lse)
+            best = lse.new_full((kind.tiles,) + lse.shape[1:], float("-inf")).scatter_reduce_(
+                0, per_unit, lse, "amax")
+            w = torch.exp(lse - best[kind.unit_tile])
+            total = torch.zeros_like(best).index_add_(0, kind.unit_tile, w)
+            o = torch.zeros((kind.tiles,) + o.shape[1:], dtype=torch.float32, device=o.device).index_add_(
+                0, kind.unit_tile, o.float() * w[..., None])
+            o = (o / total[..., None]).to(q.dtype)
+        if Qt == 1:
+            outs.append(o.reshape(kind.tiles, H * hd))
+        else:
+            o = o.view(kind.tiles, kv, g, Qt, hd).permute(0, 3, 1, 2, 4).reshape(kind.tiles * Qt, H * hd)
+            outs.append(o[kind.real])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
+    """The step's new keys and values (T, kv, hd) into their slots."""
+    kv, hd = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, kv, hd).index_copy_(0, batch.slots, k.to(k_cache.dtype))
+    v_cache.view(-1, kv, hd).index_copy_(0, batch.slots, v.to(v_cache.dtype))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """A forward without the cache (an embed job): q (B, L, H, hd), k/v (B, L, kv, hd), right-padded rows
+    attend causally to their own input -> (B, L, H * hd)."""
+    B, L, H, hd = q.shape
+    kv = k.shape[2]
+    g = H // kv
+    qf = q.view(B, L, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(B, kv, g * L, hd)
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    mask = causal[None, None, None].expand(1, 1, g, L, L).reshape(1, 1, g * L, L)
+    out = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.view(B, kv, g, L, hd).permute(0, 3, 1, 2, 4).reshape(B, L, H * hd)
