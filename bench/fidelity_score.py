@@ -48,6 +48,7 @@ def generate(source, branches: list[str], tasks: list[Task], max_batch: int = 12
 
     model = FamilyModel.from_artifact(source, branches)
     runner = FamilyRunner(model, max_batch=max_batch, max_seq=320, prefill_chunk=2048)
+    runner.allocate()
     toks = {}
     seqs = []
     for i, task in enumerate(tasks):

@@ -233,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--new-tokens", type=int, default=32)
     be.add_argument("--compress-embeddings", action="store_true",
                     help="per-branch lm_heads as trunk + residual (one trunk head read per step, not N heads)")
-    be.add_argument("--cuda-graphs", action="store_true",
-                    help="static-shape decode steps per batch bucket, captured as CUDA graphs on CUDA")
-    be.add_argument("--compile", action="store_true",
-                    help="static decode steps through torch.compile (inductor), then CUDA graphs on CUDA")
+    be.add_argument("--compile", action="store_true", help="steps through torch.compile (inductor)")
+    be.add_argument("--long", type=int, default=0, metavar="TOKENS",
+                    help="also time decode steps of batch - 1 short rows beside one row of this many prompt tokens, "
+                         "against the same rows beside a short row (paged attention: a row reads its own context)")
     be.add_argument("--ttft-prompt", type=int, default=512, help="prompt tokens for the time-to-first-token column")
     be.add_argument("--standalone", choices=["small", "7b"], default=None,
                     help="also load a random standalone model of this shape next to the mixed family and report "

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compression.errors import UserError
 
@@ -92,11 +92,27 @@ class Limits(_Strict):
     prefill_chunk: int = Field(512, ge=16)
     # A request body larger than this is refused with 413 before it is read whole.
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    # Family decode steps with static shapes, padded to batch buckets and, on CUDA, replayed from CUDA graphs.
-    cuda_graphs: bool = False
-    # Those static decode steps compiled by torch.compile (inductor) first; implies cuda_graphs' static shapes. A
-    # standalone model's decode step is compiled too (dynamic shapes; its prefill stays eager). All at start.
+    # Bytes of keys and values per device ("9GB", "512MiB" or a number), split between the models on it. Default:
+    # 2 GiB on the CPU; on CUDA, what is left of 90% of the memory once the models are loaded.
+    kv_cache_memory: int | str | None = None
+    # Steps compiled by torch.compile (inductor, dynamic shapes) before the server is ready; every model.
     compile: bool = False
+
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _kv_bytes(cls, value):
+        if value is None:
+            return None
+        from server.engine.kv_cache import parse_bytes
+
+        try:
+            n = parse_bytes(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a size: write bytes, or a number with GB, GiB, MB or MiB") from None
+        if n < 2**20:
+            raise ValueError(f"{value!r} is less than 1 MiB")
+        return n
 
 
 class RouterConfig(_Strict):

@@ -69,7 +69,12 @@ class Metrics(RequestMetrics):
                        for key, name, doc, labels, buckets in REQUEST_METRICS}
         self.running = Gauge("branchserve_requests_running", "Sequences in the running batches", registry=r)
         self.waiting = Gauge("branchserve_requests_waiting", "Sequences waiting for a slot", registry=r)
-        self._engine_load = engine_load  # () -> (running, waiting)
+        self.kv_blocks_used = Gauge("branchserve_kv_cache_blocks_used", "KV cache blocks held by sequences",
+                                    ("model",), registry=r)
+        self.kv_blocks = Gauge("branchserve_kv_cache_blocks", "KV cache blocks in all", ("model",), registry=r)
+        self.kv_tokens = Gauge("branchserve_kv_cache_capacity_tokens", "Tokens the KV cache holds", ("model",),
+                               registry=r)
+        self._engine_load = engine_load  # () -> (running, waiting, [(models, blocks used, blocks, tokens)])
 
     def _count(self, key: str, labels: dict, value: float = 1.0) -> None:
         self.series[key].labels(**labels).inc(value)
@@ -79,7 +84,11 @@ class Metrics(RequestMetrics):
 
     def render(self) -> bytes:
         if self._engine_load is not None:
-            running, waiting = self._engine_load()
+            running, waiting, kv = self._engine_load()
             self.running.set(running)
             self.waiting.set(waiting)
+            for models, used, blocks, tokens in kv:
+                self.kv_blocks_used.labels(models).set(used)
+                self.kv_blocks.labels(models).set(blocks)
+                self.kv_tokens.labels(models).set(tokens)
         return generate_latest(self.registry)

@@ -65,13 +65,13 @@ def preflight(config: ServerConfig):
 
 def build_engine(config: ServerConfig) -> Engine:
     limits = config.limits
-    engine = Engine(max_waiting=limits.queue_size)
+    engine = Engine(max_waiting=limits.queue_size, kv_cache_memory=limits.kv_cache_memory)
     common = dict(max_batch=limits.max_batch, max_seq=limits.max_context, prefill_chunk=limits.prefill_chunk)
     for fam in config.families:
         engine.add_family(fam.artifact, fam.branches, device=fam.device,
                           dtype=DTYPES[fam.dtype] if fam.dtype else None,
                           defaults=fam.sampling.model_dump(exclude_none=True),
-                          static_decode=limits.cuda_graphs or limits.compile, compile=limits.compile, **common)
+                          compile=limits.compile, **common)
     for sa in config.standalone:
         engine.add_standalone(sa.name, sa.path, device=sa.device, dtype=DTYPES[sa.dtype] if sa.dtype else None,
                               trust_remote_code=sa.trust_remote_code,
@@ -138,6 +138,8 @@ def serve(config: ServerConfig, host: str, port: int, banner: str | None = None)
         app = build_app(config, host=host, loaded=state)
         print(banner or f"branchserve: http://{host}:{port}/v1 (serving {', '.join(state.engine.targets)})",
               flush=True)
+        for line in state.engine.kv_report():
+            print(f"branchserve: {line}", flush=True)
         if config.router is not None and not state.edits_open and not state.admin_keys:
             print(f"branchserve: {ADMIN_OFF}", flush=True)
         grace = config.shutdown_grace_s

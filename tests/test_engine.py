@@ -129,7 +129,7 @@ def test_stop_token_ends_with_stop(engine):
     assert got[2] == "stop"
 
 
-def test_cancel_frees_the_slot(paths):
+def test_cancel_frees_the_blocks(paths):
     e = Engine()
     runner = e.add_family(paths["artifact"], max_batch=1, max_seq=128)
     e.start()
@@ -151,7 +151,7 @@ def test_cancel_frees_the_slot(paths):
         deadline = time.monotonic() + 5
         while runner.running and time.monotonic() < deadline:  # the engine reaps right after its last event
             time.sleep(0.01)
-        assert runner.slots == [] and not runner.running
+        assert runner.pool.used == 0 and not runner.running  # every block back in the pool
     finally:
         e.stop()
 
@@ -202,27 +202,28 @@ def run_alone_then_together(e, requests):
 
 
 def test_prompts_of_different_lengths_prefill_together(paths):
-    """One right-padded prefill forward for several newcomers gives each the tokens it gets alone."""
+    """One forward over several newcomers' prompts (no padding) gives each the tokens it gets alone."""
     e = Engine()
     runner = e.add_family(paths["artifact"], max_batch=4, max_seq=64, prefill_chunk=64)
-    prefill, rows = runner._prefill, []
-    runner._prefill = lambda batch: (rows.append(len(batch)), prefill(batch))[1]
+    forward, rows = runner._forward, []
+    runner._forward = lambda scheduled, decode_rows, sampling: (rows.append(len(scheduled) - decode_rows),
+                                                                 forward(scheduled, decode_rows, sampling))[1]
     e.start()
     try:
         requests = [("math", PROMPTS["math"], 8), ("code", PROMPTS["code"], 8), ("chat", PROMPTS["chat"], 8)]
         alone, together = run_alone_then_together(e, requests)
         assert [t[1] for t in together] == [a[1] for a in alone]
-        assert max(rows) >= 2  # newcomers really shared a padded prefill forward
+        assert max(rows) >= 2  # newcomers' prompts really shared a forward
     finally:
         e.stop()
 
 
-def test_padding_past_the_cache_end_is_harmless(paths):
+def test_prompts_near_the_context_end_beside_others(paths):
     e = Engine()
     e.add_family(paths["artifact"], max_batch=2, max_seq=26, prefill_chunk=20)
     e.start()
     try:
-        long_prompt = (PROMPTS["math"] + PROMPTS["chat"])[:23]  # 20 tokens, then 3 padded to 8 beside "code"
+        long_prompt = (PROMPTS["math"] + PROMPTS["chat"])[:23]  # 20 tokens, then 3 beside "code"
         requests = [("math", long_prompt, 3), ("code", PROMPTS["code"] + [1, 2, 3, 4, 5], 3)]
         alone, together = run_alone_then_together(e, requests)
         assert [t[1] for t in together] == [a[1] for a in alone]
@@ -283,35 +284,6 @@ def test_seeded_rows_reproduce_in_any_batch():
     batch = sample_rows(logits, [SamplingParams(), SamplingParams(temperature=0), p, SamplingParams(top_k=3)],
                         [None, None, g, None])
     assert batch[2] == alone[0]
-
-
-def test_static_decode_buckets_give_the_same_tokens(paths):
-    """The CUDA-graph path's static shapes, bucket padding and scratch slot, run eagerly on the CPU."""
-    from server.engine.graphs import buckets, kv_bucket
-
-    assert buckets(16) == [1, 2, 4, 8, 16] and buckets(12) == [1, 2, 4, 8, 12]
-    assert [kv_bucket(n, 1000) for n in (1, 256, 257, 600, 999)] == [256, 256, 512, 1000, 1000]
-    results = {}
-    for static in (False, True):
-        e = Engine()
-        # max_seq 300: decode steps attend over a 256-position span of the cache, not all of it.
-        runner = e.add_family(paths["artifact"], max_batch=4, max_seq=300, prefill_chunk=8, static_decode=static)
-        e.start()
-        try:
-            requests = [("math", PROMPTS["math"], 9), ("code", PROMPTS["code"], 7), ("chat", PROMPTS["chat"], 5)]
-            alone, together = run_alone_then_together(e, requests)
-            results[static] = (alone, together)
-        finally:
-            e.stop()
-        assert runner.model.k_cache[0].shape[0] == 5  # + the scratch slot
-        if static:
-            used = runner.graphs.used  # (batch bucket, attention span, single branch or None)
-            assert {span for _, span, _ in used} == {256}
-            assert {(1, 0), (1, 1), (1, 2), (4, None)} <= {(b, single) for b, _, single in used}
-    for static in (False, True):
-        alone, together = results[static]
-        assert [t[1] for t in together] == [a[1] for a in alone]
-    assert [t[1] for t in results[True][1]] == [t[1] for t in results[False][1]]
 
 
 def test_every_decode_step_is_compiled_at_start_and_never_while_serving(paths):
@@ -422,7 +394,7 @@ def test_bench_engine_reports_bytes_bandwidth_ttft_and_memory():
     from tests.conftest import run_cli
 
     out = run_cli("bench", "engine", "--shape", "tiny", "--batch", "4", "--prompt", "4", "--new-tokens", "4",
-                  "--ttft-prompt", "16", "--standalone", "small", "--cuda-graphs", "--json")
+                  "--ttft-prompt", "16", "--standalone", "small", "--long", "40", "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     by = {(r["config"], r["batch"]): r for r in report["results"]}
@@ -432,6 +404,7 @@ def test_bench_engine_reports_bytes_bandwidth_ttft_and_memory():
     assert read == sorted(set(read))
     assert all(r["ttft_s"] > 0 for r in report["results"] if r["batch"] == 1)
     assert report["copy_bytes_per_s"] > 0 and report["memory"]["bytes"]["standalone weights"] > 0
+    assert report["mixed_lengths"]["beside_long"] > 0 and report["mixed_lengths"]["beside_short"] > 0
     bad = run_cli("bench", "engine", "--shape", "tiny", "--ttft-prompt", "0")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
@@ -452,8 +425,7 @@ def test_bfloat16_tokens_do_not_depend_on_the_neighbours(paths):
     assert all(len(a[1]) == 16 for a in alone)
 
 
-def test_standalone_rows_join_and_leave_without_copying_the_cache(paths):
-    """The standalone runner's row cache: a joiner writes only its own slot; a leaver moves one row."""
+def test_standalone_rows_join_and_leave_and_give_their_blocks_back(paths):
     e = Engine()
     runner = e.add_standalone("phi3", paths["phi3"], max_batch=4, max_seq=128, prefill_chunk=32)
     e.start()
@@ -463,8 +435,7 @@ def test_standalone_rows_join_and_leave_without_copying_the_cache(paths):
     finally:
         e.stop()
     assert [t[1] for t in together] == [a[1] for a in alone]
-    assert runner.peak_batch == 3 and runner.slots == []
-    assert runner.copied_rows >= 1  # the first to finish left a hole that the last running row filled
+    assert runner.peak_batch == 3 and runner.pool.used == 0
 
 
 def test_embed_jobs_are_bounded_and_checked_before_queueing(paths):
@@ -480,57 +451,67 @@ def test_embed_jobs_are_bounded_and_checked_before_queueing(paths):
         e.wait_ready(timeout=0.01)  # not started: no warm-up has run
 
 
-def test_standalone_prefill_chunks_of_several_rows_give_each_rows_own_logits(paths):
-    """Rows of different lengths and starts prefilled in one left-padded forward: each row's logits are those
-    of transformers' plain forward over its whole prompt, and the cache holds what decoding needs."""
+def test_standalone_steps_of_several_rows_give_each_rows_own_logits(paths):
+    """Rows of different lengths and starts in one flat forward, prompt chunks beside decode rows: each row's
+    logits are those of transformers' plain forward over its whole prompt, read from its own blocks."""
     from transformers import AutoModelForCausalLM
 
     from server.engine.runner import Sequence, StandaloneRunner
 
     plain = AutoModelForCausalLM.from_pretrained(paths["phi3"], dtype=torch.float32).eval()
     runner = StandaloneRunner(AutoModelForCausalLM.from_pretrained(paths["phi3"], dtype=torch.float32).eval(),
-                              max_batch=4, max_seq=64)
-    prompts = [list(range(40, 53)), [7, 8, 9], list(range(100, 109))]
+                              max_batch=4, max_seq=128)
+    runner.allocate()
+    prompts = [list(range(40, 53)), [7, 8, 9], list(range(100, 109)), list(range(150, 230))]  # the last: 2 tiles
     seqs = [Sequence(str(i), p, greedy(), lambda e: None) for i, p in enumerate(prompts)]
-    for s in seqs:
-        runner._admit(s)
-    first = runner._prefill([(seqs[0], prompts[0][:6]), (seqs[2], prompts[2][:2])])  # two rows, unequal chunks
-    seqs[0].prefilled, seqs[2].prefilled = 6, 2
-    rest = runner._prefill([(s, s.prompt[s.prefilled:]) for s in seqs])  # three rows, three starts
+
+    def forward(scheduled, decode_rows):
+        for seq, n in scheduled:
+            assert runner.pool.grow(seq.blocks, seq.computed + n)
+        logits = runner._forward(scheduled, decode_rows, [seq for seq, _ in scheduled])
+        for seq, n in scheduled:
+            seq.computed += n
+        return logits
+
+    first = forward([(seqs[0], 6), (seqs[2], 2)], 0)  # two rows, unequal chunks
+    rest = forward([(s, len(s.prompt) - s.computed) for s in seqs[:3]], 0)  # three rows, three starts
     with torch.inference_mode():
         want = [plain(torch.tensor([p])).logits[0] for p in prompts]
         torch.testing.assert_close(first, torch.stack([want[0][5], want[2][1]]), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(rest, torch.stack([w[-1] for w in want]), rtol=1e-4, atol=1e-4)
-        for s in seqs:  # one decode step on top of the cache: the next position's logits
+        torch.testing.assert_close(rest, torch.stack([w[-1] for w in want[:3]]), rtol=1e-4, atol=1e-4)
+        for s in seqs[:3]:  # a decode step on top of the cache, beside the long prompt's first chunk
             s.output.append(5)
-        step = runner._decode(seqs)
-        for row, p in zip(step, prompts):
+        step = forward([(s, 1) for s in seqs[:3]] + [(seqs[3], 70)], 3)
+        for row, p in zip(step, prompts[:3]):
             torch.testing.assert_close(row, plain(torch.tensor([p + [5]])).logits[0, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step[3], want[3][69], rtol=1e-4, atol=1e-4)
+        last = forward([(seqs[3], 10)], 0)  # its last chunk reads the blocks the first one wrote
+        torch.testing.assert_close(last[0], want[3][-1], rtol=1e-4, atol=1e-4)
 
 
-def test_a_newcomers_first_token_goes_out_before_the_others_decode_step(paths):
-    """A step prefills first, then decodes every running row once. The prompt's last chunk gives the newcomer's
-    first token; the step hands it to its listener before that decode runs, not after it."""
+@pytest.mark.parametrize("kind", ["family", "standalone"])
+def test_a_step_with_decode_rows_and_a_prompt_runs_one_forward(paths, kind):
+    """Decode rows and a newcomer's prompt go through the model together: one forward, and both sampled."""
     from transformers import AutoModelForCausalLM
 
-    from server.engine.runner import Sequence, StandaloneRunner
+    from compression.artifact import Artifact
+    from server.engine.model import FamilyModel
+    from server.engine.runner import FamilyRunner, Sequence, StandaloneRunner
 
-    runner = StandaloneRunner(AutoModelForCausalLM.from_pretrained(paths["phi3"], dtype=torch.float32).eval(),
-                              max_batch=4, max_seq=64)
-    pending, delivered = [], []
-    old = Sequence("old", [3, 4, 5], greedy(8), pending.append)
-    runner.add(old)
-    runner.step()  # old: prefilled and one token decoded
-    pending.clear()
-    new = Sequence("new", [7, 8, 9, 10], greedy(8), pending.append)
+    if kind == "family":
+        runner = FamilyRunner(FamilyModel.from_artifact(Artifact(paths["artifact"])), max_batch=4, max_seq=64)
+    else:
+        runner = StandaloneRunner(AutoModelForCausalLM.from_pretrained(paths["phi3"], dtype=torch.float32).eval(),
+                                  max_batch=4, max_seq=64)
+    runner.allocate()
+    old = [Sequence(f"old{i}", [3, 4, 5 + i], greedy(8), lambda e: None, branch=i) for i in range(2)]
+    for seq in old:
+        runner.add(seq)
+    runner.step()  # both prefilled, each with its first token
+    forward, calls = runner.step_forward, []
+    runner.step_forward = lambda *a, **kw: (calls.append(1), forward(*a, **kw))[1]
+    new = Sequence("new", [7, 8, 9, 10, 11], greedy(8), lambda e: None, branch=2 if kind == "family" else 0)
     runner.add(new)
-    decode = runner._decode
-    runner._decode = lambda seqs: (delivered.append("decode"), decode(seqs))[1]
-
-    def flush():
-        delivered.extend(e.token_ids[0] for e in pending)
-        pending.clear()
-
-    runner.step(flush)
-    assert delivered == [new.output[0], "decode"]  # the newcomer's first token, then the decode step
-    assert len(new.output) == 2 and len(old.output) == 3  # both decoded in that same step
+    runner.step()
+    assert len(calls) == 1  # one forward for the decode rows and the prompt
+    assert [len(s.output) for s in old] == [2, 2] and len(new.output) == 1

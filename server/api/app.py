@@ -86,15 +86,17 @@ class State:
         self.metrics = Metrics(self._load)
         self.created = now()
 
-    def _load(self) -> tuple[int, int]:
-        return (self.engine.running(), self.engine.waiting()) if self.engine else (0, 0)
+    def _load(self) -> tuple[int, int, list]:
+        if not self.engine:
+            return 0, 0, []
+        return self.engine.running(), self.engine.waiting(), getattr(self.engine, "kv_usage", list)()
 
     def load(self) -> None:
         """Build, start and warm the engine, then the router. Raises; on failure nothing is left running."""
         engine = self.build_engine()
         try:
             engine.start()
-            engine.wait_ready()  # every decode step compiled and captured before /health says ok
+            engine.wait_ready()  # every step compiled before /health says ok
             for pipeline in self.pipelines.values():
                 pipeline.prepare(engine)  # stage constraints compiled: a bad one stops the start
             router = self.build_router(engine) if self.build_router is not None else None

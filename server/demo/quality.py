@@ -30,6 +30,7 @@ def accuracy(source, branches: list[str], skills: list[str], n: int = 200, max_b
     """Greedy exact-match accuracy of each branch on its own skill (branches[i] is scored on skills[i])."""
     model = FamilyModel.from_artifact(source, branches)
     runner = FamilyRunner(model, max_batch=max_batch, max_seq=64, prefill_chunk=1024)
+    runner.allocate()
     out = {}
     for b, (branch, skill) in enumerate(zip(branches, skills)):
         tok = load_tokenizer(source.branch_dir(branch))

@@ -19,7 +19,6 @@ import torch
 from compression.artifact import Residual, SingleCheckpoint
 from compression.plan import is_compressed, rank_for_rate
 from compression.report import text_table
-from server.engine.graphs import kv_bucket
 from server.engine.model import DenseBranches, FamilyModel, PerBranch, single_branch
 from server.engine.runner import FamilyRunner, Sequence
 from server.engine.sampling import SamplingParams
@@ -168,9 +167,10 @@ class RandomFamily:
 
 
 def run_batch(runner: FamilyRunner, prompts: list[list[int]], branches: list[int], new_tokens: int,
-              watch_copies: bool = False) -> dict:
-    """Generate ``new_tokens`` for every prompt at once; decode tok/s counts only steps without prefill.
-    ``watch_copies``: also measure the KV bytes one decode step copies (on a step that is not timed)."""
+              watch_copies: bool = False, counted: int | None = None) -> dict:
+    """Generate ``new_tokens`` for every prompt at once; decode tok/s counts only steps without prefill, and
+    only the first ``counted`` rows' tokens (default: all). ``watch_copies``: also measure the KV bytes one
+    decode step copies (on a step that is not timed)."""
     seqs = []
     for i, (prompt, branch) in enumerate(zip(prompts, branches)):
         seq = Sequence(str(i), prompt, SamplingParams(max_tokens=new_tokens, temperature=0), lambda ev: None,
@@ -182,8 +182,8 @@ def run_batch(runner: FamilyRunner, prompts: list[list[int]], branches: list[int
     _sync(runner.device)
     started = time.perf_counter()
     while runner.has_work():
-        prefilling = bool(runner.waiting) or any(s.prefilled < len(s.prompt) for s in runner.running)
-        before = sum(len(s.output) for s in seqs)
+        prefilling = bool(runner.waiting) or any(s.length - s.computed > 1 for s in runner.running)
+        before = sum(len(s.output) for s in seqs[:counted])
         if watch_copies and copied is None and not prefilling:
             t0 = time.perf_counter()
             copied = kv_copied_bytes(runner, runner.step)
@@ -194,7 +194,7 @@ def run_batch(runner: FamilyRunner, prompts: list[list[int]], branches: list[int
         _sync(runner.device)
         if not prefilling:
             decode_s += time.perf_counter() - t0
-            decode_tokens += sum(len(s.output) for s in seqs) - before
+            decode_tokens += sum(len(s.output) for s in seqs[:counted]) - before
     total_s = time.perf_counter() - started
     generated = sum(len(s.output) for s in seqs)
     return {"tokens": generated, "seconds": total_s, "tok_s": generated / total_s,
@@ -238,10 +238,10 @@ def bench_engine(args) -> dict:
     torch.manual_seed(0)
     copy_bw = copy_bandwidth(device)
     results = []
-    max_seq = max(args.prompt + args.new_tokens, args.ttft_prompt) + 1
+    max_seq = max(args.prompt + args.new_tokens, args.ttft_prompt, args.long + args.new_tokens) + 1
     configs = [("dense", None, 1), ("one branch", args.rate, 1), (f"{args.branches} branches mixed", args.rate,
                                                                      args.branches)]
-    model = None
+    model = report_long = None
     for label, rate, n_branches in configs:
         del model
         if device.type == "cuda":
@@ -253,10 +253,10 @@ def bench_engine(args) -> dict:
         vocab = source.config["vocab_size"]
         for batch in (1, args.batch):
             runner = FamilyRunner(model, max_batch=batch, max_seq=max_seq,
-                                  prefill_chunk=max(512, args.prompt, args.ttft_prompt),
-                                  static_decode=args.cuda_graphs or args.compile, compile=args.compile)
+                                  prefill_chunk=max(512, args.prompt, args.ttft_prompt), compile=args.compile)
+            runner.allocate()
             t0 = time.perf_counter()
-            runner.warm_up()  # compiles and captures every decode step, as the server does before it is ready
+            runner.warm_up()  # compiles the steps, as the server does before it is ready
             warm_s = time.perf_counter() - t0
             branches = [i % n_branches for i in range(batch)]
             run_batch(runner, _prompts(batch, args.prompt, vocab, 1), branches, 4)  # warm-up (kernels, allocator)
@@ -264,8 +264,7 @@ def bench_engine(args) -> dict:
             r["warm_up_s"] = warm_s
             # Bytes per decode step at the run's mean context; steps/s = tokens/s / batch.
             context = args.prompt + args.new_tokens // 2
-            span = kv_bucket(context, max_seq) if runner.graphs is not None else context
-            r["read_bytes"] = step_read_bytes(model, branches, span) + (r["kv_copied_bytes"] or 0)
+            r["read_bytes"] = step_read_bytes(model, branches, context) + (r["kv_copied_bytes"] or 0)
             r["read_bytes_per_s"] = r["read_bytes"] * r["decode_tok_s"] / batch
             r["of_copy_bandwidth"] = r["read_bytes_per_s"] / copy_bw
             r["weight_bytes"] = weight_bytes(model)
@@ -274,17 +273,21 @@ def bench_engine(args) -> dict:
             if device.type == "cuda":
                 r["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
             results.append({"config": label, "batch": batch, **r})
+            if args.long and batch == args.batch and rate is not None and n_branches > 1:
+                report_long = mixed_lengths(runner, args, vocab, branches)
             del runner
     dense = {r["batch"]: r["decode_tok_s"] for r in results if r["config"] == "dense"}
     for r in results:
         r["vs_dense"] = r["decode_tok_s"] / dense[r["batch"]]
     report = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "rate": args.rate,
-              "compress_embeddings": args.compress_embeddings, "cuda_graphs": args.cuda_graphs, "compile": args.compile,
+              "compress_embeddings": args.compress_embeddings, "compile": args.compile,
               "branches": args.branches, "prompt": args.prompt, "new_tokens": args.new_tokens,
               "ttft_prompt": args.ttft_prompt, "copy_bytes_per_s": copy_bw,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name()
+    if args.long:
+        report["mixed_lengths"] = report_long
     if args.standalone:
         report["memory"] = bench_memory(model, args, device, dtype, max_seq)
     del model
@@ -306,9 +309,8 @@ def print_engine_report(report: dict, args, device: torch.device) -> None:
              f"{1000 * r['ttft_s']:.1f}" if "ttft_s" in r else "", f"{r['weight_bytes'] / gb:.2f}"]
             for r in report["results"]]
     heads = "embeddings/heads compressed" if args.compress_embeddings else "per-branch embeddings/heads"
-    if args.cuda_graphs or args.compile:
-        heads += ", static decode" + (", torch.compile" if args.compile else "") + \
-            (" in CUDA graphs" if device.type == "cuda" else " (no graphs on the CPU)")
+    if args.compile:
+        heads += ", torch.compile"
     where = report.get("gpu", f"{device}, {report['threads']} threads")
     print(f"engine, shape {args.shape}, {args.dtype} on {where}, rate {args.rate}, {heads}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, torch {torch.__version__}")
@@ -318,6 +320,13 @@ def print_engine_report(report: dict, args, device: torch.device) -> None:
     print(f"copy bandwidth (read + write) {report['copy_bytes_per_s'] / gb:.1f} GB/s; MB read/step: weights the "
           f"step's branches use + every row's KV over the step's span at the mean context + KV copied; KV copied: "
           f"measured on one decode step by watching the aten ops that read the cache")
+    if "mixed_lengths" in report:
+        m = report["mixed_lengths"]
+        print(f"\nmixed lengths, {args.branches} branches mixed: decode tok/s of {args.batch - 1} rows of "
+              f"{args.prompt} prompt tokens beside one more row")
+        print(text_table(["beside", "decode tok/s", "ratio"],
+                         [[f"a {args.prompt}-token row", f"{m['beside_short']:.1f}", "1.00x"],
+                          [f"a {args.long}-token row", f"{m['beside_long']:.1f}", f"{m['ratio']:.2f}x"]]))
     if "memory" in report:
         m = report["memory"]
         print(f"\nmemory: {args.branches}-branch family + {args.standalone} standalone, {args.dtype}")
@@ -333,6 +342,19 @@ def print_engine_report(report: dict, args, device: torch.device) -> None:
         print(f"engine vs generate: batch 1 {b['engine_vs_generate_batch1']:.2f}x, "
               f"batch {args.batch} {b['engine_vs_generate_batchB']:.2f}x; "
               f"{args.batch} concurrent vs one after another: {b['concurrent_vs_sequential']:.2f}x")
+
+
+def mixed_lengths(runner: FamilyRunner, args, vocab: int, branches: list[int]) -> dict:
+    """Decode tok/s of batch - 1 short rows beside one short row, then beside one row of ``args.long`` prompt
+    tokens: a paged step reads each row's own context, so the long row costs its own keys, not everyone's."""
+    short = _prompts(args.batch - 1, args.prompt, vocab, 5)
+    out = {}
+    for key, last in (("beside_short", _prompts(1, args.prompt, vocab, 6)[0]),
+                      ("beside_long", _prompts(1, args.long, vocab, 7)[0])):
+        run_batch(runner, short[:2] + [last], branches[:3], 2)  # warm-up at this length
+        out[key] = run_batch(runner, short + [last], branches, args.new_tokens, counted=args.batch - 1)["decode_tok_s"]
+    out["ratio"] = out["beside_long"] / out["beside_short"]
+    return out
 
 
 # Standalone models of another architecture served next to the family (random weights, transformers' Mistral).
@@ -387,6 +409,7 @@ def bench_hf_baseline(path: str, device: torch.device, dtype: torch.dtype, args)
     tok_s = {"transformers generate, batch 1": generate(1), f"transformers generate, static batch {B}": generate(B)}
     model = FamilyModel.from_artifact(SingleCheckpoint(path), device=device, dtype=dtype)
     runner = FamilyRunner(model, max_batch=B, max_seq=P + N + 1, prefill_chunk=max(512, P))
+    runner.allocate()
     runner.warm_up()
     run_batch(runner, _prompts(1, P, vocab, 1), [0], 4)  # warm-up
     one = run_batch(runner, _prompts(1, P, vocab), [0], N)

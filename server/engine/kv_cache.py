@@ -204,6 +204,7 @@ def _unit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return (torch.exp(s - lse[..., None]).to(v.dtype) @ v), lse
 
 
+@torch.compiler.disable  # a compiled step (limits.compile) runs it eagerly: its unit layout changes every batch
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
                     scale: float | None = None) -> torch.Tensor:
     """q (T, H, hd) for the step's flat tokens, whose keys and values are already in the cache ->
@@ -249,6 +250,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+@torch.compiler.disable
 def write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
     """The step's new keys and values (T, kv, hd) into their slots."""
     kv, hd = k_cache.shape[2], k_cache.shape[3]
