@@ -291,7 +291,7 @@ def test_a_burst_of_max_batch_plus_queue_size_is_admitted_whole_then_429(models)
     gate = threading.Event()
     runner = server.server.config.app.state.branchserve.engine.targets["math"].runner
     step = runner.step
-    runner.step = lambda flush=None: (gate.wait(30), step(flush))  # hold the engine: nothing finishes meanwhile
+    runner.step = lambda: (gate.wait(30), step())  # hold the engine: nothing finishes meanwhile
     try:
         body = {"model": "math", "messages": MESSAGES, "max_tokens": 2}
         results = []
@@ -346,15 +346,15 @@ def test_health_is_503_while_loading(models):
 def test_error_mid_stream_is_an_error_event_then_done(models):
     server = start(make_config(models))
     runner = server.server.config.app.state.branchserve.engine.targets["code"].runner
-    decode, calls = runner._decode, []
+    forward, calls = runner._forward, []
 
-    def failing(seqs):
+    def failing(*args):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("device fell over")
-        return decode(seqs)
+        return forward(*args)
 
-    runner._decode = failing
+    runner._forward = failing
     try:
         body = {"model": "code", "messages": MESSAGES, "max_tokens": 20, "stream": True}
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:

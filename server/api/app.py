@@ -404,7 +404,8 @@ class ChatHandler:
         base = dict(max_tokens=max_new, stop=body.stop_list(),
                     temperature=defaults.get("temperature", 1.0) if body.temperature is None else body.temperature,
                     top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p,
-                    logprobs=(body.top_logprobs or 0) if body.logprobs else None, grammar=grammar)
+                    logprobs=(body.top_logprobs or 0) if body.logprobs else None, grammar=grammar,
+                    ignore_eos=body.ignore_eos)
         return [SamplingParams(seed=None if body.seed is None else body.seed + i, **base) for i in range(body.n)]
 
     async def _submit(self) -> list[RequestStream]:

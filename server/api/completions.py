@@ -56,6 +56,7 @@ class CompletionRequest(GuidedFields):
     stop: str | list[str] | None = None
     seed: int | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    ignore_eos: bool = False  # vLLM's: the model's end of turn does not end the answer (benchmark clients)
     response_format: ResponseFormat | None = None
     user: str | None = None
 
@@ -178,7 +179,7 @@ class CompletionHandler:
                         temperature=defaults.get("temperature", 1.0) if body.temperature is None else body.temperature,
                         top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p,
                         seed=None if body.seed is None else body.seed + i * body.n + j,
-                        logprobs=body.logprobs, grammar=grammar)
+                        logprobs=body.logprobs, grammar=grammar, ignore_eos=body.ignore_eos)
                     streams.append((i, self.engine.submit(self.model, ids, params,
                                                           f"{self.request_id}-{i}-{j}"), ids))
         except EngineFull as e:

@@ -197,6 +197,7 @@ class ChatCompletionRequest(GuidedFields):
     include_reasoning: bool = False  # branchserve: stream a pipeline's stage-1 text as reasoning_content deltas
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    ignore_eos: bool = False  # vLLM's: the model's end of turn does not end the answer (benchmark clients)
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

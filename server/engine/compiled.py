@@ -18,14 +18,20 @@ log = logging.getLogger("branchserve.engine")
 
 
 def compile_step(fn, recompile_limit: int):
-    """``fn`` through torch.compile, dynamic in its shapes. The weights of a served model never change after
-    load, so the step does not re-check its modules' tensors on every call."""
-    return torch.compile(fn, dynamic=True, recompile_limit=recompile_limit,
-                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    """``fn`` through torch.compile, dynamic in its tensors' shapes. Python ints (a step's single branch) stay
+    constants (see ``warm_up``): a symbolic one in a weight slice's offset broke inductor's code (torch 2.13).
+    Guards on the modules stay: the attention's graph break resumes inside a layer's forward, and dropping
+    module guards there (skip_guard_on_all_nn_modules_unsafe) dropped the input shape checks with them."""
+    return torch.compile(fn, dynamic=True, recompile_limit=recompile_limit)
 
 
 def warm_up(runner) -> None:
     """Run the step shapes serving will meet, on throwaway sequences whose blocks go back to the pool."""
+    with torch._dynamo.config.patch(specialize_int=True):
+        _warm_up(runner)
+
+
+def _warm_up(runner) -> None:
     from server.engine.runner import Sequence
     from server.engine.sampling import SamplingParams
 

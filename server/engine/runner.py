@@ -17,6 +17,7 @@ transformers causal LM through the same cache and attention (server/engine/paged
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -354,6 +355,8 @@ class StandaloneRunner(Runner):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.cache = PagedCache(cfg.num_hidden_layers)
+        # transformers 5 renamed past_key_values to cache (the old name warns, then goes in 5.40)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.step_forward = model
         if compile:
             from server.engine.compiled import compile_step
@@ -379,6 +382,6 @@ class StandaloneRunner(Runner):
         batch = self._batch(scheduled, decode_rows, self.heads, self.kv_heads, self.model.dtype)
         self.cache.batch = batch
         out = self.step_forward(input_ids=to_device(tokens, self.device)[None], position_ids=batch.positions[None],
-                                past_key_values=self.cache, use_cache=True,
+                                use_cache=True, **{self.cache_arg: self.cache},
                                 logits_to_keep=to_device(last, self.device), paged=batch)
         return out.logits[0]
