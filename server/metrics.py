@@ -70,9 +70,9 @@ class Metrics(RequestMetrics):
         self.running = Gauge("branchserve_requests_running", "Sequences in the running batches", registry=r)
         self.waiting = Gauge("branchserve_requests_waiting", "Sequences waiting for a slot", registry=r)
         self.kv_blocks_used = Gauge("branchserve_kv_cache_blocks_used", "KV cache blocks held by sequences",
-                                    ("model",), registry=r)
-        self.kv_blocks = Gauge("branchserve_kv_cache_blocks", "KV cache blocks in all", ("model",), registry=r)
-        self.kv_tokens = Gauge("branchserve_kv_cache_capacity_tokens", "Tokens the KV cache holds", ("model",),
+                                    ("models",), registry=r)
+        self.kv_blocks = Gauge("branchserve_kv_cache_blocks", "KV cache blocks in all", ("models",), registry=r)
+        self.kv_tokens = Gauge("branchserve_kv_cache_capacity_tokens", "Tokens the KV cache holds", ("models",),
                                registry=r)
         self._engine_load = engine_load  # () -> (running, waiting, [(models, blocks used, blocks, tokens)])
 

@@ -342,14 +342,14 @@ def test_the_mask_holds_on_logits_in_any_layout(models):
     import torch
     from transformers import AutoTokenizer
 
-    from server.engine.structured import Constraint, Grammars, apply_constraints
+    from server.engine.structured import Constraint, Grammars, apply_masks, fill_masks
 
     tok = AutoTokenizer.from_pretrained(models["phi3"])
     grammars = Grammars(tok, len(tok), [tok.eos_token_id])
     compiled = grammars.compile(Constraint.choice(["yes", "no"]))
     matchers = [grammars.matcher(compiled), None, grammars.matcher(compiled)]
     logits = torch.randn(len(tok), 3).t()  # (3, V), column-major
-    masked = apply_constraints(logits, matchers)
+    masked = apply_masks(logits, fill_masks(matchers, len(tok)))  # every constrained row filled in one call
     allowed = {tok.convert_tokens_to_ids(c) for c in ("y", "n")}
     for row in (0, 2):
         assert {i for i in range(len(tok)) if masked[row, i] > float("-inf")} == allowed

@@ -17,6 +17,7 @@ transformers causal LM through the same cache and attention (server/engine/paged
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import inspect
 import logging
 import threading
@@ -29,9 +30,10 @@ from compression.errors import UserError
 from server.engine.kv_cache import BLOCK_SIZE, BlockPool, StepBatch, kv_bytes_per_token
 from server.engine.model import linear, row_groups, single_branch
 from server.engine.sampling import SamplingParams, sample_rows, token_logprobs
-from server.engine.structured import apply_constraints
+from server.engine.structured import apply_masks, fill_masks
 
 log = logging.getLogger("branchserve.engine")
+_FILLS = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="branchserve-grammar")  # bitmask fills
 
 
 @dataclass
@@ -149,6 +151,10 @@ class Runner:
         scheduled, decode_rows = self._schedule()
         if scheduled:
             sampling = [seq for seq, n in scheduled if seq.computed + n == seq.length]
+            matchers = [s.matcher for s in sampling]
+            # Constrained rows' masks are filled while the forward runs: they depend on accepted tokens only.
+            masks = _FILLS.submit(fill_masks, matchers, self.vocab_size) \
+                if any(m is not None for m in matchers) else None
             logits = self._forward(scheduled, decode_rows, sampling)
             self.forwards += 1
             self.peak_batch = max(self.peak_batch, len(scheduled))
@@ -156,7 +162,7 @@ class Runner:
             for seq, n in scheduled:
                 seq.computed += n
             if sampling:
-                self._accept(sampling, logits)
+                self._accept(sampling, logits, masks.result() if masks is not None else None)
         self._reap()
 
     def _schedule(self) -> tuple[list[tuple[Sequence, int]], int]:
@@ -220,12 +226,11 @@ class Runner:
         self.waiting.clear()
 
     # -- shared mechanics
-    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Constraints mask their rows, then every row is sampled; sampled tokens go out as they are (text, stop
-        strings and events are the output side's work)."""
-        matchers = [s.matcher for s in seqs]
-        if any(m is not None for m in matchers):
-            logits = apply_constraints(logits, matchers)
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor, masks=None) -> None:
+        """Constraints mask their rows (``masks`` from ``fill_masks``), then every row is sampled; sampled tokens
+        go out as they are (text, stop strings and events are the output side's work)."""
+        if masks is not None:
+            logits = apply_masks(logits, masks)
         tokens = sample_rows(logits, [s.params for s in seqs], [s.generator for s in seqs])
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         logprobs = dict(zip(want, token_logprobs(logits, want, tokens, [seqs[i].params.logprobs for i in want]))) \

@@ -175,24 +175,35 @@ class Matcher:
 
 
 @functools.lru_cache(maxsize=8)
-def _bitmask(rows: int, vocab: int, device: str) -> torch.Tensor:
+def _bitmask(rows: int, vocab: int) -> torch.Tensor:
     import xgrammar as xgr
 
     return xgr.allocate_token_bitmask(rows, vocab)
 
 
-def apply_constraints(logits: torch.Tensor, matchers: list[Matcher | None]) -> torch.Tensor:
+@functools.lru_cache(maxsize=1)
+def _batch_matcher():
+    import xgrammar as xgr
+
+    return xgr.BatchGrammarMatcher(max_threads=2)
+
+
+def fill_masks(matchers: list[Matcher | None], vocab: int) -> tuple[torch.Tensor, list[int]]:
+    """Every constrained row's bitmask of allowed tokens, in one call (xgrammar's batch matcher, its own
+    threads): (bitmask (rows, words) on the host, the constrained rows). A step starts it before its forward,
+    in a worker thread, so the fill runs while the model does. One step at a time fills (the engine thread)."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    mask = _bitmask(len(matchers), vocab)
+    _batch_matcher().batch_fill_next_token_bitmask([matchers[i].matcher for i in rows], mask, rows)
+    return mask, rows
+
+
+def apply_masks(logits: torch.Tensor, masks: tuple[torch.Tensor, list[int]]) -> torch.Tensor:
     """Mask each constrained row's logits (B, V) to the tokens its grammar allows; returns float32 logits."""
     import xgrammar as xgr
 
-    rows = [i for i, m in enumerate(matchers) if m is not None]
-    if not rows:
-        return logits
+    mask, rows = masks
     logits = logits.float().contiguous()  # the CPU GEMM may hand back logits transposed; the kernel needs rows
-    vocab = logits.shape[-1]
-    mask = _bitmask(logits.shape[0], vocab, str(logits.device))
-    for i in rows:
-        matchers[i].fill(mask, i)
     device_mask = mask if logits.device.type == "cpu" else mask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, device_mask, vocab_size=vocab, indices=rows)
+    xgr.apply_token_bitmask_inplace(logits, device_mask, vocab_size=logits.shape[-1], indices=rows)
     return logits
