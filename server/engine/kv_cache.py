@@ -141,6 +141,7 @@ class StepBatch:
             self.kinds.append(self._kind(decode, 0, 1, dchunk))
         if prefill:
             self.kinds.append(self._kind(prefill, decode_rows, TILE, MAX_CHUNK))
+        self.packed = _pack(self.kinds, device)
 
     def _kind(self, rows, first_token: int, tile: int, chunk: int) -> Kind:
         bs, per_chunk = self.block_size, chunk // self.block_size
@@ -204,17 +205,76 @@ def _unit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return (torch.exp(s - lse[..., None]).to(v.dtype) @ v), lse
 
 
-@torch.compiler.disable  # a compiled step (limits.compile) runs it eagerly: its unit layout changes every batch
+# The plan as tensors only, so that attention can be one opaque op in a compiled step (limits.compile): its
+# structure is read from the tensors' shapes, never from Python values dynamo would guard on. Per kind (decode
+# rows, then prompt chunks): (tiles, queries) as an empty tensor's shape, q_index, real, unit_tile, empty, then
+# the masked units' (tile, blocks, mask) and the unmasked units' (tile, blocks); an absent piece is empty.
+FIELDS = 10
+
+
+def _pack(kinds: list[Kind], device) -> list[torch.Tensor]:
+    def z(*shape, dtype=torch.long):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    out = []
+    for queries in (1, TILE):
+        kind = next((k for k in kinds if k.queries == queries), None)
+        if kind is None:
+            out += [z(0, queries)] + [z(0)] * (FIELDS - 1)
+            continue
+        masked = next((p for p in kind.parts if p.mask is not None), None)
+        full = next((p for p in kind.parts if p.mask is None), None)
+        out += [z(kind.tiles, queries), z(0) if kind.q_index is None else kind.q_index,
+                z(0) if kind.real is None else kind.real, z(0) if kind.unit_tile is None else kind.unit_tile,
+                z(0, dtype=torch.bool) if kind.empty is None else kind.empty,
+                z(0) if masked is None else masked.tile, z(0) if masked is None else masked.blocks,
+                z(0) if masked is None else masked.mask, z(0) if full is None else full.tile,
+                z(0) if full is None else full.blocks]
+    return out
+
+
+def _unpack(plan: list[torch.Tensor]) -> list[Kind]:
+    kinds = []
+    for i in range(0, len(plan), FIELDS):
+        count, q_index, real, unit_tile, empty, mt, mb, mm, ft, fb = plan[i:i + FIELDS]
+        tiles, queries = count.shape
+        if tiles == 0:
+            continue
+        parts = ([Units(mt, mb, mm)] if mt.numel() else []) + ([Units(ft, fb, None)] if ft.numel() else [])
+        kinds.append(Kind(tiles, queries, q_index if q_index.numel() else None, real if real.numel() else None,
+                          unit_tile if unit_tile.numel() else None, empty if empty.numel() else None, parts))
+    return kinds
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
                     scale: float | None = None) -> torch.Tensor:
     """q (T, H, hd) for the step's flat tokens, whose keys and values are already in the cache ->
     (T, H * hd). Grouped query heads are folded into the query rows, so keys are never repeated."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.branchserve.paged_attention(q, k_cache, v_cache, batch.packed, scale)
+
+
+def write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
+    """The step's new keys and values (T, kv, hd) into their slots."""
+    torch.ops.branchserve.write_kv(k_cache, v_cache, k.to(k_cache.dtype), v.to(v_cache.dtype), batch.slots)
+
+
+@torch.library.custom_op("branchserve::write_kv", mutates_args=("k_cache", "v_cache"))
+def _write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              slots: torch.Tensor) -> None:
+    kv, hd = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, kv, hd).index_copy_(0, slots, k)
+    v_cache.view(-1, kv, hd).index_copy_(0, slots, v)
+
+
+@torch.library.custom_op("branchserve::paged_attention", mutates_args=())
+def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: list[torch.Tensor],
+                     scale: float) -> torch.Tensor:
     T, H, hd = q.shape
-    kv = k_cache.shape[2]
+    block_size, kv = k_cache.shape[1], k_cache.shape[2]
     g = H // kv
-    scale = scale if scale is not None else 1.0 / math.sqrt(hd)
     outs = []
-    for kind in batch.kinds:
+    for kind in _unpack(plan):
         Qt = kind.queries
         if Qt == 1:
             qt = q[:kind.tiles].view(kind.tiles, kv, g, hd)
@@ -223,7 +283,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         results = []
         for part in kind.parts:
             qu = qt if kind.unit_tile is None else qt[part.tile]
-            U, chunk = part.blocks.shape[0], part.blocks.shape[1] * batch.block_size
+            U, chunk = part.blocks.shape[0], part.blocks.shape[1] * block_size
             blocks = part.blocks.view(-1)  # index_select copies whole blocks: 3x aten.index's speed here
             keys = k_cache.index_select(0, blocks).view(U, chunk, kv, hd).transpose(1, 2)
             values = v_cache.index_select(0, blocks).view(U, chunk, kv, hd).transpose(1, 2)
@@ -248,15 +308,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         else:
             o = o.view(kind.tiles, kv, g, Qt, hd).permute(0, 3, 1, 2, 4).reshape(kind.tiles * Qt, H * hd)
             outs.append(o[kind.real])
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    return outs[0].contiguous() if len(outs) == 1 else torch.cat(outs)  # the fake says contiguous
 
 
-@torch.compiler.disable
-def write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
-    """The step's new keys and values (T, kv, hd) into their slots."""
-    kv, hd = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, kv, hd).index_copy_(0, batch.slots, k.to(k_cache.dtype))
-    v_cache.view(-1, kv, hd).index_copy_(0, batch.slots, v.to(v_cache.dtype))
+
+
+@_paged_attention.register_fake
+def _(q, k_cache, v_cache, plan, scale):
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

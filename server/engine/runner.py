@@ -299,10 +299,11 @@ class FamilyRunner(Runner):
         super().__init__(model.device, max_batch, max_seq, prefill_chunk)
         self.model = model
         self.step_forward = model
+        self.decode_forward = None  # limits.compile: decode-only steps, compiled
         if compile:
             from server.engine.compiled import compile_step
 
-            self.step_forward = compile_step(model, 32)
+            self.decode_forward = compile_step(model, 8 + 4 * len(model.branches))
 
     @property
     def vocab_size(self) -> int:
@@ -316,10 +317,11 @@ class FamilyRunner(Runner):
         self.model.allocate_cache(blocks)
 
     def warm_up(self) -> None:
-        if self.step_forward is not self.model:
-            from server.engine.compiled import warm_up
+        if self.decode_forward is not None:
+            from server.engine.compiled import tracing, warm_up
 
-            warm_up(self)
+            with tracing():
+                warm_up(self)
 
     def _forward(self, scheduled, decode_rows, sampling):
         tokens, last = self._flat(scheduled, sampling)
@@ -328,6 +330,10 @@ class FamilyRunner(Runner):
         cfg = self.model.cfg
         batch = self._batch(scheduled, decode_rows, cfg.num_heads, cfg.num_kv_heads, self.model.dtype)
         groups = row_groups(branches, self.device) if single is None and self.model.row_grouped else None
+        if self.decode_forward is not None and decode_rows == len(scheduled) and groups is None:
+            branch = to_device(branches, self.device)  # every row decodes, and samples: heads after the graph
+            hidden = self.decode_forward(to_device(tokens, self.device), branch, batch, single=single, head=False)
+            return self.model.project(hidden, branch, branches)
         return self.step_forward(to_device(tokens, self.device), to_device(branches, self.device), batch,
                                  single=single, groups=groups, last=to_device(last, self.device),
                                  last_branches=[s.branch for s in sampling], head=bool(sampling))
@@ -363,10 +369,11 @@ class StandaloneRunner(Runner):
         # transformers 5 renamed past_key_values to cache (the old name warns, then goes in 5.40)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.step_forward = model
+        self.decode_forward = None  # limits.compile: decode-only steps, compiled
         if compile:
             from server.engine.compiled import compile_step
 
-            self.step_forward = compile_step(model, 32)
+            self.decode_forward = compile_step(model, 16)
 
     def kv_bytes_per_token(self) -> int:
         return kv_bytes_per_token(self.model.config.num_hidden_layers, self.kv_heads, self.head_dim,
@@ -375,18 +382,22 @@ class StandaloneRunner(Runner):
     def _allocate_blocks(self, blocks: int) -> None:
         self.cache.allocate(blocks, self.kv_heads, self.head_dim, self.model.dtype, self.device)
 
+    @torch.inference_mode()
     def warm_up(self) -> None:
-        if self.step_forward is not self.model:
-            from server.engine.compiled import warm_up
+        if self.decode_forward is not None:
+            from server.engine.compiled import tracing, warm_up
 
-            warm_up(self)
+            with tracing():
+                warm_up(self)
 
     @torch.inference_mode()
     def _forward(self, scheduled, decode_rows, sampling):
         tokens, last = self._flat(scheduled, sampling)
         batch = self._batch(scheduled, decode_rows, self.heads, self.kv_heads, self.model.dtype)
         self.cache.batch = batch
-        out = self.step_forward(input_ids=to_device(tokens, self.device)[None], position_ids=batch.positions[None],
+        forward = self.decode_forward if self.decode_forward is not None and decode_rows == len(scheduled) \
+            else self.step_forward
+        out = forward(input_ids=to_device(tokens, self.device)[None], position_ids=batch.positions[None],
                                 use_cache=True, **{self.cache_arg: self.cache},
                                 logits_to_keep=to_device(last, self.device), paged=batch)
         return out.logits[0]
