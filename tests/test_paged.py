@@ -40,9 +40,14 @@ def runner_of(kind, paths, **kw):
     return runner
 
 
-def test_attention_over_shuffled_blocks_equals_dense_causal_attention():
+@pytest.mark.parametrize("flash", [True, False], ids=["cpu-flash", "reference"])
+def test_attention_over_shuffled_blocks_equals_dense_causal_attention(flash, monkeypatch):
     """Decode rows and prompt chunks of many lengths (several chunks of keys, tiles straddling chunk edges),
-    their blocks scattered over the pool: each query's output is dense causal attention over its own keys."""
+    their blocks scattered over the pool: each query's output is dense causal attention over its own keys,
+    with the CPU's fused kernel and with the reference path (CUDA's today)."""
+    import server.engine.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "FLASH_ON_CPU", flash)
     torch.manual_seed(0)
     heads, kv, hd = 6, 2, 16
     pool = BlockPool(300)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 BLOCK_SIZE = 16  # tokens per block, vLLM's default
 TILE = 64  # prompt queries per attention unit
 MAX_CHUNK = 256  # key positions per attention unit
+FLASH_ON_CPU = True  # the CPU's fused flash kernel (with log-sum-exp); False: the reference path every device has
 
 
 class BlockPool:
@@ -126,10 +127,8 @@ class StepBatch:
         self.group = heads // kv_heads
         self.dtype = dtype
         self.device = device
-        self.decode_rows = decode_rows
         slots = [table[p // block_size] * block_size + p % block_size
                  for table, start, n in rows for p in range(start, start + n)]
-        self.tokens = len(slots)
         self.slots = _device(slots, device)
         self.positions = _device([p for _, start, n in rows for p in range(start, start + n)], device)
         decode, prefill = rows[:decode_rows], rows[decode_rows:]
@@ -194,7 +193,7 @@ def _device(values, device: torch.device) -> torch.Tensor:
 def _unit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q (U, kv, R, hd) against k/v (U, kv, C, hd) -> (out (U, kv, R, hd), log-sum-exp (U, kv, R) fp32)."""
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and FLASH_ON_CPU:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
                                                                                scale=scale)
         return out, lse.float()
@@ -202,7 +201,8 @@ def _unit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     if mask is not None:
         s = s + mask
     lse = torch.logsumexp(s, dim=-1)
-    return (torch.exp(s - lse[..., None]).to(v.dtype) @ v), lse
+    finite = torch.where(torch.isinf(lse), 0.0, lse)  # a query that sees none of the unit's keys: out 0, not NaN
+    return (torch.exp(s - finite[..., None]).to(v.dtype) @ v), lse
 
 
 # The plan as tensors only, so that attention can be one opaque op in a compiled step (limits.compile): its
