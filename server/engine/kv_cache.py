@@ -251,17 +251,27 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q (T, H, hd) for the step's flat tokens, whose keys and values are already in the cache ->
     (T, H * hd). Grouped query heads are folded into the query rows, so keys are never repeated."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.branchserve.paged_attention(q, k_cache, v_cache, batch.packed, scale)
+    if torch.compiler.is_compiling():  # one opaque op in the graph; eagerly, the op's dispatch cost 0.15 ms a call
+        return torch.ops.branchserve.paged_attention(q, k_cache, v_cache, batch.packed, scale)
+    return attend_units(q, k_cache, v_cache, batch.packed, scale)
 
 
 def write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
     """The step's new keys and values (T, kv, hd) into their slots."""
-    torch.ops.branchserve.write_kv(k_cache, v_cache, k.to(k_cache.dtype), v.to(v_cache.dtype), batch.slots)
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    if torch.compiler.is_compiling():
+        torch.ops.branchserve.write_kv(k_cache, v_cache, k, v, batch.slots)
+    else:
+        _write(k_cache, v_cache, k, v, batch.slots)
 
 
 @torch.library.custom_op("branchserve::write_kv", mutates_args=("k_cache", "v_cache"))
 def _write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               slots: torch.Tensor) -> None:
+    _write(k_cache, v_cache, k, v, slots)
+
+
+def _write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     kv, hd = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, kv, hd).index_copy_(0, slots, k)
     v_cache.view(-1, kv, hd).index_copy_(0, slots, v)
@@ -270,7 +280,15 @@ def _write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
 @torch.library.custom_op("branchserve::paged_attention", mutates_args=())
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: list[torch.Tensor],
                      scale: float) -> torch.Tensor:
-    T, H, hd = q.shape
+    return attend_units(q, k_cache, v_cache, plan, scale)
+
+
+def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: list[torch.Tensor],
+                 scale: float) -> torch.Tensor:
+    """The attention op's body: each kind's units, one fused call per part, merged per tile when a tile has
+    several."""
+    q = q.contiguous()  # a transformers model hands q over as (heads, T) transposed; the CPU kernel misread
+    T, H, hd = q.shape  # such a view for several decode rows (SmolLM2: wrong tokens from the second on)
     block_size, kv = k_cache.shape[1], k_cache.shape[2]
     g = H // kv
     outs = []
