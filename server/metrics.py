@@ -68,7 +68,7 @@ class Metrics(RequestMetrics):
                        else Counter(name, doc, labels, registry=r)
                        for key, name, doc, labels, buckets in REQUEST_METRICS}
         self.running = Gauge("branchserve_requests_running", "Sequences in the running batches", registry=r)
-        self.waiting = Gauge("branchserve_requests_waiting", "Sequences waiting for a slot", registry=r)
+        self.waiting = Gauge("branchserve_requests_waiting", "Sequences waiting to join a running batch", registry=r)
         self.kv_blocks_used = Gauge("branchserve_kv_cache_blocks_used", "KV cache blocks held by sequences",
                                     ("models",), registry=r)
         self.kv_blocks = Gauge("branchserve_kv_cache_blocks", "KV cache blocks in all", ("models",), registry=r)

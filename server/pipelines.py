@@ -219,7 +219,7 @@ async def run_pipeline(engine: Engine, pipeline: Pipeline, messages: list[dict],
                 if on_event is not None:
                     on_event(i, ev)
         finally:
-            stream.cancel()  # no-op when it finished; frees the slot when we were cancelled
+            stream.cancel()  # no-op when it finished; frees its blocks when we were cancelled
         if stream.finish_reason == "error":
             raise StageFailed(f"stage {i + 1} ({sc.model}) failed: {error}")
         draft = "".join(parts)

@@ -109,7 +109,7 @@ class ModelServer:
         from ray.serve import metrics
 
         running = metrics.Gauge("branchserve_replica_running", "Sequences in this replica's running batches")
-        waiting = metrics.Gauge("branchserve_replica_waiting", "Sequences waiting for a slot in this replica")
+        waiting = metrics.Gauge("branchserve_replica_waiting", "Sequences waiting to join a running batch in this replica")
         self.tokens = metrics.Counter("branchserve_replica_generation_tokens", "Tokens this replica generated",
                                       tag_keys=("model",))
 

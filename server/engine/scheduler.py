@@ -15,7 +15,7 @@ caller's event loop, never on the engine thread.
     engine.start()
     stream = engine.submit("math", prompt_ids, SamplingParams(temperature=0))
     async for event in stream: ...                            # text deltas, then a finish reason
-    stream.cancel()                                           # frees the slot at the next step
+    stream.cancel()                                           # frees its blocks at the next step
     states = await engine.embed("math", token_ids, layer=-1)  # (L, H) hidden states, on the host
 
 ``submit`` checks everything it can (model name, prompt length, queue room)
@@ -108,7 +108,7 @@ class RequestStream:
                         logprobs.append(self._logprob(tok, *event.logprobs[j]))
                     if stopped:
                         break
-                if stopped:  # the engine may be a step ahead: end here and free the slot
+                if stopped:  # the engine may be a step ahead: end here and free its blocks
                     self.finish_reason = "stop"
                     self.cancel()
                     return Event(text, event.token_ids, "stop", self.prompt_tokens, self.completion_tokens,
@@ -515,7 +515,7 @@ class Engine(EngineBase):
             if embeds and self._stop.is_set():
                 for job in embeds:
                     job.future.cancel()
-            elif embeds:  # bounded prefill-only forwards, batched, between decode steps
+            elif embeds:  # bounded prefill-only forwards, batched, between steps
                 self._run_embeds(embeds)
             busy = bool(embeds)
             if self._draining:
