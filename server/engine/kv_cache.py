@@ -140,8 +140,13 @@ class StepBatch:
             self.kinds.append(self._kind(decode, 0, 1, dchunk))
         if prefill:
             self.kinds.append(self._kind(prefill, decode_rows, TILE, MAX_CHUNK))
-        self.packed = _pack(self.kinds, device)
+        self.packed: list[torch.Tensor] | None = None  # see pack()
 
+    def pack(self) -> "StepBatch":
+        """The plan as tensors only, for the attention op of a compiled step (limits.compile); built before the
+        compiled call, so that nothing of it is traced."""
+        self.packed = _pack(self.kinds, self.device)
+        return self
     def _kind(self, rows, first_token: int, tile: int, chunk: int) -> Kind:
         bs, per_chunk = self.block_size, chunk // self.block_size
         q_index, real, tile_pos = [], [], []
@@ -253,7 +258,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if torch.compiler.is_compiling():  # one opaque op in the graph; eagerly, the op's dispatch cost 0.15 ms a call
         return torch.ops.branchserve.paged_attention(q, k_cache, v_cache, batch.packed, scale)
-    return attend_units(q, k_cache, v_cache, batch.packed, scale)
+    return attend_units(q, k_cache, v_cache, batch.kinds, scale)
 
 
 def write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
@@ -280,10 +285,10 @@ def _write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: tor
 @torch.library.custom_op("branchserve::paged_attention", mutates_args=())
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: list[torch.Tensor],
                      scale: float) -> torch.Tensor:
-    return attend_units(q, k_cache, v_cache, plan, scale)
+    return attend_units(q, k_cache, v_cache, _unpack(plan), scale)
 
 
-def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: list[torch.Tensor],
+def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kinds: list[Kind],
                  scale: float) -> torch.Tensor:
     """The attention op's body: each kind's units, one fused call per part, merged per tile when a tile has
     several."""
@@ -292,7 +297,7 @@ def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     block_size, kv = k_cache.shape[1], k_cache.shape[2]
     g = H // kv
     outs = []
-    for kind in _unpack(plan):
+    for kind in kinds:
         Qt = kind.queries
         if Qt == 1:
             qt = q[:kind.tiles].view(kind.tiles, kv, g, hd)

@@ -332,7 +332,8 @@ class FamilyRunner(Runner):
         groups = row_groups(branches, self.device) if single is None and self.model.row_grouped else None
         if self.decode_forward is not None and decode_rows == len(scheduled) and groups is None:
             branch = to_device(branches, self.device)  # every row decodes, and samples: heads after the graph
-            hidden = self.decode_forward(to_device(tokens, self.device), branch, batch, single=single, head=False)
+            hidden = self.decode_forward(to_device(tokens, self.device), branch, batch.pack(), single=single,
+                                         head=False)
             return self.model.project(hidden, branch, branches)
         return self.step_forward(to_device(tokens, self.device), to_device(branches, self.device), batch,
                                  single=single, groups=groups, last=to_device(last, self.device),
@@ -395,8 +396,10 @@ class StandaloneRunner(Runner):
         tokens, last = self._flat(scheduled, sampling)
         batch = self._batch(scheduled, decode_rows, self.heads, self.kv_heads, self.model.dtype)
         self.cache.batch = batch
-        forward = self.decode_forward if self.decode_forward is not None and decode_rows == len(scheduled) \
-            else self.step_forward
+        forward = self.step_forward
+        if self.decode_forward is not None and decode_rows == len(scheduled):
+            forward = self.decode_forward
+            batch.pack()
         out = forward(input_ids=to_device(tokens, self.device)[None], position_ids=batch.positions[None],
                                 use_cache=True, **{self.cache_arg: self.cache},
                                 logits_to_keep=to_device(last, self.device), paged=batch)
