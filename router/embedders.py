@@ -248,12 +248,13 @@ def load_decoder_path(path: str | Path, layer: int = -1, suffix: bool = True, po
                       ) -> DecoderSuffixEmbedder:
     """``name``: the model's served name, when it has one (the embeddings' fingerprint, so that a router
     evaluated here and one serving it share their cache and fitted thresholds)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from server.engine.phi3small import load_causal_lm
+    from server.engine.text import load_tokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"no causal LM checkpoint at {path}")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    return DecoderSuffixEmbedder(name or path.name, AutoTokenizer.from_pretrained(str(path)), hf_hidden(model),
+    model = load_causal_lm(path, dtype=torch.float32)
+    return DecoderSuffixEmbedder(name or path.name, load_tokenizer(path), hf_hidden(model),
                                  layer=layer, suffix=suffix, pooling=pooling, max_tokens=max_tokens,
                                  context_tokens=context_tokens)

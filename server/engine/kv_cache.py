@@ -91,13 +91,40 @@ def parse_bytes(value) -> int:
     return int(float(text))
 
 
+@dataclass(frozen=True)
+class BlockSparse:
+    """A block-sparse causal pattern (Phi-3-small's): positions fall in blocks of ``block_size``; a query in
+    block qb sees a key in block kb <= qb when kb is one of its ``local_blocks`` latest blocks (qb - kb <
+    local_blocks), or when (kb + h * head_step + 1) is a multiple of ``vert_stride`` for its query head h (the
+    "vertical" blocks; ``head_step`` 0 gives every head the same ones). Causal within a block, as everywhere."""
+
+    block_size: int
+    local_blocks: int
+    vert_stride: int
+    head_step: int = 0
+
+    @classmethod
+    def for_heads(cls, block_size: int, local_blocks: int, vert_stride: int, heads: int, homo_heads: bool):
+        """Phi-3-small's head offset: each head's vertical blocks shift by max(1, vert_stride // heads)."""
+        return cls(block_size, local_blocks, vert_stride, 0 if homo_heads else max(1, vert_stride // heads))
+
+    def allows(self, q_pos: torch.Tensor, k_pos: torch.Tensor, heads: int) -> torch.Tensor:
+        """q_pos (..., Q), k_pos (..., K) -> (..., heads, Q, K): whether the pattern lets each head's query see
+        each key (causality aside)."""
+        qb = torch.div(q_pos, self.block_size, rounding_mode="floor")[..., None, :, None]
+        kb = torch.div(k_pos, self.block_size, rounding_mode="floor")[..., None, None, :]
+        h = torch.arange(heads, device=q_pos.device).view(heads, 1, 1)
+        vertical = (kb + h * self.head_step + 1) % self.vert_stride == 0  # (..., heads, 1, K)
+        return (qb - kb < self.local_blocks) | vertical
+
+
 @dataclass
 class Units:
     """Same-shaped attention units of one kind (decode or prefill), masked or not."""
 
     tile: torch.Tensor | None  # (U,) the query tile of each unit; None: unit i is tile i
     blocks: torch.Tensor  # (U, chunk // block_size) the blocks whose keys it reads
-    mask: torch.Tensor | None  # (U, 1, G * Qt or 1, chunk) additive, in the model's dtype; None: all visible
+    mask: torch.Tensor | None  # (U, 1 or kv, G * Qt or G, chunk) additive, in the model's dtype; None: all visible
 
 
 @dataclass
@@ -109,7 +136,7 @@ class Kind:
     q_index: torch.Tensor | None  # (tiles, queries) flat token of each query; None: tiles are tokens 0..tiles-1
     real: torch.Tensor | None  # (tokens,) the tile-major query slots that are real tokens, in token order
     unit_tile: torch.Tensor | None  # (U,) over diag units then full units; None: one unit per tile, in order
-    empty: torch.Tensor | None  # (U_masked, 1, G * queries): queries of a masked unit that see none of its keys
+    empty: torch.Tensor | None  # (U_masked, 1 or kv, G * queries): queries of a masked unit that see none of its keys
     parts: list[Units]  # the masked units first, then the unmasked ones
 
 
@@ -122,7 +149,12 @@ class StepBatch:
     """
 
     def __init__(self, rows: list[tuple[list[int], int, int]], decode_rows: int, block_size: int, heads: int,
-                 kv_heads: int, dtype: torch.dtype, device: torch.device):
+                 kv_heads: int, dtype: torch.dtype, device: torch.device, pattern: BlockSparse | None = None,
+                 lengths: list[int] | None = None):
+        self.rows, self.decode_rows, self.heads, self.kv_heads = rows, decode_rows, heads, kv_heads
+        self.lengths = lengths  # per row, its sequence's known length (prompt and output), when the runner gives it
+        self.pattern = pattern
+        self._sparse: dict[BlockSparse, StepBatch] = {}
         self.block_size = block_size
         self.group = heads // kv_heads
         self.dtype = dtype
@@ -141,6 +173,14 @@ class StepBatch:
         if prefill:
             self.kinds.append(self._kind(prefill, decode_rows, TILE, MAX_CHUNK))
         self.packed: list[torch.Tensor] | None = None  # see pack()
+
+    def sparse(self, pattern: BlockSparse) -> "StepBatch":
+        """The same step under a block-sparse pattern (built once per step, shared by the layers that use it):
+        every unit masked per head by the pattern as well as causally."""
+        if pattern not in self._sparse:
+            self._sparse[pattern] = StepBatch(self.rows, self.decode_rows, self.block_size, self.heads, self.kv_heads,
+                                              self.dtype, self.device, pattern, self.lengths)
+        return self._sparse[pattern]
 
     def pack(self) -> "StepBatch":
         """The plan as tensors only, for the attention op of a compiled step (limits.compile); built before the
@@ -164,7 +204,7 @@ class StepBatch:
                 for c0 in range(0, b, chunk):
                     blocks = table[c0 // bs:c0 // bs + per_chunk]
                     blocks = blocks + [0] * (per_chunk - len(blocks))
-                    (full if c0 + chunk <= a else diag).append((t, c0, blocks))
+                    (full if c0 + chunk <= a and self.pattern is None else diag).append((t, c0, blocks))
             token += n
         tiles = len(tile_pos)
         units = diag + full
@@ -178,13 +218,22 @@ class StepBatch:
             qpos = _device([tile_pos[u[0]] for u in diag], dev)  # (U, Qt)
             keys = _device([u[1] for u in diag], dev)[:, None] + torch.arange(chunk, device=dev)  # (U, chunk)
             visible = keys[:, None, :] <= qpos[:, :, None]  # (U, Qt, chunk)
-            if not decoding:  # query rows are head-group-major: row g * Qt + i is query i of head g
-                visible = visible[:, None].expand(-1, self.group, -1, -1).reshape(len(diag), self.group * tile, chunk)
-                if not in_order:  # a query before a masked unit's first key sees none of it
-                    kind.empty = ~visible.any(-1)[:, None]
-            mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev).masked_fill_(~visible, float("-inf"))
-            kind.parts.append(Units(_device([u[0] for u in diag], dev), _device([u[2] for u in diag], dev),
-                                    mask[:, None]))  # decode: (U, 1, 1, chunk), broadcast over the head group
+            if self.pattern is not None:  # per query head: (U, kv, G * Qt, chunk), rows head-group-major
+                U, kv = len(diag), self.heads // self.group
+                visible = visible[:, None] & self.pattern.allows(qpos, keys, self.heads)  # (U, H, Qt, chunk)
+                visible = visible.reshape(U, kv, self.group * tile, chunk)
+                if not in_order:
+                    kind.empty = ~visible.any(-1)
+                mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev).masked_fill_(~visible, float("-inf"))
+            else:
+                if not decoding:  # query rows are head-group-major: row g * Qt + i is query i of head g
+                    visible = visible[:, None].expand(-1, self.group, -1, -1).reshape(len(diag), self.group * tile,
+                                                                                       chunk)
+                    if not in_order:  # a query before a masked unit's first key sees none of it
+                        kind.empty = ~visible.any(-1)[:, None]
+                mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev).masked_fill_(~visible, float("-inf"))
+                mask = mask[:, None]  # decode: (U, 1, 1, chunk), broadcast over the head group
+            kind.parts.append(Units(_device([u[0] for u in diag], dev), _device([u[2] for u in diag], dev), mask))
         if full:
             kind.parts.append(Units(_device([u[0] for u in full], dev), _device([u[2] for u in full], dev), None))
         return kind
@@ -341,14 +390,19 @@ def _(q, k_cache, v_cache, plan, scale):
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     pattern: BlockSparse | None = None) -> torch.Tensor:
     """A forward without the cache (an embed job): q (B, L, H, hd), k/v (B, L, kv, hd), right-padded rows
-    attend causally to their own input -> (B, L, H * hd)."""
+    attend causally to their own input (under ``pattern`` when given) -> (B, L, H * hd)."""
     B, L, H, hd = q.shape
     kv = k.shape[2]
     g = H // kv
     qf = q.view(B, L, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(B, kv, g * L, hd)
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    mask = causal[None, None, None].expand(1, 1, g, L, L).reshape(1, 1, g * L, L)
+    if pattern is None:
+        mask = causal[None, None, None].expand(1, 1, g, L, L).reshape(1, 1, g * L, L)
+    else:
+        pos = torch.arange(L, device=q.device)
+        mask = (causal & pattern.allows(pos, pos, H)).reshape(1, kv, g * L, L)
     out = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return out.view(B, kv, g, L, hd).permute(0, 3, 1, 2, 4).reshape(B, L, H * hd)

@@ -273,7 +273,7 @@ class Runner:
     def _batch(self, scheduled: list[tuple[Sequence, int]], decode_rows: int, heads: int, kv_heads: int,
                dtype: torch.dtype) -> StepBatch:
         return StepBatch([(seq.blocks, seq.computed, n) for seq, n in scheduled], decode_rows, self.pool.block_size,
-                         heads, kv_heads, dtype, self.device)
+                         heads, kv_heads, dtype, self.device, lengths=[seq.length for seq, _ in scheduled])
 
     @staticmethod
     def _flat(scheduled: list[tuple[Sequence, int]], sampling: list[Sequence]) -> tuple[list[int], list[int]]:

@@ -330,11 +330,12 @@ class Engine(EngineBase):
                        max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
                        trust_remote_code: bool = False, defaults: dict | None = None,
                        compile: bool = False) -> StandaloneRunner:
-        from transformers import AutoModelForCausalLM
+        from server.engine.phi3small import Phi3SmallForCausalLM, load_causal_lm
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto",
-                                                     trust_remote_code=trust_remote_code)
-        model = model.to(device).eval()
+        model = load_causal_lm(path, dtype, device, trust_remote_code)
+        if compile and isinstance(model, Phi3SmallForCausalLM):
+            log.warning("%s: limits.compile does not apply to Phi-3-small yet; its steps run eagerly", name)
+            compile = False
         window = getattr(model.config, "sliding_window", None)
         if window and getattr(model.config, "use_sliding_window", True) is not False and max_seq > window:
             # The engine's attention has no window: it is exact while nothing has slid out of it.

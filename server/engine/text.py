@@ -9,6 +9,10 @@ from pathlib import Path
 
 
 def load_tokenizer(path: str | Path):
+    from server.engine import phi3small_tokenizer
+
+    if phi3small_tokenizer.is_phi3small(path):  # the hub's is remote code that downloads its BPE file
+        return phi3small_tokenizer.load(path)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
@@ -23,6 +27,7 @@ def stop_token_ids(path: str | Path, tokenizer) -> list[int]:
         ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
+    ids += getattr(tokenizer, "branchserve_stop_ids", [])  # a native tokenizer's turn-end tokens
     return sorted(set(ids))
 
 
