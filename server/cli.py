@@ -112,6 +112,31 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from server.config import load_config
+    from server.engine.kv_cache import parse_bytes
+    from server.plan import make_plan, table
+
+    memory = None
+    if args.device_memory is not None:
+        try:
+            memory = parse_bytes(args.device_memory)
+        except ValueError:
+            raise UserError(f"--device-memory {args.device_memory!r} is not a size (say 48GB or 80GiB)") from None
+        if memory <= 0:
+            raise UserError("--device-memory must be positive")
+    plan = make_plan(load_config(args.config), memory)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        print("\n".join(table(plan)))
+    if plan.shortfall:
+        short = ", ".join(f"{d} by {n / 2**30:.2f} GiB" for d, n in plan.shortfall.items())
+        sys.stderr.write(f"error: the models do not fit: {short}\n")
+        return 2
+    return 0
+
+
 def cmd_bench_quality(args) -> int:
     from server.demo.quality import bench_quality
 
@@ -197,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "ray: sections); needs branchserve[ray]")
     s.add_argument("--address", help="with --ray: the Ray cluster to join (default: start a local one)")
     s.set_defaults(func=cmd_serve)
+
+    pl = sub.add_parser("plan", help="what a config's models take on each device and the KV cache left, "
+                                     "without loading anything")
+    pl.add_argument("--config", required=True, help="the YAML config `serve` would get")
+    pl.add_argument("--device-memory", help="bytes of each CUDA device (48GB, 80GiB); default: the device's own")
+    pl.add_argument("--json", action="store_true", help="the plan as JSON")
+    pl.set_defaults(func=cmd_plan)
 
     from server.router_cli import add_parsers
 

@@ -125,6 +125,19 @@ def load(config: ServerConfig, pipelines: dict, host: str):
     return state
 
 
+def log_plan(config: ServerConfig) -> None:
+    """`branchserve plan`'s table, before loading: what each model will take and what is left for the cache."""
+    from server.plan import make_plan, table
+
+    try:
+        plan = make_plan(config)
+    except UserError as e:
+        log.warning("no memory plan: %s", e)
+        return
+    for line in table(plan):
+        log.info("plan: %s", line)
+
+
 def serve(config: ServerConfig, host: str, port: int, banner: str | None = None) -> None:
     import uvicorn
 
@@ -133,6 +146,7 @@ def serve(config: ServerConfig, host: str, port: int, banner: str | None = None)
     pipelines = preflight(config)
     sock = bind(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_plan(config)
     try:
         state = load(config, pipelines, host)
         app = build_app(config, host=host, loaded=state)

@@ -78,6 +78,20 @@ def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: tor
     return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def split_kv(budget: int, models: list[tuple[int, int]], block_size: int = BLOCK_SIZE) -> list[int]:
+    """Blocks for each of ``models`` ((worst-case tokens, bytes per token)) sharing ``budget`` bytes on one
+    device: an even split, none given more than its worst case (every sequence at full context), what that
+    leaves going to the others. In the input's order."""
+    order = sorted(range(len(models)), key=lambda i: models[i][0] * models[i][1])
+    blocks = [0] * len(models)
+    for k, i in enumerate(order):
+        worst, per_token = models[i]
+        share = budget // (len(order) - k)
+        blocks[i] = max(0, min(share // (per_token * block_size), -(-worst // block_size)))
+        budget -= blocks[i] * block_size * per_token
+    return blocks
+
+
 def parse_bytes(value) -> int:
     """``9GB``, ``512MiB``, ``1.5GB`` or a number of bytes -> bytes (GB and GiB both count 2**30, as vLLM's
     ``--kv-cache-memory`` and most users do)."""

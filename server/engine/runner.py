@@ -109,15 +109,17 @@ class Runner:
         """Tokens the cache would need for every sequence at its longest: more is never used."""
         return self.max_batch * self.max_context
 
-    def allocate(self, budget: int | None = None) -> None:
-        """Size the cache to ``budget`` bytes, at most the worst case (None: the worst case), and allocate it."""
+    def allocate(self, budget: int | None = None, device_budget: int | None = None) -> None:
+        """Size the cache to ``budget`` bytes, at most the worst case (None: the worst case), and allocate it.
+        ``device_budget``: what the device's models share, for the error when this share holds no block."""
         per_block = self.kv_bytes_per_token() * BLOCK_SIZE
         blocks = -(-self.worst_case_tokens() // BLOCK_SIZE)
         if budget is not None:
             blocks = min(budget // per_block, blocks)
         if blocks < 1:
-            raise UserError(f"a KV cache of {budget} bytes holds no block of {BLOCK_SIZE} tokens "
-                            f"({per_block} bytes each); raise limits.kv_cache_memory")
+            shared = budget if device_budget is None else device_budget
+            raise UserError(f"a KV cache of {shared} bytes holds no block of {BLOCK_SIZE} tokens "
+                            f"({per_block} bytes each) for every model; raise limits.kv_cache_memory")
         self.pool = BlockPool(blocks)
         self._allocate_blocks(blocks)
         self.max_seq = min(self.max_context, self.pool.capacity)

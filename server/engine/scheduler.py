@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from server.engine.kv_cache import BLOCK_SIZE, split_kv
 from server.engine.runner import Event, FamilyRunner, Runner, Sequence, StandaloneRunner
 from server.engine.sampling import SamplingParams
 from server.engine.text import IncrementalText, load_tokenizer, stop_token_ids, token_bytes
@@ -363,11 +364,9 @@ class Engine(EngineBase):
                 budget = int(free - (1 - GPU_MEMORY_UTILIZATION) * total)
             elif budget is None:
                 budget = DEFAULT_CPU_KV_BYTES
-            runners = sorted(runners, key=lambda r: r.worst_case_tokens() * r.kv_bytes_per_token())
-            for i, runner in enumerate(runners):
-                share = budget // (len(runners) - i)
-                runner.allocate(share)
-                budget -= runner.pool.num_blocks * runner.pool.block_size * runner.kv_bytes_per_token()
+            blocks = split_kv(budget, [(r.worst_case_tokens(), r.kv_bytes_per_token()) for r in runners])
+            for runner, n in zip(runners, blocks):
+                runner.allocate(n * BLOCK_SIZE * runner.kv_bytes_per_token(), budget)
         for line in self.kv_report():
             log.info("%s", line)
 
