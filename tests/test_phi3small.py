@@ -194,20 +194,25 @@ def test_block_sparse_layers_equal_dense_only_when_the_pattern_covers_everything
         assert torch.allclose(run(load_causal_lm(wide), ids), run(dense, ids), atol=1e-5)
 
 
-def test_paged_block_sparse_attention_equals_masked_dense_attention():
+@pytest.mark.parametrize("block,local,vert,homo", [(8, 2, 3, False), (8, 2, 40, True), (8, 40, 3, False),
+                                                  (4, 30, 5, True)])
+def test_paged_block_sparse_attention_equals_masked_dense_attention(block, local, vert, homo):
+    """Prompts and decode rows of several lengths, against attention with the pattern's mask written out: units
+    the pattern shows whole (unmasked), hides whole (skipped) and shows in part (masked per head)."""
     from server.engine.kv_cache import BLOCK_SIZE, BlockSparse, StepBatch, paged_attention
 
     torch.manual_seed(0)
     H, KV, hd = 4, 2, 16
-    pattern = BlockSparse.for_heads(8, 2, 3, H, homo_heads=False)
-    lengths = [3, 70, 300]
-    k_cache = torch.randn(64, BLOCK_SIZE, KV, hd)
-    v_cache = torch.randn(64, BLOCK_SIZE, KV, hd)
-    tables = [list(range(20 * s, 20 * s + 20)) for s in range(3)]
-    for start_frac in (0, 1):  # a whole prompt in one step; then each row's last token as a decode row
-        rows = [(t, (L - 1) * start_frac, L - (L - 1) * start_frac) for t, L in zip(tables, lengths)]
-        rows = sorted(rows, key=lambda r: -1 if r[2] == 1 else 0)
-        batch = StepBatch(rows, sum(r[2] == 1 for r in rows), BLOCK_SIZE, H, KV, torch.float32, torch.device("cpu"))
+    pattern = BlockSparse.for_heads(block, local, vert, H, homo_heads=homo)
+    step = 0 if homo else max(1, vert // H)
+    lengths = [3, 70, 300, 700]
+    per = 48
+    k_cache = torch.randn(per * len(lengths), BLOCK_SIZE, KV, hd)
+    v_cache = torch.randn(per * len(lengths), BLOCK_SIZE, KV, hd)
+    tables = [list(range(per * s, per * (s + 1))) for s in range(len(lengths))]
+    for decoding in (0, 1):  # whole prompts in one step; then each row's last token as a decode row
+        rows = [(t, (L - 1) * decoding, L - (L - 1) * decoding) for t, L in zip(tables, lengths)]
+        batch = StepBatch(rows, len(rows) * decoding, BLOCK_SIZE, H, KV, torch.float32, torch.device("cpu"))
         T = sum(r[2] for r in rows)
         q = torch.randn(T, H, hd)
         got = paged_attention(q, k_cache, v_cache, batch.sparse(pattern), scale=0.25).view(T, H, hd)
@@ -216,10 +221,11 @@ def test_paged_block_sparse_attention_equals_masked_dense_attention():
             L = start + n
             keys = k_cache[table].reshape(-1, KV, hd)[:L]
             values = v_cache[table].reshape(-1, KV, hd)[:L]
+            j = torch.arange(L)
             for i in range(n):
                 p = start + i
                 for h in range(H):
-                    ok = torch.tensor([j <= p and (p // 8 - j // 8 < 2 or (j // 8 + h + 1) % 3 == 0) for j in range(L)])
+                    ok = (j <= p) & ((p // block - j // block < local) | ((j // block + h * step + 1) % vert == 0))
                     s = (q[t + i, h] @ keys[:, h // 2].T) * 0.25
                     want = torch.softmax(s.masked_fill(~ok, float("-inf")), -1) @ values[:, h // 2]
                     assert torch.allclose(got[t + i, h], want, atol=1e-5), (L, p, h)
@@ -311,25 +317,62 @@ def test_a_checkpoint_it_cannot_read_names_the_file_and_key(tmp_path):
         load_causal_lm(path)
 
 
-def test_served_natively_answers_completions_and_chat_with_the_reference_tokens(phi3small, tokenizer):
-    config = ServerConfig.model_validate({"standalone": [{"name": "phi3-small", "path": str(phi3small)}],
-                                          "limits": {"max_batch": 4, "max_context": 512}})
+def test_served_natively_next_to_a_family_and_as_a_pipeline_stage(phi3small, tokenizer, family, tmp_path):
+    """No remote code: /v1/completions and /v1/chat/completions give the reference's greedy tokens, for prompts
+    shorter and longer than the local window, several at once next to a family branch's requests; and the
+    model serves stage 1 of a pipeline whose stage 2 is a branch."""
+    import concurrent.futures
+
+    from compression.compress import CompressOptions, compress
+    from server.pipelines import load_template
+
+    compress(family, tmp_path / "art", CompressOptions(rate=0.9, progress=False))
+    config = ServerConfig.model_validate({
+        "families": [{"artifact": str(tmp_path / "art")}],
+        "standalone": [{"name": "phi3-small", "path": str(phi3small)}],
+        "pipelines": [{"name": "small-then-math", "stages": [
+            {"model": "phi3-small", "template": "stage1/reason", "max_tokens": 4},
+            {"model": "math", "template": "stage2/concise", "domain": "arithmetic", "max_tokens": 3}]}],
+        "limits": {"max_batch": 4, "max_context": 512}})
     server = start_server(config)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-        assert [(m.id, m.kind) for m in client.models.list().data if m.id == "phi3-small"] == [("phi3-small", "standalone")]
-        for text in (SHORT, LONG):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            want = reference_greedy(phi3small, ids, 5)
-            got = client.completions.create(model="phi3-small", prompt=text, max_tokens=5, temperature=0,
-                                            logprobs=1)
-            assert got.choices[0].text == tokenizer.decode([t for t in want if t not in (100257, 100266)])
+        kinds = {m.id: m.kind for m in client.models.list().data}
+        assert kinds["phi3-small"] == "standalone" and kinds["math"] == "branch"
+
+        def complete(text):
+            return client.completions.create(model="phi3-small", prompt=text, max_tokens=5, temperature=0,
+                                             logprobs=1).choices[0].text
+
+        def chat(messages, model="phi3-small"):
+            return client.chat.completions.create(model=model, messages=messages, max_tokens=5, temperature=0)
+
+        def decoded(ids):
+            return tokenizer.decode(reference_greedy(phi3small, ids, 5), skip_special_tokens=True)
+
+        texts = [SHORT, LONG, LONG[:70]]
         messages = [{"role": "user", "content": LONG}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(ids, add_special_tokens=False)["input_ids"]
-        want = reference_greedy(phi3small, ids, 5)
-        reply = client.chat.completions.create(model="phi3-small", messages=messages, max_tokens=5, temperature=0)
-        assert reply.choices[0].message.content == tokenizer.decode(want, skip_special_tokens=True)
-        assert reply.usage.prompt_tokens == len(ids)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            completions = [pool.submit(complete, t) for t in texts]
+            replies = [pool.submit(chat, messages), pool.submit(chat, [{"role": "user", "content": SHORT}])]
+            branch = [pool.submit(chat, [{"role": "user", "content": "add 3 5"}], "math") for _ in range(3)]
+        for text, got in zip(texts, completions):
+            assert got.result() == decoded(tokenizer(text, add_special_tokens=False)["input_ids"])
+        for m, got in zip((messages, [{"role": "user", "content": SHORT}]), replies):
+            ids = tokenizer(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                            add_special_tokens=False)["input_ids"]
+            assert got.result().choices[0].message.content == decoded(ids)
+            assert got.result().usage.prompt_tokens == len(ids)
+        assert all(b.result().choices[0].finish_reason in ("stop", "length") for b in branch)
+
+        question = [{"role": "user", "content": "What is 6 times 7?"}]
+        body = client.chat.completions.create(model="small-then-math", messages=question, max_tokens=3)
+        stage1 = load_template("stage1/reason", {"messages", "question", "domain", "draft"}, "test").render(
+            messages=question, question=question[0]["content"], domain=None).strip()
+        ids = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": stage1}], add_generation_prompt=True,
+                                                      tokenize=False), add_special_tokens=False)["input_ids"]
+        want = tokenizer.decode(reference_greedy(phi3small, ids, 4), skip_special_tokens=True)
+        assert body.choices[0].message.reasoning_content == want
+        assert [s["model"] for s in body.usage.stages] == ["phi3-small", "math"]
     finally:
         server.close()

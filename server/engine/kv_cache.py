@@ -122,6 +122,20 @@ class BlockSparse:
         """Phi-3-small's head offset: each head's vertical blocks shift by max(1, vert_stride // heads)."""
         return cls(block_size, local_blocks, vert_stride, 0 if homo_heads else max(1, vert_stride // heads))
 
+    def sees(self, q_first: int, q_last: int, k_start: int, k_end: int) -> str:
+        """What queries at positions q_first..q_last see of keys k_start..k_end-1, all of which precede them:
+        "all" (every key in a local block of every query: no mask needed), "none" (no key in a local block of
+        any query and, the pattern being the same for all heads, none in a vertical block: nothing to
+        compute), or "some" (masked per head)."""
+        bs = self.block_size
+        if q_last // bs - k_start // bs < self.local_blocks:
+            return "all"
+        first, last = k_start // bs, (k_end - 1) // bs
+        if (self.head_step == 0 and q_first // bs - last >= self.local_blocks
+                and not any((kb + 1) % self.vert_stride == 0 for kb in range(first, last + 1))):
+            return "none"
+        return "some"
+
     def allows(self, q_pos: torch.Tensor, k_pos: torch.Tensor, heads: int) -> torch.Tensor:
         """q_pos (..., Q), k_pos (..., K) -> (..., heads, Q, K): whether the pattern lets each head's query see
         each key (causality aside)."""
@@ -189,8 +203,9 @@ class StepBatch:
         self.packed: list[torch.Tensor] | None = None  # see pack()
 
     def sparse(self, pattern: BlockSparse) -> "StepBatch":
-        """The same step under a block-sparse pattern (built once per step, shared by the layers that use it):
-        every unit masked per head by the pattern as well as causally."""
+        """The same step under a block-sparse pattern (built once per step, shared by the layers that use it): a
+        unit whose keys the pattern shows whole stays unmasked, one it hides from every head is skipped, the
+        others are masked per head by the pattern as well as causally."""
         if pattern not in self._sparse:
             self._sparse[pattern] = StepBatch(self.rows, self.decode_rows, self.block_size, self.heads, self.kv_heads,
                                               self.dtype, self.device, pattern, self.lengths)
@@ -201,6 +216,7 @@ class StepBatch:
         compiled call, so that nothing of it is traced."""
         self.packed = _pack(self.kinds, self.device)
         return self
+
     def _kind(self, rows, first_token: int, tile: int, chunk: int) -> Kind:
         bs, per_chunk = self.block_size, chunk // self.block_size
         q_index, real, tile_pos = [], [], []
@@ -216,9 +232,13 @@ class StepBatch:
                 q_index.append(idx)
                 real.extend(t * tile + i for i in range(b - a))
                 for c0 in range(0, b, chunk):
+                    below = c0 + chunk <= a  # every key before every query: causally all visible
+                    seen = "all" if self.pattern is None else self.pattern.sees(a, b - 1, c0, c0 + chunk)
+                    if below and seen == "none":
+                        continue  # the pattern hides these keys from every head's queries
                     blocks = table[c0 // bs:c0 // bs + per_chunk]
                     blocks = blocks + [0] * (per_chunk - len(blocks))
-                    (full if c0 + chunk <= a and self.pattern is None else diag).append((t, c0, blocks))
+                    (full if below and seen == "all" else diag).append((t, c0, blocks))
             token += n
         tiles = len(tile_pos)
         units = diag + full
