@@ -31,7 +31,7 @@ from compression.compress import FORMAT, FORMAT_VERSION  # noqa: E402
 from compression.plan import plan_tensor  # noqa: E402
 from compression.synthetic import PHI3_SMALL_CONFIG, build_family, build_phi3small  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
-from server.plan import family_plan, make_plan, standalone_plan, table  # noqa: E402
+from server.plan import family_plan, loaded_bytes, make_plan, standalone_plan, table  # noqa: E402
 
 LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -86,17 +86,6 @@ def paper_config(root: Path) -> ServerConfig:
     return ServerConfig.model_validate({k: data[k] for k in ("families", "standalone", "limits")})
 
 
-def stored_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a loaded model's tensors (parameters and buffers), each storage once."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
 def check_loads(root: Path, layers: int) -> list[dict]:
     from compression.artifact import Artifact
     from compression.compress import CompressOptions, compress
@@ -112,7 +101,7 @@ def check_loads(root: Path, layers: int) -> list[dict]:
                                                                   "blocksparse_block_size")},
                             num_hidden_layers=layers, blocksparse_num_local_blocks=16, blocksparse_vert_stride=8)
     planned = standalone_plan(StandaloneConfig(name="phi3-small", path=small), 32, 8192).weight_bytes
-    loaded = stored_bytes(load_causal_lm(small))
+    loaded = loaded_bytes(load_causal_lm(small))
     rows.append({"model": f"Phi-3-small widths, {layers} layers, bf16", "planned": planned, "loaded": loaded,
                  "seconds": round(time.perf_counter() - t, 1)})
     t = time.perf_counter()
@@ -124,7 +113,7 @@ def check_loads(root: Path, layers: int) -> list[dict]:
         planned = family_plan(fam, 32, 8192).weight_bytes
         model = FamilyModel.from_artifact(Artifact(root / "family"), device="cpu", rank_multiple=multiple)
         rows.append({"model": f"Llama-3-8B widths, {layers} layers, 3 branches, rate 0.95, bf16, ranks padded to "
-                              f"{multiple} ({device})", "planned": planned, "loaded": stored_bytes(model),
+                              f"{multiple} ({device})", "planned": planned, "loaded": loaded_bytes(model),
                      "seconds": round(time.perf_counter() - t, 1)})
     return rows
 

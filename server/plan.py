@@ -201,6 +201,17 @@ def _cuda_memory(device: str) -> int | None:
     return torch.cuda.get_device_properties(torch.device(device)).total_memory
 
 
+def loaded_bytes(module: torch.nn.Module) -> int:
+    """Bytes a loaded model's tensors take (parameters and buffers), each storage once: what a plan is checked
+    against."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+    return total
+
+
 def _gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 

@@ -146,18 +146,24 @@ def _greedy(engine, prompts: list[list[int]], steps: int) -> list[list[int]]:
 
 
 # -- tests ----------------------------------------------------------------------------------------------------
-def test_logits_equal_the_reference_forward(phi3small, tokenizer):
+def assert_logits_match(path, tokenizer):
+    """The checkpoint at ``path``, loaded as `serve` loads it, against the reference, on a prompt shorter and
+    one longer than the local window."""
     from server.engine.phi3small import load_causal_lm
 
-    model = load_causal_lm(phi3small)
+    model = load_causal_lm(path)
     for text in (SHORT, LONG):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         with torch.inference_mode():
             got = model(input_ids=torch.tensor([ids])).logits[0].double()
-        want = reference_logits(phi3small, ids)
+        want = reference_logits(path, ids)
         finite = torch.isfinite(want)
         assert torch.equal(finite, torch.isfinite(got))
         assert torch.allclose(got[finite], want[finite], atol=1e-4, rtol=1e-4)
+
+
+def test_logits_equal_the_reference_forward(phi3small, tokenizer):
+    assert_logits_match(phi3small, tokenizer)
 
 
 def test_greedy_tokens_alone_and_batched_equal_the_reference(phi3small, tokenizer):
@@ -280,16 +286,7 @@ def test_long_context_rope_scaling(tmp_path, tokenizer):
     path = build_phi3small(tmp_path / "long", seed=7, max_position_embeddings=4096, rope_scaling={
         "type": "su", "original_max_position_embeddings": 24, "short_mscale": 1.0, "long_mscale": 1.19,
         "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [1.0 + 2.0 * i for i in range(half)]})
-    from server.engine.phi3small import load_causal_lm
-
-    model = load_causal_lm(path)
-    for text in (SHORT, LONG):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        with torch.inference_mode():
-            got = model(input_ids=torch.tensor([ids])).logits[0].double()
-        want = reference_logits(path, ids)
-        finite = torch.isfinite(want)
-        assert torch.allclose(got[finite], want[finite], atol=1e-4, rtol=1e-4)
+    assert_logits_match(path, tokenizer)
     ids = tokenizer(LONG, add_special_tokens=False)["input_ids"]
     engine = _engine(path, chunk=16)  # the prompt in chunks, each using the whole prompt's factors
     try:

@@ -9,17 +9,8 @@ import yaml
 from compression.compress import CompressOptions, compress
 from compression.synthetic import PHI3_SMALL_CONFIG, build_phi3small, build_standalone
 from server.config import ServerConfig
+from server.plan import loaded_bytes
 from tests.conftest import run_cli
-
-
-def stored_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a loaded model's tensors, each storage once."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.untyped_storage().nbytes()
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +39,7 @@ def test_planned_bytes_match_a_load_and_the_engines_cache(models):
     runners = engine.runners
     assert len(plan.models) == len(runners) == 3
     for planned, runner in zip(plan.models, runners):
-        loaded = stored_bytes(runner.model)  # residual factors are buffers; rope tables and such are small
+        loaded = loaded_bytes(runner.model)  # residual factors are buffers; rope tables and such are small
         assert abs(planned.weight_bytes - loaded) <= 0.02 * loaded, (planned.names, planned.weight_bytes, loaded)
         assert planned.kv_per_token == runner.kv_bytes_per_token()
         assert planned.kv_tokens == runner.pool.capacity  # the engine's own split of the budget
