@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from compression.compress import FORMAT
 from compression.errors import UserError
 from server.config import ServerConfig
 from server.engine.kv_cache import BLOCK_SIZE, kv_bytes_per_token, split_kv
@@ -56,8 +57,15 @@ def family_plan(fam, max_batch: int, max_context: int) -> ModelPlan:
         raise UserError(f"family {path}: cannot read manifest.json ({e.strerror or e})") from None
     except ValueError as e:
         raise UserError(f"{path / 'manifest.json'}: not JSON ({e})") from None
-    if manifest.get("format") != "branchserve-artifact":
+    if manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a branchserve artifact")
+    try:
+        return _family_plan(fam, path, manifest, max_batch, max_context)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path / 'manifest.json'}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _family_plan(fam, path: Path, manifest: dict, max_batch: int, max_context: int) -> ModelPlan:
     branches = list(dict.fromkeys((fam.branches or {b: b for b in manifest["branches"]}).values()))
     for b in branches:
         if b not in manifest["branches"]:
@@ -84,12 +92,21 @@ def family_plan(fam, max_batch: int, max_context: int) -> ModelPlan:
                 for b in branches:
                     r = spec["branches"][b].get("rank", spec["rank"])
                     parts["residuals"] += -(-r // multiple) * multiple * (m + n) * size
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    kv = kv_bytes_per_token(cfg["num_hidden_layers"], cfg.get("num_key_value_heads") or heads, head_dim,
-                            _dtype(fam.dtype or manifest["dtype"]))
+    kv = _kv_per_token(cfg, fam.dtype or manifest["dtype"], path / "manifest.json")
     names = ", ".join(fam.branches or {b: b for b in manifest["branches"]})
     return ModelPlan(names, "family", fam.device, parts, kv, max_batch * max_context)
+
+
+def _kv_per_token(cfg: dict, dtype: str, source: Path) -> int:
+    try:
+        heads = int(cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+        return kv_bytes_per_token(int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads") or heads),
+                                  head_dim, _dtype(dtype))
+    except KeyError as e:
+        raise UserError(f"{source}: the model's config has no {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise UserError(f"{source}: the model's config has unreadable attention sizes") from None
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -122,10 +139,7 @@ def standalone_plan(sa, max_batch: int, max_context: int) -> ModelPlan:
     else:
         numel = _config_numel(path, cfg)
     dtype = dtype or "float32"
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    kv = kv_bytes_per_token(cfg["num_hidden_layers"], cfg.get("num_key_value_heads") or heads, head_dim,
-                            _dtype(dtype))
+    kv = _kv_per_token(cfg, dtype, path / "config.json")
     return ModelPlan(sa.name, "standalone", sa.device, {"weights": numel * DTYPE_BYTES[dtype]}, kv,
                      max_batch * max_context)
 

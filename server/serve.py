@@ -131,7 +131,7 @@ def log_plan(config: ServerConfig) -> None:
 
     try:
         plan = make_plan(config)
-    except UserError as e:
+    except Exception as e:  # the plan only informs: loading says what is really wrong
         log.warning("no memory plan: %s", e)
         return
     for line in table(plan):

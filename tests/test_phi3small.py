@@ -371,5 +371,8 @@ def test_served_natively_next_to_a_family_and_as_a_pipeline_stage(phi3small, tok
         want = tokenizer.decode(reference_greedy(phi3small, ids, 4), skip_special_tokens=True)
         assert body.choices[0].message.reasoning_content == want
         assert [s["model"] for s in body.usage.stages] == ["phi3-small", "math"]
+        vectors = client.embeddings.create(model="decoder:phi3-small", input=[SHORT, LONG]).data
+        assert [len(v.embedding) for v in vectors] == [64, 64]
+        assert abs(sum(x * x for x in vectors[1].embedding) - 1) < 1e-4
     finally:
         server.close()

@@ -82,3 +82,14 @@ def test_cli_table_json_and_a_shortfall(models, tmp_path):
     assert "DOES NOT FIT" in short.stdout
     bad = run_cli("plan", "--config", path, "--device-memory", "lots")
     assert bad.returncode == 2 and bad.stderr == "error: --device-memory 'lots' is not a size (say 48GB or 80GiB)\n"
+
+
+def test_cli_names_what_it_cannot_read(tmp_path):
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "manifest.json").write_text(json.dumps({"format": "branchserve-artifact", "branches": {}}))
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"families": [{"artifact": str(art)}]}))
+    out = run_cli("plan", "--config", path)
+    assert out.returncode == 2 and out.stderr.startswith(f"error: {art / 'manifest.json'}: unreadable")
+    assert out.stderr.count("\n") == 1
