@@ -198,6 +198,14 @@ def _remote(args, method: str, path: str, body=None):
     return r.json() if r.content else None
 
 
+def _segment(text: str) -> str:
+    """One URL path segment: every '/', '.' and other reserved character escaped, so that a route or exemplar
+    id such as ``../../victim`` names itself, never another path (the client would resolve the dots)."""
+    from urllib.parse import quote
+
+    return quote(text, safe="").replace(".", "%2E")
+
+
 def cmd_exemplars(args) -> int:
     from router.store import ExemplarStore, StoreError
 
@@ -205,11 +213,11 @@ def cmd_exemplars(args) -> int:
         if args.action == "list":
             routes = _remote(args, "GET", "/v1/router/routes")["routes"]
         elif args.action == "add":
-            ex = _remote(args, "POST", f"/v1/router/routes/{args.route}/exemplars", {"text": args.text})
+            ex = _remote(args, "POST", f"/v1/router/routes/{_segment(args.route)}/exemplars", {"text": args.text})
             print(ex["id"])
             return 0
         else:
-            _remote(args, "DELETE", f"/v1/router/routes/{args.route}/exemplars/{args.id}")
+            _remote(args, "DELETE", f"/v1/router/routes/{_segment(args.route)}/exemplars/{_segment(args.id)}")
             return 0
     else:
         if not args.file:

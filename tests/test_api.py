@@ -173,6 +173,51 @@ def test_bad_bodies_say_what_is_wrong(server, client):
     assert ok.choices[0].finish_reason == "length"
 
 
+def test_bounds_of_round_2_are_400s_naming_the_field(server, client):
+    """Each was a 500 or a silent wrong answer before: a seed past 64 bits, a lone surrogate, an endless stop
+    string, a flood of messages, constraints xgrammar would not enforce or could not compile in bounded time."""
+    base = server.url
+
+    def error(path, body):
+        r = httpx.post(base + path, json=body, timeout=60)
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        return r.json()["error"]
+
+    chat = {"model": "math", "messages": MESSAGES, "max_tokens": 2}
+    for seed in (2**64, 2**63, -2**63 - 1):
+        assert error("/v1/chat/completions", {**chat, "seed": seed})["param"] == "seed"
+        assert error("/v1/completions", {"model": "math", "prompt": "hi", "seed": seed})["param"] == "seed"
+    for seed in (2**63 - 1, -2**63):  # the ends of the range work, n > 1 too
+        ok = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=2, seed=seed, n=2)
+        assert len(ok.choices) == 2
+    lone = '"hi \\ud800 there"'  # JSON text: the escape of a lone surrogate
+    for path, body in (("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "x"}]}),
+                       ("/v1/completions", {"model": "math", "prompt": "x"}),
+                       ("/v1/embeddings", {"model": "decoder:math", "input": ["ok", "x"]})):
+        r = httpx.post(base + path, content=json.dumps(body).replace('"x"', lone),
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_unicode", r.text
+        assert "U+D800" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] in ("messages[0].content", "prompt", "input[1]")
+    assert "512 characters" in error("/v1/chat/completions", {**chat, "stop": ["x" * 513]})["message"]
+    assert error("/v1/completions", {"model": "math", "prompt": "hi", "stop": "x" * 513})["param"] == "stop"
+    many = [{"role": "user", "content": "hi"}] * 2049
+    assert error("/v1/chat/completions", {**chat, "messages": many})["param"] == "messages"
+    for field, value, words in (("guided_regex", "(.{1,999}){1,999}", "bounded repetitions"),
+                                ("guided_json", {"type": "object", "not": {"required": ["a"]}}, "'not'"),
+                                ("guided_json", {"$ref": "https://example.com/schema.json"}, "points outside"),
+                                ("guided_json", json.dumps({"type": "array", "items": {}}).replace(
+                                    "{}", "[" * 2600 + "]" * 2600), "nested deeper"),
+                                ("guided_json", {"type": "array", "maxItems": 500,
+                                                 "items": {"type": "string", "maxLength": 500}}, "repetitions")):
+        e = error("/v1/chat/completions", {**chat, field: value})
+        assert e["param"] == field and words in e["message"], e
+    # top_p so small it rounds to 0 still keeps the most likely token
+    tiny = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=3, top_p=1e-300, seed=1)
+    greedy = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=3, temperature=0)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content != ""
+
+
 def test_a_body_over_the_limit_is_413(server):
     url = server.url + "/v1/chat/completions"
     big = b'{"model": "math", "messages": [{"role": "user", "content": "' + b"x" * (9 * 1024 * 1024) + b'"}]}'

@@ -338,6 +338,11 @@ def test_auto_routing_and_editing_over_http(tiny_models, tmp_path, monkeypatch):
         assert httpx.post(url + "/v1/router/routes", json={"name": "empty", "target": "phi3"}).status_code == 201
         d = httpx.post(url + "/v1/router/decide", json={"text": "What is 45 times 3?"})
         assert d.status_code == 200 and d.json()["scores"]["empty"] is None and d.json()["route"] != "empty"
+        # A path in an id names that id, not another route (the CLI once sent DELETE /v1/router/routes/books).
+        for bad in ("../../books", "..", "a/b"):
+            assert main(["exemplars", "--url", url, "remove", "general", bad]) == 2
+        assert main(["exemplars", "--url", url, "remove", "..", "x"]) == 2
+        assert "books" in [r["name"] for r in httpx.get(url + "/v1/router/routes").json()["routes"]]
         assert httpx.post(url + "/v1/router/routes", json={"name": "hot", "target": "phi3", "threshold": 1.5,
                                                            "exemplars": ["x"]}).status_code == 400
         assert httpx.delete(url + "/v1/router/routes/empty").status_code == 204

@@ -24,12 +24,12 @@ from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.api import errors
 from server.api.common import SHUTTING_DOWN, done_unless_gone, engine_error, sse_events
 from server.api.constraints import compile_for, request_constraint
-from server.api.protocol import GuidedFields, ResponseFormat, StreamOptions, Usage, now
+from server.api.protocol import SEED_END, SEED_MIN, GuidedFields, RequestBody, ResponseFormat, StreamOptions, Usage, check_stop, now
 from server.engine.sampling import MAX_LOGPROBS, SamplingParams
 from server.engine.scheduler import EngineFull, RequestStream
 
@@ -54,7 +54,7 @@ class CompletionRequest(GuidedFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, lt=SEED_END)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     ignore_eos: bool = False  # vLLM's: the model's end of turn does not end the answer (benchmark clients)
     response_format: ResponseFormat | None = None
@@ -68,13 +68,18 @@ class CompletionRequest(GuidedFields):
             return [p]
         return list(p)
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        return check_stop(v)
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(RequestBody):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
@@ -108,9 +113,6 @@ class CompletionHandler:
         if body.echo and body.logprobs is not None:
             raise errors.bad_request("echo with logprobs (the prompt's own logprobs) is not served", param="echo",
                                      code="unsupported_parameter")
-        stop = body.stop_list()
-        if len(stop) > 4:
-            raise errors.bad_request("at most 4 stop sequences", param="stop")
         if len(body.prompts()) * body.n > MAX_PROMPTS:
             raise errors.bad_request(f"at most {MAX_PROMPTS} prompts times n per request", param="prompt")
         if body.model in self.state.pipelines:

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.api import errors
+
 UNSUPPORTED_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio", "file": "file",
                      "video_url": "video"}
 
@@ -154,7 +156,40 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class GuidedFields(BaseModel):
+def lone_surrogate(value) -> tuple[str, str] | None:
+    """(where, which code point) of the first string in a parsed JSON body that holds a lone surrogate (JSON
+    allows writing one as an escape, "\\ud800"; it is not Unicode, and no tokenizer takes it)."""
+    stack = [(value, "")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return path or "body", f"U+{ord(v[e.start]):04X}"
+        elif isinstance(v, dict):
+            stack.extend((item, f"{path}.{key}" if path else str(key)) for key, item in reversed(v.items()))
+        elif isinstance(v, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(v))))
+    return None
+
+
+class RequestBody(BaseModel):
+    """A request body: its text must be Unicode. A lone surrogate is a 400 naming where it is (FastAPI lets the
+    APIError through validation to its handler)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data):
+        bad = lone_surrogate(data)
+        if bad is not None:
+            where, code = bad
+            raise errors.bad_request(f"{where} holds a lone surrogate ({code}): the text is not valid Unicode",
+                                     param=where, code="invalid_unicode")
+        return data
+
+
+class GuidedFields(RequestBody):
     """vLLM's extras for constrained decoding, accepted in the request body; at most one constraint per request
     (these or response_format or a forced tool call)."""
 
@@ -162,6 +197,22 @@ class GuidedFields(BaseModel):
     guided_regex: str | None = Field(None, max_length=8192)
     guided_choice: list[str] | None = Field(None, min_length=1, max_length=256)
     guided_grammar: str | None = Field(None, max_length=64_000)
+
+
+SEED_MIN, SEED_END = -2**63, 2**63  # a seed is a signed 64-bit integer
+MAX_MESSAGES = 2048  # messages in one chat request, checked before anything is rendered or tokenized
+MAX_STOP = 4  # stop sequences per request (OpenAI's limit)
+MAX_STOP_CHARS = 512  # characters in one stop sequence: text that may begin one is held back from the stream
+
+
+def check_stop(v):
+    """A stop string or list: at most MAX_STOP of them, each at most MAX_STOP_CHARS characters."""
+    stops = [v] if isinstance(v, str) else (v or [])
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"a stop sequence may hold at most {MAX_STOP_CHARS} characters")
+    return v
 
 
 # Fields that change what an answer means. Until they are served, a request that uses one is refused (400)
@@ -182,14 +233,14 @@ class ChatCompletionRequest(GuidedFields):
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, lt=SEED_END)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
     response_format: ResponseFormat | None = None
@@ -219,9 +270,7 @@ class ChatCompletionRequest(GuidedFields):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v):
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return v
+        return check_stop(v)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -12,10 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from router.router import route_input
 from router.store import MAX_TEXT, Route, StoreError
 from server.api import errors
-from server.api.protocol import ChatMessage
+from server.api.protocol import ChatMessage, RequestBody
 
 
-class _Body(BaseModel):
+class _Body(RequestBody):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 

@@ -64,8 +64,9 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     rank = torch.arange(vocab, device=logits.device)[None, :]
     drop = rank >= k[:, None]  # outside the top k
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-    drop |= probs.cumsum(dim=-1) - probs >= top_p[:, None]
+    # Keep the smallest prefix whose mass reaches top_p, and always the top token (a top_p that rounds to 0 in
+    # fp32, 1e-300 say, would otherwise drop every token).
+    drop |= (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (rank > 0)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 

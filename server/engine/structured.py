@@ -39,19 +39,24 @@ class Constraint:
     @staticmethod
     def json_schema(schema) -> "Constraint":
         if isinstance(schema, str):
+            _bounded(schema)
             try:
                 schema = json.loads(schema)
             except json.JSONDecodeError as e:
                 raise ConstraintError(f"the JSON schema is not valid JSON: {e.msg}") from None
+            except RecursionError:
+                raise ConstraintError(f"the JSON schema is nested deeper than {MAX_SCHEMA_DEPTH} levels") from None
         if not isinstance(schema, dict):
             raise ConstraintError("a JSON schema must be an object")
+        check_schema(schema)
         return Constraint("json_schema", _bounded(json.dumps(schema)))  # keys in the caller's order: output order
 
     @staticmethod
     def regex(pattern: str) -> "Constraint":
         if not isinstance(pattern, str) or not pattern:
             raise ConstraintError("the regex is empty")
-        return Constraint("regex", _bounded(pattern))
+        check_regex(_bounded(pattern))
+        return Constraint("regex", pattern)
 
     @staticmethod
     def choice(options) -> "Constraint":
@@ -69,6 +74,94 @@ class Constraint:
 
     def describe(self) -> str:
         return self.kind.replace("_", " ")
+
+
+MAX_SCHEMA_DEPTH = 32  # nesting of a JSON schema's objects and lists
+MAX_REPEAT = 10_000  # the largest count a bounded repetition may expand to, nested ones multiplied
+# Schema keywords xgrammar (0.2.9) leaves out of the grammar (checked: the grammar is the same without them):
+# refused, rather than accepted and not enforced.
+UNENFORCEABLE = ("not", "if", "then", "else", "dependentSchemas", "dependentRequired")
+BOUNDS = ("maxLength", "maxItems", "maxProperties", "minLength", "minItems", "minProperties")
+
+
+def check_schema(schema: dict) -> None:
+    """Refuse, before compiling, what xgrammar would not enforce or could not compile in bounded time: nesting
+    deeper than MAX_SCHEMA_DEPTH, keywords it cannot enforce, a $ref outside the schema, length and item bounds
+    whose product along a path exceeds MAX_REPEAT (each is expanded into that many grammar repetitions)."""
+    stack = [(schema, 1, 1)]
+    while stack:
+        node, depth, repeat = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ConstraintError(f"the JSON schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+        if isinstance(node, list):
+            stack.extend((item, depth + 1, repeat) for item in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key in UNENFORCEABLE:
+            if isinstance(node.get(key), (dict, bool, list)):
+                raise ConstraintError(f"the JSON schema uses {key!r}, which is not enforced while decoding")
+        ref = node.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            raise ConstraintError(f"the JSON schema's $ref {ref[:80]!r} points outside it: only local references "
+                                  "(#/$defs/...) are followed")
+        here = repeat
+        for key in BOUNDS:
+            value = node.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                here = max(here, repeat * value)
+        if here > MAX_REPEAT:
+            raise ConstraintError(f"the JSON schema's length and item bounds expand to {here} repetitions (nested "
+                                  f"ones multiply); the limit is {MAX_REPEAT}")
+        for key, value in node.items():
+            if isinstance(value, (dict, list)):
+                stack.append((value, depth + 1, here if key in ("items", "prefixItems", "properties",
+                                                                  "additionalProperties") else repeat))
+
+
+def check_regex(pattern: str) -> None:
+    """Refuse a regex whose bounded repetitions expand past MAX_REPEAT (nested ones multiply): xgrammar expands
+    ``x{1,999}`` into 999 copies, so ``(.{1,999}){1,999}`` is about a million, and each token's mask then took
+    seconds. Unbounded ``*`` and ``+`` are loops and cost nothing extra."""
+    levels = [[1, 1]]  # per open group: [the largest expansion seen in it, the last atom's expansion]
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            levels[-1][1] = 1
+            i += 2
+            continue
+        if c == "[":  # a character class is one atom; skip to its end
+            j = i + 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            levels[-1][1] = 1
+            i = j + 1
+            continue
+        if c == "(":
+            levels.append([1, 1])
+        elif c == ")" and len(levels) > 1:
+            inner = levels.pop()
+            levels[-1][1] = max(inner)
+        elif c == "{":
+            m = re.match(r"\{(\d+)(?:,(\d*))?\}", pattern[i:])
+            if m:
+                bound = int(m.group(2) or m.group(1)) if m.group(2) != "" else int(m.group(1))
+                levels[-1][1] *= max(bound, 1)
+                if levels[-1][1] > MAX_REPEAT:
+                    raise ConstraintError(f"the regex's bounded repetitions expand to {levels[-1][1]} (nested ones "
+                                          f"multiply); the limit is {MAX_REPEAT}")
+                i += m.end()
+                levels[-1][0] = max(levels[-1])
+                continue
+        else:
+            levels[-1][1] = 1
+        levels[-1][0] = max(levels[-1])
+        i += 1
 
 
 def _bounded(text: str) -> str:
