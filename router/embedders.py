@@ -237,7 +237,8 @@ def hf_hidden(model) -> Callable[[list[int], int], torch.Tensor]:
 
     @torch.inference_mode()
     def hidden(ids: list[int], layer: int) -> torch.Tensor:
-        out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True, use_cache=False)
+        out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True, use_cache=False,
+                    logits_to_keep=1)
         return out.hidden_states[layer][0]
 
     return hidden

@@ -445,6 +445,29 @@ def test_embed_jobs_are_bounded_and_checked_before_queueing(paths):
         e.wait_ready(timeout=0.01)  # not started: no warm-up has run
 
 
+def test_many_long_embed_jobs_run_as_bounded_forwards_without_the_head(paths):
+    """A request of many long inputs to a standalone model (256 x 400 tokens grew a server to 20 GB): the jobs go
+    in forwards of at most max_embed_tokens padded tokens, the head runs on one position per row, and each
+    job's states equal those of its input alone."""
+    e = Engine(max_embed_tokens=256)
+    runner = e.add_standalone("phi3", paths["phi3"], max_batch=2, max_seq=128)
+    sizes, kept = [], []
+    hidden = e._hidden
+    e._hidden = lambda jobs: sizes.append(len(jobs) * max(len(j.tokens) for j in jobs)) or hidden(jobs)
+    runner.model.register_forward_pre_hook(lambda m, a, kw: kept.append(kw.get("logits_to_keep")), with_kwargs=True)
+    jobs = [[(7 * i + j) % 250 + 1 for j in range(40 + 7 * i)] for i in range(12)]
+    futures = [e.embed_future("phi3", t) for t in jobs]  # queued before the engine starts: one batch to split
+    e.start()
+    try:
+        states = [f.result(timeout=120) for f in futures]
+        alone = [e.embed_future("phi3", jobs[i]).result(timeout=60) for i in (0, 11)]
+    finally:
+        e.stop()
+    assert max(sizes[:-2]) <= 256 and len(sizes) > 3 and set(kept) == {1}
+    assert torch.allclose(states[0], alone[0], atol=1e-5) and torch.allclose(states[11], alone[1], atol=1e-5)
+    assert [s.shape[0] for s in states] == [len(t) for t in jobs]
+
+
 def test_standalone_steps_of_several_rows_give_each_rows_own_logits(paths):
     """Rows of different lengths and starts in one flat forward, prompt chunks beside decode rows: each row's
     logits are those of transformers' plain forward over its whole prompt, read from its own blocks."""

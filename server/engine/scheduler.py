@@ -460,15 +460,29 @@ class Engine(EngineBase):
         for job in jobs:
             groups.setdefault((id(job.target.runner), job.layer), []).append(job)
         for group in groups.values():
-            try:
-                states = self._hidden(group)
-            except Exception as e:  # these jobs fail alone
-                log.exception("embed job failed")
-                for job in group:
-                    job.future.set_exception(e)
-                continue
-            for job, s in zip(group, states):
-                job.future.set_result(s.float().cpu())
+            for batch in self._embed_batches(group):
+                try:
+                    states = self._hidden(batch)
+                except Exception as e:  # these jobs fail alone
+                    log.exception("embed job failed")
+                    for job in batch:
+                        job.future.set_exception(e)
+                    continue
+                for job, s in zip(batch, states):
+                    job.future.set_result(s.float().cpu())
+
+    def _embed_batches(self, jobs: list[EmbedJob]) -> list[list[EmbedJob]]:
+        """Jobs packed into forwards of at most ``max_embed_tokens`` padded tokens each (rows x the longest),
+        shortest first: a request of 256 long inputs is several bounded forwards, not one of 100k tokens."""
+        batches, current, longest = [], [], 0
+        for job in sorted(jobs, key=lambda j: len(j.tokens)):
+            n = len(job.tokens)
+            if current and (len(current) + 1) * max(longest, n) > self.max_embed_tokens:
+                batches.append(current)
+                current, longest = [], 0
+            current.append(job)
+            longest = max(longest, n)
+        return batches + [current] if current else batches
 
     @staticmethod
     def _hidden(jobs: list[EmbedJob]) -> list[torch.Tensor]:
@@ -479,8 +493,9 @@ class Engine(EngineBase):
             return model.hidden(tokens, [j.target.branch for j in jobs], layer)
         longest = max(len(t) for t in tokens)
         ids = torch.tensor([t + [0] * (longest - len(t)) for t in tokens], device=model.device)  # right padding
-        with torch.inference_mode():
-            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        with torch.inference_mode():  # the head only for the last position: logits for every token of a
+            # batch of long inputs were most of its memory (vocabulary x tokens)
+            out = model(input_ids=ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
         return [out.hidden_states[layer][i, :len(t)] for i, t in enumerate(tokens)]
 
     def _loop(self) -> None:
