@@ -97,6 +97,10 @@ class Limits(_Strict):
     kv_cache_memory: int | str | None = None
     # Steps compiled by torch.compile (inductor, dynamic shapes) before the server is ready; every model.
     compile: bool = False
+    # A request running longer than this ends with a 504 (or an error event in a stream) and frees its slot.
+    request_timeout_s: float = Field(1800, gt=0)
+    # A single engine step running longer than this turns /health to 503 and fails waiting requests with 503.
+    step_timeout_s: float = Field(300, gt=0)
 
 
     @field_validator("kv_cache_memory")

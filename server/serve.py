@@ -65,7 +65,8 @@ def preflight(config: ServerConfig):
 
 def build_engine(config: ServerConfig) -> Engine:
     limits = config.limits
-    engine = Engine(max_waiting=limits.queue_size, kv_cache_memory=limits.kv_cache_memory)
+    engine = Engine(max_waiting=limits.queue_size, kv_cache_memory=limits.kv_cache_memory,
+                    step_timeout_s=limits.step_timeout_s, request_timeout_s=limits.request_timeout_s)
     common = dict(max_batch=limits.max_batch, max_seq=limits.max_context, prefill_chunk=limits.prefill_chunk)
     for fam in config.families:
         engine.add_family(fam.artifact, fam.branches, device=fam.device,

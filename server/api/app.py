@@ -187,12 +187,16 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
             raise errors.not_ready()
         return state.engine
 
-    @app.get("/health", responses={503: {"model": HealthBody, "description": "Loading, or loading failed"}},
+    @app.get("/health", responses={503: {"model": HealthBody,
+                                         "description": "Loading, loading failed, or the engine is not running"}},
              response_model=HealthBody)
     async def health():
         if state.engine is None:
             body = {"status": "error" if state.load_error else "loading", "detail": state.load_error}
             return JSONResponse(body, status_code=503)
+        problem = state.engine.problem()
+        if problem is not None:  # the engine thread ended, is stuck in a step, or its steps keep failing
+            return JSONResponse({"status": "error", "detail": problem}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=Response,

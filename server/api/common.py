@@ -17,9 +17,16 @@ SHUTTING_DOWN = "The server is shutting down; retry on another replica or later"
 
 
 def engine_error(message: str) -> errors.APIError:
-    """A sequence the engine ended with an error: 503 when the server is shutting down, 500 otherwise."""
+    """A sequence the engine ended with an error: 503 when the server is shutting down or its engine is not
+    running, 504 past limits.request_timeout_s, 500 otherwise."""
+    from server.engine.scheduler import ENGINE_UNAVAILABLE, REQUEST_TIMEOUT
+
     if SHUTTING_DOWN in message:
         return errors.shutting_down(SHUTTING_DOWN)
+    if message.startswith(ENGINE_UNAVAILABLE):
+        return errors.engine_unavailable(message)
+    if message.startswith(REQUEST_TIMEOUT):
+        return errors.APIError(504, message, type="server_error", code="request_timeout")
     return errors.APIError(500, message, type="server_error")
 
 

@@ -43,7 +43,8 @@ class ErrorBody(BaseModel):
 WHY = {400: "The request is invalid (the message says what and where)", 401: "A missing or wrong key",
        403: "Not allowed with this server's settings", 404: "No such model, route or exemplar",
        409: "It exists already", 413: "The request body is too large", 429: "The queue is full: retry after Retry-After seconds",
-       503: "The models are still loading"}
+       503: "The models are still loading, the server is shutting down, or its engine is not running",
+       504: "The request ran longer than limits.request_timeout_s"}
 
 
 def documented(*statuses: int) -> dict:
@@ -70,6 +71,10 @@ def queue_full(message: str) -> APIError:
 
 def shutting_down(message: str) -> APIError:
     return APIError(503, message, type="server_error", code="shutting_down", headers={"Retry-After": "5"})
+
+
+def engine_unavailable(message: str) -> APIError:
+    return APIError(503, message, type="server_error", code="engine_unavailable", headers={"Retry-After": "5"})
 
 
 def not_ready() -> APIError:
@@ -155,6 +160,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         return (await validation_error(request, exc)).response()
+
+    from server.engine.scheduler import EngineUnavailable
+
+    @app.exception_handler(EngineUnavailable)
+    async def _unavailable(request: Request, exc: EngineUnavailable):
+        return engine_unavailable(str(exc)).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

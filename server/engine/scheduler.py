@@ -29,6 +29,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,14 @@ class UnknownModel(KeyError):
 
 class EngineFull(RuntimeError):
     pass
+
+
+ENGINE_UNAVAILABLE = "The engine is not running"  # error events and EngineUnavailable start with it
+REQUEST_TIMEOUT = "The request ran longer than"
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine thread has died, or is stuck in a step: nothing queued now would ever be answered."""
 
 
 @dataclass
@@ -78,10 +87,17 @@ class Target:
 class RequestStream:
     """One request's events, detokenized here (the output side), with stop strings cut exactly."""
 
-    def __init__(self, seq: Sequence, events: asyncio.Queue, wake: threading.Event, tokenizer):
+    def __init__(self, seq: Sequence, events: asyncio.Queue, wake: threading.Event, tokenizer,
+                 problem=lambda: None, timeout_s: float | None = None):
+        """``problem()``: why the engine cannot answer, or None; ``timeout_s``: how long the request may run. A
+        stream whose engine stops answering, or that runs past its time, ends with an error event (and frees
+        its sequence) instead of waiting for ever."""
         self.seq, self._events, self._wake = seq, events, wake
         self._text = IncrementalText(tokenizer, seq.params.stop)
         self.finish_reason: str | None = None
+        self._problem = problem
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._timeout_s = timeout_s
         self.prompt_tokens = len(seq.prompt)
         self.completion_tokens = 0  # tokens delivered: a stop string ends the count where it cut
 
@@ -96,7 +112,7 @@ class RequestStream:
         if self.finish_reason is not None:
             raise StopAsyncIteration
         while True:
-            event = await self._events.get()
+            event = self._overdue() or (self._events.get_nowait() if not self._events.empty() else await self._next())
             if event.finish_reason is None:
                 self.completion_tokens += len(event.token_ids)
                 text, stopped, logprobs = "", False, [] if event.logprobs is not None else None
@@ -118,6 +134,30 @@ class RequestStream:
             self.finish_reason = event.finish_reason
             tail = self._text.flush() if event.finish_reason in ("stop", "length") else ""
             return Event(tail, [], event.finish_reason, self.prompt_tokens, self.completion_tokens, event.error)
+
+    def _overdue(self) -> Event | None:
+        """The error event that ends a request past its time (its sequence cancelled), or None."""
+        if self._deadline is None or time.monotonic() <= self._deadline:
+            return None
+        return self._end(f"{REQUEST_TIMEOUT} {self._timeout_s:g} s (limits.request_timeout_s)")
+
+    def _end(self, error: str) -> Event:
+        self.cancel()
+        return Event("", [], "error", len(self.seq.prompt), len(self.seq.output), error=error)
+
+    async def _next(self) -> Event:
+        """The next event; every second without one, whether the engine still answers and the request is still
+        within its time (if not: the sequence is cancelled, and an error event ends the stream)."""
+        while True:
+            try:
+                return await asyncio.wait_for(self._events.get(), timeout=LIVENESS_POLL_S)
+            except asyncio.TimeoutError:
+                problem = self._problem()
+                if problem is not None:
+                    return self._end(problem)
+                overdue = self._overdue()
+                if overdue is not None:
+                    return overdue
 
     def _logprob(self, tok: int, logprob: float, top: list[tuple[int, float]]) -> dict:
         """One token's entry in OpenAI's logprobs.content: its text ("bytes:\\xe2" for part of a character) and
@@ -269,21 +309,47 @@ class EngineBase:
         raise NotImplementedError
 
     async def embed(self, model: str, tokens: list[int], layer: int = -1):
-        """As ``embed_future``, awaited; cancelling the awaiting task cancels the job."""
-        return await asyncio.wrap_future(self.embed_future(model, tokens, layer))
+        """As ``embed_future``, awaited; cancelling the awaiting task cancels the job. Raises EngineUnavailable
+        when the engine stops answering while it waits."""
+        future = self.embed_future(model, tokens, layer)
+        waiting = asyncio.wrap_future(future)
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiting), timeout=LIVENESS_POLL_S)
+            except asyncio.TimeoutError:
+                problem = self.problem()
+                if problem is not None:
+                    future.cancel()
+                    raise EngineUnavailable(problem) from None
+            except asyncio.CancelledError:
+                future.cancel()
+                raise
+
+    def problem(self) -> str | None:
+        """Why the engine cannot answer now, or None (see Engine.problem)."""
+        return None
 
 
+FAILED_STEPS_UNHEALTHY = 3  # steps failing in a row before /health says the engine is not answering
+LIVENESS_POLL_S = 1.0  # how often a waiting request checks that the engine still answers
 DEFAULT_CPU_KV_BYTES = 2 * 2**30  # the KV budget on the CPU when limits.kv_cache_memory is not set
 GPU_MEMORY_UTILIZATION = 0.9  # on CUDA by default, keys and values take what loading left of 90% of the memory
 
 
 class Engine(EngineBase):
-    def __init__(self, max_waiting: int = 256, max_embed_tokens: int = 8448, kv_cache_memory: int | None = None):
+    def __init__(self, max_waiting: int = 256, max_embed_tokens: int = 8448, kv_cache_memory: int | None = None,
+                 step_timeout_s: float = 300.0, request_timeout_s: float | None = None):
         """``kv_cache_memory``: bytes of keys and values per device, split between the models on it (default:
         ``DEFAULT_CPU_KV_BYTES`` on the CPU; on CUDA what is free of ``GPU_MEMORY_UTILIZATION`` of the memory
-        once every model is loaded)."""
+        once every model is loaded). ``step_timeout_s``: a step running longer than this makes the engine
+        unavailable (``problem``) until it ends; ``request_timeout_s``: the longest a request may run."""
         super().__init__(max_waiting, max_embed_tokens)
         self.kv_cache_memory = kv_cache_memory
+        self.step_timeout_s, self.request_timeout_s = step_timeout_s, request_timeout_s
+        self._busy_since: float | None = None  # when the engine thread's current step (or embed batch) began
+        self._failed_steps = 0  # steps in a row that raised
+        self._last_failure = ""
+        self._dead: str | None = None  # why the engine thread ended, when it ended on its own
         self.runners: list[Runner] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: list = []  # (event loop, queue, event, sequence) emitted during a step, engine thread only
@@ -405,6 +471,21 @@ class Engine(EngineBase):
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def problem(self) -> str | None:
+        """Why the engine cannot answer requests now, or None: its thread has ended, a step has run past
+        ``step_timeout_s``, or the last steps all failed. /health says it, and waiting requests end with it."""
+        if self._dead is not None:
+            return f"{ENGINE_UNAVAILABLE}: {self._dead}"
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            return f"{ENGINE_UNAVAILABLE}: its thread has ended"
+        since = self._busy_since
+        if since is not None and time.monotonic() - since > self.step_timeout_s:
+            return (f"{ENGINE_UNAVAILABLE}: a step has run for {time.monotonic() - since:.0f} s "
+                    f"(limits.step_timeout_s is {self.step_timeout_s:g})")
+        if self._failed_steps >= FAILED_STEPS_UNHEALTHY:
+            return f"{ENGINE_UNAVAILABLE}: the last {self._failed_steps} steps failed ({self._last_failure})"
+        return None
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
@@ -428,6 +509,9 @@ class Engine(EngineBase):
         target = self._target(model)
         runner = target.runner
         self.check_prompt(model, target, prompt)
+        problem = self.problem()
+        if problem is not None:
+            raise EngineUnavailable(problem)
         loop = asyncio.get_running_loop()
         self.admission.admit(id(runner), force=admitted)
         events: asyncio.Queue = asyncio.Queue()
@@ -440,13 +524,16 @@ class Engine(EngineBase):
         seq = Sequence(request_id or uuid.uuid4().hex, list(prompt), params, emit, target.branch, target.stop_ids)
         self._inbox.put((runner, seq))
         self._wake.set()
-        return RequestStream(seq, events, self._wake, target.tokenizer)
+        return RequestStream(seq, events, self._wake, target.tokenizer, self.problem, self.request_timeout_s)
 
     def embed_future(self, model: str, tokens: list[int], layer: int = -1) -> concurrent.futures.Future:
         """Queue an embed job: ``model``'s hidden states at ``layer`` for ``tokens`` -> a future of an (L, H)
         float32 tensor on the host. Cancelling the future before the engine reaches it drops the job."""
         target = self._target(model)
         self.check_embed(tokens)
+        problem = self.problem()
+        if problem is not None:
+            raise EngineUnavailable(problem)
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(EmbedJob(target, list(tokens), layer, future))
         self._wake.set()
@@ -500,6 +587,33 @@ class Engine(EngineBase):
 
     def _loop(self) -> None:
         try:
+            self._serve()
+        except BaseException as e:  # the thread ends: say why, and end everything it held
+            self._dead = f"the engine thread ended: {type(e).__name__}: {e}"
+            log.exception("the engine thread ended")
+            raise
+        finally:
+            if not self._stop.is_set() and self.ready.is_set() and self.start_error is None:
+                self._dead = self._dead or "the engine thread ended"
+                self._fail_everything(f"{ENGINE_UNAVAILABLE}: {self._dead}")
+
+    def _fail_everything(self, message: str) -> None:
+        """End every sequence and embed job the engine holds or has queued (its thread is ending)."""
+        for runner in self.runners:
+            runner.fail_all(message)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, EmbedJob):
+                item.future.set_exception(EngineUnavailable(message))
+            else:
+                item[1].emit(Event("", [], "error", len(item[1].prompt), 0, error=message))
+        self._flush()
+
+    def _serve(self) -> None:
+        try:
             for runner in self.runners:
                 runner.warm_up()
         except BaseException as e:  # reported by wait_ready; the engine takes no work
@@ -531,7 +645,9 @@ class Engine(EngineBase):
                 for job in embeds:
                     job.future.cancel()
             elif embeds:  # bounded prefill-only forwards, batched, between steps
+                self._busy_since = time.monotonic()
                 self._run_embeds(embeds)
+                self._busy_since = None
             busy = bool(embeds)
             if self._draining:
                 for runner in self.runners:
@@ -543,11 +659,17 @@ class Engine(EngineBase):
                     break
                 if runner.has_work():
                     busy = True
+                    self._busy_since = time.monotonic()
                     try:
                         runner.step()
+                        self._failed_steps = 0
                     except Exception as e:  # a failed step must not take the engine down
                         log.exception("engine step failed")
+                        self._failed_steps += 1
+                        self._last_failure = f"{type(e).__name__}: {e}"[:200]
                         runner.fail_all(f"engine error: {type(e).__name__}: {e}")
+                    finally:
+                        self._busy_since = None
                     self._flush()
             self._flush()
             if not busy:
