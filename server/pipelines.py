@@ -181,9 +181,11 @@ class StageFailed(RuntimeError):
 
 async def run_pipeline(engine: Engine, pipeline: Pipeline, messages: list[dict], question: str,
                        final_max_tokens: int | None, seed: int | None,
-                       on_event: Callable[[int, Event], None] | None = None, final_grammar=None) -> PipelineResult:
+                       on_event: Callable[[int, Event], None] | None = None, final_grammar=None,
+                       reservation=None) -> PipelineResult:
     """Run the stages in order; ``on_event(stage_index, event)`` sees every stage's deltas. The caller admits
-    the request (``Engine.check_admission``); its stages are not refused by the queue bound after that.
+    the request (``reservation``, from ``Engine.reserve``: one place for all its stages, released by the
+    caller when the pipeline ends); its stages are not counted or refused on their own.
     ``final_grammar``: the request's own constraint, compiled for the last stage's model; it replaces that
     stage's.
 
@@ -210,7 +212,7 @@ async def run_pipeline(engine: Engine, pipeline: Pipeline, messages: list[dict],
         grammar = final_grammar if last and final_grammar is not None else stage.grammar
         params = SamplingParams(max_tokens=max_tokens, temperature=sc.temperature, top_p=sc.top_p, stop=sc.stop,
                                 seed=None if seed is None else seed + i, grammar=grammar)
-        stream = engine.submit(sc.model, prompt, params, admitted=True)  # admitted once, at the request
+        stream = engine.submit(sc.model, prompt, params, reservation=reservation)  # admitted once, at the request
         parts, error = [], None
         try:
             async for ev in stream:

@@ -340,13 +340,15 @@ class RemoteEngine(EngineBase):
         return len(self._inflight)
 
     def submit(self, model: str, prompt: list[int], params, request_id: str | None = None,
-               admitted: bool = False) -> RequestStream:
+               admitted: bool = False, reservation=None) -> RequestStream:
         target = self._target(model)
         self.check_prompt(model, target, prompt)
         if self._draining:
             raise EngineFull(self._draining)
         key = self._key(target)
-        self.admission.admit(key, force=admitted)
+        counted = reservation is None  # a pipeline's stage runs under its request's reservation
+        if counted:
+            self.admission.admit(key, force=admitted)
         caller = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         seq = Sequence(request_id or uuid.uuid4().hex, list(prompt), params, lambda event: None, target.branch,
@@ -356,13 +358,14 @@ class RemoteEngine(EngineBase):
         future = self._call(self._stream(key, model, seq, wire, constraint, caller, events))
         with self._lock:
             self._inflight[future] = (caller, events, seq)
-        future.add_done_callback(lambda f: self._done(f, key))
+        future.add_done_callback(lambda f: self._done(f, key, counted))
         return RequestStream(seq, events, _Cancel(future), target.tokenizer)
 
-    def _done(self, future, key: str) -> None:
+    def _done(self, future, key: str, counted: bool = True) -> None:
         with self._lock:
             self._inflight.pop(future, None)
-        self.admission.release(key)
+        if counted:
+            self.admission.release(key)
 
     async def _stream(self, key: str, model: str, seq: Sequence, params, constraint, caller, events) -> None:
         def put(*batch: Event) -> None:  # one thread-safe call per engine step, not per event

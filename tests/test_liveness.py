@@ -114,3 +114,60 @@ def test_a_hung_step_is_503_until_it_ends_and_a_request_past_its_time_is_504(art
         assert sum(engine.admission._count.values()) == 0 and not engine.runners[0].running  # the slots are free
     finally:
         server.close()
+
+
+def test_admission_holds_one_place_per_pipeline_and_gets_back_to_zero_after_faults(artifact, monkeypatch):
+    """A burst of pipeline requests is admitted by the queue bound like any other (each holds one place for all
+    its stages), and after failing steps, failed pipelines, cancellations and clients that go away, nothing is
+    left counted."""
+    import concurrent.futures
+
+    server = start_server(ServerConfig.model_validate({
+        "families": [{"artifact": str(artifact)}],
+        "pipelines": [{"name": "two", "stages": [
+            {"model": "math", "template": "stage1/reason", "max_tokens": 6},
+            {"model": "code", "template": "stage2/concise", "domain": "arithmetic", "max_tokens": 4}]}],
+        "limits": {"max_batch": 1, "max_context": 1024, "queue_size": 2}}))
+    try:
+        engine = server.server.config.app.state.branchserve.engine
+        slow_steps(engine, 0.05)
+        import server.pipelines as pipelines
+
+        render = pipelines.render_chat  # slow rendering: every request of the burst is in before any stage runs
+        monkeypatch.setattr(pipelines, "render_chat", lambda *a, **kw: time.sleep(0.5) or render(*a, **kw))
+        ask = {"model": "two", "messages": [{"role": "user", "content": "What is 6 times 7?"}]}
+
+        def post(body):
+            return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(post, [ask] * 8))
+        assert statuses.count(200) == 3 and statuses.count(429) == 5, statuses  # max_batch 1 + queue_size 2
+        assert engine.admission.in_flight() == 0
+
+        # faults: a step that raises (its rows fail, pipelines too), clients that go away mid-stream
+        runner, step, calls = engine.runners[0], engine.runners[0].original_step, []
+
+        def flaky():
+            calls.append(1)
+            if len(calls) % 4 == 0:
+                raise RuntimeError("simulated step failure")
+            step()
+
+        runner.step = flaky
+        monkeypatch.setattr(pipelines, "render_chat", render)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(post, ask if i % 2 else {**CHAT, "max_tokens": 8}) for i in range(6)]
+            for _ in range(2):  # streams abandoned after their first chunk
+                with httpx.stream("POST", server.url + "/v1/chat/completions", json={**ask, "stream": True},
+                                  timeout=60) as r:
+                    next(r.iter_lines())
+            results = [f.result() for f in futures]
+        assert set(results) <= {200, 429, 500} and 500 in results
+        deadline = time.monotonic() + 10
+        while engine.admission.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert engine.admission.in_flight() == 0
+        assert not runner.running and not runner.waiting and runner.pool.used == 0
+    finally:
+        server.close()

@@ -567,14 +567,20 @@ class ChatHandler:
                                          param=name)
         constraint, param = self._constraint()
         grammar = await self._grammar(self.pipeline.final_model, constraint, param)
-        try:  # admitted here, whole: a 429 now, never an error event after the stream has begun
-            self.engine.check_admission(self.pipeline.stages[0].config.model)
+        try:  # admitted here, whole, one place for all stages: a 429 now, never an error event mid-stream
+            reservation = self.engine.reserve(self.pipeline.stages[0].config.model)
         except EngineFull as e:
             raise errors.queue_full(str(e)) from None
-        messages = self._messages()
-        coro = run_pipeline(self.engine, self.pipeline, messages, get_question(messages), self.body.max_new_tokens(),
-                            self.body.seed, on_event, grammar)
-        return asyncio.ensure_future(coro)
+        try:
+            messages = self._messages()
+            coro = run_pipeline(self.engine, self.pipeline, messages, get_question(messages),
+                                self.body.max_new_tokens(), self.body.seed, on_event, grammar, reservation)
+            task = asyncio.ensure_future(coro)
+        except BaseException:
+            reservation.release()
+            raise
+        task.add_done_callback(lambda _: reservation.release())  # however it ends, cancelled before it ran too
+        return task
 
     def _record_pipeline(self, status: str, result: PipelineResult | None) -> None:
         """Once per pipeline request, under the pipeline's name, with its stages' models as a label."""

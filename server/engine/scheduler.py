@@ -249,6 +249,27 @@ class Admission:
         with self._lock:
             self._count[key] -= 1
 
+    def in_flight(self) -> int:
+        """Sequences (and reservations) admitted and not yet released, over all keys."""
+        with self._lock:
+            return sum(self._count.values())
+
+
+class Reservation:
+    """One admitted place held for a whole request (a pipeline: all its stages): counted once when taken,
+    released once, however often ``release`` is called."""
+
+    def __init__(self, admission: Admission, key):
+        self._admission, self._key = admission, key
+        self._lock = threading.Lock()
+        self._held = True
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._admission.release(self._key)
+
 
 class EngineBase:
     """What the API asks of an engine, whether it runs in this process (Engine) or behind Ray Serve
@@ -279,6 +300,13 @@ class EngineBase:
     def check_admission(self, model: str) -> None:
         """Raise EngineFull if a sequence for ``model`` would not be admitted now (reserves nothing)."""
         self.admission.check(self._key(self._target(model)))
+
+    def reserve(self, model: str) -> Reservation:
+        """Admit a request that will submit its sequences later (a pipeline's stages, each under this
+        reservation): EngineFull now if ``model`` would not admit one more, never later."""
+        key = self._key(self._target(model))
+        self.admission.admit(key)
+        return Reservation(self.admission, key)
 
     @staticmethod
     def check_prompt(model: str, target: Target, prompt: list[int]) -> None:
@@ -503,9 +531,10 @@ class Engine(EngineBase):
         return sum(len(r.running) for r in self.runners)
 
     def submit(self, model: str, prompt: list[int], params: SamplingParams, request_id: str | None = None,
-               admitted: bool = False) -> RequestStream:
-        """Queue a sequence. ``admitted``: it continues a request already admitted (a pipeline's stages), so
-        the queue bound does not refuse it."""
+               admitted: bool = False, reservation: Reservation | None = None) -> RequestStream:
+        """Queue a sequence. ``admitted``: it continues a request already admitted elsewhere (a Ray ingress), so
+        the queue bound does not refuse it; ``reservation``: it runs under a place its request holds (a
+        pipeline's stage), so it is neither counted nor released on its own."""
         target = self._target(model)
         runner = target.runner
         self.check_prompt(model, target, prompt)
@@ -513,11 +542,13 @@ class Engine(EngineBase):
         if problem is not None:
             raise EngineUnavailable(problem)
         loop = asyncio.get_running_loop()
-        self.admission.admit(id(runner), force=admitted)
+        counted = reservation is None
+        if counted:
+            self.admission.admit(id(runner), force=admitted)
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(event: Event) -> None:  # on the engine thread: delivered in one batch per step (_flush)
-            if event.finish_reason is not None:
+            if event.finish_reason is not None and counted:
                 self.admission.release(id(runner))
             self._outbox.append((loop, events, event, seq))
 
