@@ -19,14 +19,25 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
+
+
 def _members(specs: list[str]) -> dict[str, Path]:
     members: dict[str, Path] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise UserError(f"member {spec!r} is not NAME=PATH")
-        if not all(c.isalnum() or c in "-_." for c in name):
-            raise UserError(f"branch name {name!r} may only hold letters, digits, '-', '_' and '.'")
+        if not all(c.isalnum() or c in "-_." for c in name) or not name.strip("."):
+            raise UserError(f"branch name {name!r} may only hold letters, digits, '-', '_' and '.', and not only "
+                            "dots")
         if name in members:
             raise UserError(f"branch name {name!r} is given twice")
         members[name] = Path(path)
@@ -216,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--demo", action="store_true",
                    help="build (first time) and serve the offline demo from the data directory")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000)
     s.add_argument("--ray", action="store_true",
                    help="run as a Ray Serve application: an ingress and one deployment per model (the config's "
                         "ray: sections); needs branchserve[ray]")
@@ -296,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C now would turn exit 130 into a signal death
         sys.stderr.write("error: interrupted; nothing was written\n")
         return 130
+    except BrokenPipeError:  # `branchserve inspect ... | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
 
 
 if __name__ == "__main__":

@@ -10,6 +10,26 @@ from compression.errors import UserError
 from compression.report import text_table
 
 
+INPUTS = ("last_user", "context", "conversation")
+
+
+def _check_flags(args, examples: list) -> None:
+    """Every flag used as given, or one line saying why not: --input values, one --embedder unless comparing,
+    and --default-route (or the config's) when a labeled text is none."""
+    from router.evaluate import NONE
+
+    compare = getattr(args, "compare", False)
+    inputs = args.input.split(",") if args.input else []
+    for mode in inputs:
+        if mode not in INPUTS:
+            raise UserError(f"--input {mode!r} is not one of {', '.join(INPUTS)}")
+    if len(inputs) > 1 and not compare:
+        raise UserError("--input takes several modes only with --compare")
+    if args.embedder and len(args.embedder) > 1 and not compare:
+        raise UserError("--embedder is given more than once: that needs --compare")
+    args.needs_default = any(ex.route == NONE for ex in examples)
+
+
 def _router(args, spec: str | None = None, suffix: bool | None = None, center: bool | None = None,
             input: str | None = None):
     from router.router import Router
@@ -26,8 +46,11 @@ def _router(args, spec: str | None = None, suffix: bool | None = None, center: b
     else:
         raise UserError("give --exemplars FILE, or --config FILE with a router section")
     default = args.default_route or (rc.default_route if rc else None)
-    if default is None:
-        raise UserError("give --default-route NAME (the route out-of-scope texts must fall to)")
+    if default is None and getattr(args, "needs_default", True):
+        raise UserError(f"give --default-route NAME: {args.labeled} labels texts none, and those must fall to a "
+                        "route")
+    if default is None:  # nothing is labeled none: the default route only catches what scores nowhere
+        default = next(iter(store.routes))
     spec = spec or (args.embedder[0] if args.embedder else None) or (rc.embedder if rc else "minilm")
     suffix = (not args.no_suffix) if suffix is None else suffix
     if center is None:
@@ -98,6 +121,7 @@ def cmd_router_eval(args) -> int:
     from router.evaluate import evaluate, fit, read_labeled, report, score_examples, stored
 
     examples = read_labeled(args.labeled)
+    _check_flags(args, examples + (read_labeled(args.fit_on) if args.fit_on else []))
     if not args.compare:
         router = _router(args)
         if args.fit_on:
@@ -162,6 +186,7 @@ def cmd_router_fit(args) -> int:
     from router.evaluate import evaluate, fit, read_labeled
 
     examples = read_labeled(args.labeled)
+    _check_flags(args, examples)
     router = _router(args)
     before = evaluate(router, examples)["accuracy"]
     thresholds, margin = fit(router, examples)
@@ -260,7 +285,8 @@ def add_parsers(sub, parser_class) -> None:
         p.add_argument("--raw", action="store_true", help="score raw cosines (no centring)")
         p.add_argument("--context-weight", type=float, help="input context: weight of the message in its "
                                                              "context against the message alone")
-        p.add_argument("--default-route", help="route for texts labeled none (default: the config's)")
+        p.add_argument("--default-route", help="route for texts labeled none (default: the config's; needed "
+                                                "only when a labeled text is none)")
         p.add_argument("--layer", type=int, default=-1, help="decoder embedder: hidden layer to pool")
         p.add_argument("--no-suffix", action="store_true", help="decoder embedder: pool the input, not the suffix")
         p.add_argument("--pooling", choices=["mean", "last"], default="mean", help="decoder embedder pooling")

@@ -489,6 +489,19 @@ def test_eval_and_fit_cli(tmp_path, capsys, monkeypatch):
     bad.write_text('{"text": "x"}\n')
     assert main(["router", "eval", "--labeled", str(bad), "--exemplars", str(ex), "--default-route", "general"]) == 2
     assert f"{bad}:1:" in capsys.readouterr().err
+    # every flag is used as given, or refused in one line
+    for extra, words in ((["--input", "bogus"], "--input 'bogus' is not one of"),
+                         (["--input", "last_user,context"], "only with --compare"),
+                         (["--embedder", "minilm", "--embedder", "minilm"], "needs --compare")):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    no_default = ["router", "eval", "--labeled", str(labeled), "--exemplars", str(ex)]
+    assert main(no_default) == 2 and "labels texts none" in capsys.readouterr().err
+    in_scope = tmp_path / "in_scope.jsonl"  # nothing labeled none: no default route needed
+    in_scope.write_text("\n".join(json.dumps({"text": t, "route": r}) for t, r in LABELED if r != "none"))
+    assert main(["router", "eval", "--labeled", str(in_scope), "--exemplars", str(ex), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 5
 
 
 def test_fit_replaces_thresholds_the_store_already_has(tmp_path, capsys, monkeypatch):

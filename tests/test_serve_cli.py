@@ -1,5 +1,6 @@
 """`branchserve serve` as a process: config errors exit 2 before the port opens; SIGTERM exits cleanly."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import yaml
 
 from compression.compress import CompressOptions, compress
 from server.cli import main
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +168,23 @@ def test_connections_have_nagle_off():
 
     asyncio.run(main())
     assert seen and seen[0] != 0
+
+
+def test_cli_refuses_what_it_cannot_use_and_ends_quietly_in_a_pipe(family, tmp_path):
+    """--port outside 0-65535 (it listened on another port), a branch named '.', and `inspect | head` (a
+    BrokenPipeError traceback)."""
+    import subprocess
+    import sys
+
+    out = run_cli("serve", "--demo", "--port", "99999")
+    assert out.returncode == 2 and "99999 is not a port number" in out.stderr and out.stderr.count("\n") == 1
+    out = run_cli("compress", "--out", tmp_path / "o", f".={family['math']}", f"b={family['code']}")
+    assert out.returncode == 2 and "not only dots" in out.stderr
+    assert not (tmp_path / "o").exists()
+    big = tmp_path / "ex.yaml"  # output far past a pipe's buffer, so that the reader closes it mid-write
+    big.write_text(yaml.safe_dump({"routes": {"r": {"target": "m", "exemplars": [f"text number {i} " * 4
+                                                                                 for i in range(4000)]}}}))
+    piped = subprocess.run(f"{sys.executable} -m server.cli exemplars --file {big} list | head -1", shell=True,
+                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           timeout=120)
+    assert piped.stdout.count("\n") == 1 and piped.stderr == ""
