@@ -97,6 +97,9 @@ class Limits(_Strict):
     kv_cache_memory: int | str | None = None
     # Steps compiled by torch.compile (inductor, dynamic shapes) before the server is ready; every model.
     compile: bool = False
+    # Tokens a chat completion may generate when the request sets neither max_tokens nor max_completion_tokens
+    # (never more than the context has left). Text completions keep OpenAI's default of 16.
+    default_max_tokens: int = Field(1024, ge=1)
     # A request running longer than this ends with a 504 (or an error event in a stream) and frees its slot.
     request_timeout_s: float = Field(1800, gt=0)
     # A single engine step running longer than this turns /health to 503 and fails waiting requests with 503.

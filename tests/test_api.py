@@ -218,6 +218,20 @@ def test_bounds_of_round_2_are_400s_naming_the_field(server, client):
     assert tiny.choices[0].message.content == greedy.choices[0].message.content != ""
 
 
+def test_a_chat_without_max_tokens_stops_at_the_default(models):
+    """It generated until the context was full (2014 tokens, 4.5 minutes on the demo)."""
+    server = start(make_config(models, limits={"max_batch": 2, "max_context": 256, "default_max_tokens": 5}))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="math", messages=MESSAGES, extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 5 and reply.choices[0].finish_reason == "length"
+        longer = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=7,
+                                                extra_body={"ignore_eos": True})
+        assert longer.usage.completion_tokens == 7  # asking for more still works
+    finally:
+        server.close()
+
+
 def test_a_body_over_the_limit_is_413(server):
     url = server.url + "/v1/chat/completions"
     big = b'{"model": "math", "messages": [{"role": "user", "content": "' + b"x" * (9 * 1024 * 1024) + b'"}]}'

@@ -396,8 +396,8 @@ class ChatHandler:
         body = self.body
         context = self.engine.targets[self.model].runner.max_seq
         max_new = body.max_new_tokens()
-        if max_new is None:
-            max_new = context - prompt_len
+        if max_new is None:  # limits.default_max_tokens, or what the context has left when that is less
+            max_new = min(self.state.config.limits.default_max_tokens, context - prompt_len)
         if prompt_len + max_new > context or max_new < 1:
             raise errors.bad_request(
                 f"This model's maximum context length is {context} tokens. However, you requested "
