@@ -142,7 +142,7 @@ def log_plan(config: ServerConfig) -> None:
 def serve(config: ServerConfig, host: str, port: int, banner: str | None = None) -> None:
     import uvicorn
 
-    from server.api.app import ADMIN_OFF, build_app
+    from server.api.app import ADMIN_OFF, build_app, is_loopback
 
     pipelines = preflight(config)
     sock = bind(host, port)
@@ -157,6 +157,9 @@ def serve(config: ServerConfig, host: str, port: int, banner: str | None = None)
             print(f"branchserve: {line}", flush=True)
         if config.router is not None and not state.edits_open and not state.admin_keys:
             print(f"branchserve: {ADMIN_OFF}", flush=True)
+        if not state.api_keys and not is_loopback(host):
+            print(f"branchserve: warning: no API key, and listening on {host}: anyone who can reach this port can "
+                  "use the models. Set api_keys in the config or BRANCHSERVE_API_KEY.", flush=True)
         grace = config.shutdown_grace_s
 
         class Server(uvicorn.Server):

@@ -338,6 +338,11 @@ def test_auto_routing_and_editing_over_http(tiny_models, tmp_path, monkeypatch):
         assert httpx.post(url + "/v1/router/routes", json={"name": "empty", "target": "phi3"}).status_code == 201
         d = httpx.post(url + "/v1/router/decide", json={"text": "What is 45 times 3?"})
         assert d.status_code == 200 and d.json()["scores"]["empty"] is None and d.json()["route"] != "empty"
+        # No keys, loopback: open to this machine's own clients only, not to what a local reverse proxy forwards.
+        for header in ({"X-Forwarded-For": "203.0.113.7"}, {"Forwarded": "for=203.0.113.7"}):
+            r = httpx.post(url + "/v1/router/routes/general/exemplars", json={"text": "proxied"}, headers=header)
+            assert r.status_code == 403 and "BRANCHSERVE_ADMIN_KEY" in r.json()["error"]["message"]
+            assert httpx.get(url + "/v1/router/routes", headers=header).status_code == 403
         # A path in an id names that id, not another route (the CLI once sent DELETE /v1/router/routes/books).
         for bad in ("../../books", "..", "a/b"):
             assert main(["exemplars", "--url", url, "remove", "general", bad]) == 2

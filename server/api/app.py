@@ -57,6 +57,9 @@ from server.pipelines import (
 
 log = logging.getLogger("branchserve.api")
 
+ADMIN_PROXIED = ("The router API without an admin key answers only clients on this machine, not requests a proxy "
+                 "forwarded (this one carries a Forwarded or X-Forwarded-For header, or comes from another "
+                 "address). Set router.admin_keys in the config or the BRANCHSERVE_ADMIN_KEY environment variable.")
 ADMIN_OFF = ("The router API is off: this server has no admin key. Set router.admin_keys in the config or the "
              "BRANCHSERVE_ADMIN_KEY environment variable (or, with no keys at all, listen on 127.0.0.1).")
 
@@ -121,6 +124,15 @@ class State:
             log.exception("loading the models failed")
 
 
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip", "x-forwarded-host")
+
+
+def local_client(request: Request) -> bool:
+    """The request comes from this machine itself: a loopback peer address and no proxy's forwarding header."""
+    peer = request.client.host if request.client is not None else ""
+    return is_loopback(peer) and not any(h in request.headers for h in FORWARDING_HEADERS)
+
+
 def is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -169,12 +181,16 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
 
     def admin(request: Request) -> None:
         """The router API needs an admin key whenever one is set (a user key is not one). With no key of any
-        kind it is open on a loopback address only; otherwise it is off."""
+        kind it is open only to a client that is itself on this machine: the server listens on loopback, the
+        client's own address is loopback, and no proxy forwarded the request (a reverse proxy on this host
+        would otherwise hand anyone's edits over from 127.0.0.1). Otherwise it is off."""
         if state.admin_keys:
             if not bearer_matches(request, state.admin_keys):
                 raise errors.unauthorized(admin=True)
         elif not state.edits_open:
             raise errors.APIError(403, ADMIN_OFF, type="permission_error", code="admin_key_required")
+        elif not local_client(request):
+            raise errors.APIError(403, ADMIN_PROXIED, type="permission_error", code="admin_key_required")
 
     def router() -> Router:
         engine()
