@@ -370,3 +370,46 @@ def test_client_controlled_sizes_are_bounded(client, server):
     assert exc.value.body["param"] == "input" and "at most 256" in exc.value.body["message"]
     with pytest.raises(openai.NotFoundError):  # a path on the server's disk is not an embedder name
         client.embeddings.create(model=f"decoder:{server.models['math']}", input="x")
+
+
+def test_the_compile_pool_merges_bounds_and_times_out():
+    """Constraints compile in threads of their own: identical ones asked at once compile once, more than the
+    queue holds is CompilerBusy (429), and one that takes too long is a ConstraintError (400) now and at once
+    when asked again."""
+    import asyncio
+    import threading
+    import time
+
+    from server.engine.structured import CompilePool, CompilerBusy, Constraint, ConstraintError
+
+    pool = CompilePool(workers=2, queue=2, timeout_s=0.5)
+    calls, release = [], threading.Event()
+
+    def slow(value):
+        def work():
+            calls.append(value)
+            release.wait(5)
+            return value
+        return work
+
+    async def scenario():
+        a, b, c = Constraint.regex("a+"), Constraint.regex("b+"), Constraint.regex("c+")
+        first = asyncio.ensure_future(pool.run("m", a, slow("a")))
+        same = asyncio.ensure_future(pool.run("m", a, slow("a again")))
+        other = asyncio.ensure_future(pool.run("m", b, slow("b")))
+        await asyncio.sleep(0.1)
+        with pytest.raises(CompilerBusy):
+            pool.submit("m", c, slow("c"))  # a and b fill the queue of 2
+        release.set()
+        assert await first == "a" and await same == "a" and await other == "b"
+        assert sorted(calls) == ["a", "b"]  # the identical one waited on the first compilation
+        release.clear()
+        t0 = time.monotonic()
+        with pytest.raises(ConstraintError, match="took longer than 0.5 s"):
+            await pool.run("m", c, slow("c"))
+        assert time.monotonic() - t0 < 1.5
+        with pytest.raises(ConstraintError, match="took longer"):  # refused at once from now on
+            pool.submit("m", c, slow("c again"))
+        release.set()
+
+    asyncio.run(scenario())

@@ -4,7 +4,7 @@ and compiled for the model that answers. Shared by chat and text completions."""
 from __future__ import annotations
 
 from server.api import errors
-from server.engine.structured import Constraint, ConstraintError
+from server.engine.structured import CompilerBusy, Constraint, ConstraintError
 
 
 def request_constraint(body, tools=None) -> tuple[Constraint | None, str | None]:
@@ -42,3 +42,5 @@ async def compile_for(engine, model: str, constraint: Constraint | None, param: 
         return await engine.compile(model, constraint)
     except ConstraintError as e:
         raise errors.bad_request(str(e), param=param, code="invalid_constraint") from None
+    except CompilerBusy as e:
+        raise errors.queue_full(str(e)) from None

@@ -276,9 +276,12 @@ class EngineBase:
     (server/ray_app.py): targets by name, admission, prompt checks, grammars and embeddings."""
 
     def __init__(self, max_waiting: int, max_embed_tokens: int = 8448):
+        from server.engine.structured import CompilePool
+
         self.targets: dict[str, Target] = {}
         self.admission = Admission(max_waiting)
         self.max_embed_tokens = max_embed_tokens
+        self.compile_pool = CompilePool()
 
     def tokenizer(self, model: str):
         return self._target(model).tokenizer
@@ -330,8 +333,18 @@ class EngineBase:
         return Compiled(constraint, grammars, grammars.compile(constraint))
 
     async def compile(self, model: str, constraint):
-        """``compile_now`` in a worker thread: never on the engine thread or the event loop."""
-        return await asyncio.to_thread(self.compile_now, model, constraint)
+        """``compile_now`` in the compile pool (structured.CompilePool): never on the engine thread, the event
+        loop or the executor that renders and tokenizes; bounded in time (ConstraintError past it) and in
+        number (CompilerBusy)."""
+        from server.engine.structured import Compiled
+
+        target = self._target(model)
+        grammars = target._grammars
+        if grammars is not None:
+            hit = grammars.cached(constraint)
+            if hit is not None:  # no thread for what is cached
+                return Compiled(constraint, grammars, hit)
+        return await self.compile_pool.run(id(target), constraint, lambda: self.compile_now(model, constraint))
 
     def embed_future(self, model: str, tokens: list[int], layer: int = -1) -> concurrent.futures.Future:
         raise NotImplementedError

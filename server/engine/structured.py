@@ -24,11 +24,19 @@ import torch
 
 MAX_SPEC_CHARS = 64_000  # a schema, regex or grammar larger than this is refused before compiling
 MAX_CHOICES = 256
-CACHE_SIZE = 128  # compiled grammars kept per tokenizer
+CACHE_SIZE = 128  # compiled grammars kept per tokenizer, at most
+CACHE_BYTES = 256 * 2**20  # and at most this many bytes of them (xgrammar's own count)
+COMPILE_WORKERS = 2  # threads that compile constraints, for every model: renders and tokenizes never wait on them
+COMPILE_QUEUE = 16  # constraints compiling or waiting to; past that a request gets 429
+COMPILE_TIMEOUT_S = 10.0  # a constraint taking longer is refused (400), and refused at once if asked again
 
 
 class ConstraintError(ValueError):
     """A constraint that cannot be compiled; the message names the problem."""
+
+
+class CompilerBusy(RuntimeError):
+    """Too many constraints are compiling: try again shortly (429)."""
 
 
 @dataclass(frozen=True)
@@ -202,19 +210,31 @@ class Grammars:
                                                        stop_token_ids=sorted(stop_ids) or None)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self._cache: OrderedDict[Constraint, object] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
-    def compile(self, constraint: Constraint):
-        """-> an xgrammar CompiledGrammar. Blocking: call it from a worker thread."""
+    def cached(self, constraint: Constraint):
+        """The compiled grammar if it is cached, else None."""
         with self._lock:
             if constraint in self._cache:
                 self._cache.move_to_end(constraint)
                 return self._cache[constraint]
+        return None
+
+    def compile(self, constraint: Constraint):
+        """-> an xgrammar CompiledGrammar. Blocking: call it from a worker thread (``CompilePool``)."""
+        hit = self.cached(constraint)
+        if hit is not None:
+            return hit
         compiled = self._compile(constraint)
+        size = getattr(compiled, "memory_size_bytes", 0)
         with self._lock:
-            self._cache[constraint] = compiled
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            if constraint not in self._cache:
+                self._cache[constraint] = compiled
+                self._bytes += size
+            while len(self._cache) > CACHE_SIZE or (self._bytes > CACHE_BYTES and len(self._cache) > 1):
+                _, old = self._cache.popitem(last=False)
+                self._bytes -= getattr(old, "memory_size_bytes", 0)
         return compiled
 
     def _compile(self, c: Constraint):
@@ -234,6 +254,68 @@ class Grammars:
 
     def matcher(self, compiled) -> "Matcher":
         return Matcher(self._xgr.GrammarMatcher(compiled), self.vocab_size)
+
+
+class CompilePool:
+    """Where constraints compile: a few threads of their own, a bounded queue, a time limit, and one compilation
+    for identical constraints asked at once.
+
+    A request waits at most ``timeout_s`` for its constraint; past that it gets a 400 saying so, and the same
+    constraint is refused at once from then on (the thread finishes its work, but nobody waits for it again).
+    More than ``queue`` compilations at once is a 429. Nothing here runs on the event loop or the engine thread,
+    and the default executor (chat templates, tokenization) never waits behind a slow schema.
+    """
+
+    def __init__(self, workers: int = COMPILE_WORKERS, queue: int = COMPILE_QUEUE,
+                 timeout_s: float = COMPILE_TIMEOUT_S):
+        import concurrent.futures
+
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="branchserve-compile")
+        self.queue, self.timeout_s = queue, timeout_s
+        self._inflight: dict = {}  # (key, constraint) -> concurrent Future
+        self._too_slow: OrderedDict = OrderedDict()  # (key, constraint) seen to pass the time limit
+        self._lock = threading.Lock()
+
+    def submit(self, key, constraint: Constraint, work):
+        """The future of ``work()`` compiling ``constraint`` for ``key`` (a model's grammars): shared with any
+        identical compilation in flight."""
+        with self._lock:
+            if (key, constraint) in self._too_slow:
+                raise ConstraintError(self._slow_message(constraint))
+            future = self._inflight.get((key, constraint))
+            if future is not None:
+                return future
+            if len(self._inflight) >= self.queue:
+                raise CompilerBusy(f"{len(self._inflight)} constraints are compiling; try again shortly")
+            future = self._executor.submit(work)
+            self._inflight[(key, constraint)] = future
+        future.add_done_callback(lambda _: self._done(key, constraint))
+        return future
+
+    def _done(self, key, constraint) -> None:
+        with self._lock:
+            self._inflight.pop((key, constraint), None)
+
+    def _slow_message(self, constraint: Constraint) -> str:
+        return f"the {constraint.describe()} took longer than {self.timeout_s:g} s to compile: simplify it"
+
+    async def run(self, key, constraint: Constraint, work):
+        """Await ``work()`` through the pool, for at most ``timeout_s``."""
+        import asyncio
+
+        future = self.submit(key, constraint, work)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout=self.timeout_s)
+        except asyncio.TimeoutError:
+            with self._lock:
+                self._too_slow[(key, constraint)] = True
+                while len(self._too_slow) > 1024:
+                    self._too_slow.popitem(last=False)
+            raise ConstraintError(self._slow_message(constraint)) from None
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
 
 
 @dataclass(frozen=True)
