@@ -183,6 +183,9 @@ class ServerConfig(_Strict):
     route_domains: dict[str, str] = {}
     limits: Limits = Limits()
     api_keys: list[str] = []
+    # What answers without the API key when keys are set (/health always does): "metrics" (/metrics) and
+    # "docs" (/openapi.json, /docs, /redoc). Leave one out to put it behind the key.
+    open_endpoints: list[Literal["metrics", "docs"]] = ["metrics", "docs"]
     cors_origins: list[str] = []
     shutdown_grace_s: float = Field(30.0, ge=0)
     ray: RaySection = RaySection()  # `serve --ray` only

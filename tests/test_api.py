@@ -341,6 +341,18 @@ def test_auth(models, monkeypatch):
             bad.models.list()
         assert httpx.get(server.url + "/v1/models").status_code == 401
         assert httpx.get(server.url + "/health").status_code == 200
+        for path in ("/metrics", "/openapi.json", "/docs"):  # open by default (open_endpoints)
+            assert httpx.get(server.url + path).status_code == 200
+    finally:
+        server.close()
+    server = start(make_config(models, api_keys=["config-key"], open_endpoints=[]))
+    try:
+        key = {"Authorization": "Bearer config-key"}
+        for path in ("/metrics", "/openapi.json", "/docs"):
+            assert httpx.get(server.url + path).status_code == 401
+            assert httpx.get(server.url + path, headers=key).status_code == 200
+        assert "/v1/chat/completions" in httpx.get(server.url + "/openapi.json", headers=key).json()["paths"]
+        assert httpx.get(server.url + "/health").status_code == 200
     finally:
         server.close()
 

@@ -160,7 +160,9 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
         if state.engine is not None:
             state.engine.stop()
 
-    app = FastAPI(title="branchserve", lifespan=lifespan)
+    docs_open = "docs" in config.open_endpoints
+    app = FastAPI(title="branchserve", lifespan=lifespan, **({} if docs_open else
+                                                             {"openapi_url": None, "docs_url": None, "redoc_url": None}))
     app.state.branchserve = state
     errors.install(app)
     app.add_middleware(errors.BodyLimit, max_bytes=config.limits.max_request_bytes)
@@ -215,7 +217,19 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
             return JSONResponse({"status": "error", "detail": problem}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics", response_class=Response,
+    if not docs_open:  # the same documents, behind the API key
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorized)])
+        async def openapi_document():
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False, dependencies=[Depends(authorized)])
+        async def swagger():
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="branchserve")
+
+    @app.get("/metrics", response_class=Response, dependencies=[] if "metrics" in config.open_endpoints
+             else [Depends(authorized)],
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}})
     async def metrics():
         text = await asyncio.to_thread(state.metrics.render)  # under Ray it reads every node's export
