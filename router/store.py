@@ -43,11 +43,15 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class StoreError(ValueError):
-    """A bad edit (the API answers 400, or 404 when ``missing`` is set)."""
+    """A bad edit (the API answers 400, or 404 when ``missing`` is set, 409 when ``conflict``, 503 when the store
+    cannot be written now: ``unavailable``)."""
 
-    def __init__(self, message: str, missing: bool = False, conflict: bool = False):
+    def __init__(self, message: str, missing: bool = False, conflict: bool = False, unavailable: bool = False):
         super().__init__(message)
-        self.missing, self.conflict = missing, conflict
+        self.missing, self.conflict, self.unavailable = missing, conflict, unavailable
+
+
+LOCK_TIMEOUT_S = 10.0  # how long an edit waits for another process's lock on the file
 
 
 @dataclass
@@ -287,7 +291,7 @@ class ExemplarStore:
     def __init__(self, path: str | Path, seed: str | Path | None = None):
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._file_lock = FileLock(str(self.path.parent / f".{self.path.name}.lock"))
+        self._file_lock = FileLock(str(self.path.parent / f".{self.path.name}.lock"), timeout=LOCK_TIMEOUT_S)
         self.version = 0
         self._key = None  # (inode, size, mtime) of the file the routes came from; None: from the seed
         if self.path.exists():
@@ -358,7 +362,22 @@ class ExemplarStore:
                 self._key = self._stat()
 
     def _edit(self, change, whole: bool = False):
-        """Run ``change(routes)`` (``change(routes, doc)`` when ``whole``) on the file's current YAML under both locks; write it; return what it returned."""
+        """Run ``change(routes)`` (``change(routes, doc)`` when ``whole``) on the file's current YAML under both
+        locks; write it; return what it returned. A lock held elsewhere past LOCK_TIMEOUT_S, or a file that
+        cannot be written (a full disk), is a StoreError with ``unavailable``: nothing changed."""
+        from filelock import Timeout
+
+        try:
+            return self._locked_edit(change, whole)
+        except Timeout:
+            raise StoreError(f"the exemplar file is locked by another process ({self._file_lock.lock_file}) for "
+                             f"more than {LOCK_TIMEOUT_S:g} s; nothing was changed, try again", unavailable=True) \
+                from None
+        except OSError as e:
+            raise StoreError(f"the exemplar file cannot be written ({e.strerror or e}); nothing was changed",
+                             unavailable=True) from None
+
+    def _locked_edit(self, change, whole: bool):
         with self._lock, self._file_lock:
             try:
                 self.refresh()

@@ -343,6 +343,17 @@ def test_auto_routing_and_editing_over_http(tiny_models, tmp_path, monkeypatch):
             r = httpx.post(url + "/v1/router/routes/general/exemplars", json={"text": "proxied"}, headers=header)
             assert r.status_code == 403 and "BRANCHSERVE_ADMIN_KEY" in r.json()["error"]["message"]
             assert httpx.get(url + "/v1/router/routes", headers=header).status_code == 403
+        # A full disk is a 503 that says so (it was a generic 500), and nothing changes.
+        import router.store as store_module
+
+        def full(*args):
+            raise OSError(28, "No space left on device")
+
+        with monkeypatch.context() as m:
+            m.setattr(store_module, "write_atomically", full)
+            r = httpx.post(url + "/v1/router/routes/general/exemplars", json={"text": "on a full disk"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+            assert "No space left" in r.json()["error"]["message"]
         # A path in an id names that id, not another route (the CLI once sent DELETE /v1/router/routes/books).
         for bad in ("../../books", "..", "a/b"):
             assert main(["exemplars", "--url", url, "remove", "general", bad]) == 2
@@ -436,6 +447,41 @@ def test_with_no_keys_the_router_api_is_off_unless_bound_to_loopback(tiny_models
             "model": "auto", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 2}).status_code == 200
     finally:
         server.close()
+
+
+def test_a_store_locked_elsewhere_or_on_a_full_disk_is_unavailable_and_unchanged(tmp_path, monkeypatch):
+    """The file lock waited for ever, and a full disk was a generic 500: both are now a StoreError the API
+    answers with 503 store_unavailable, and the file is as it was."""
+    import errno
+    import subprocess
+    import sys
+
+    import router.store as store_module
+
+    path = write_exemplars(tmp_path / "ex.yaml")
+    store = ExemplarStore(path)
+    before = path.read_text()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"lock = FileLock({str(path.parent / ('.' + path.name + '.lock'))!r}); lock.acquire(); "
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        store._file_lock.timeout = 0.5
+        with pytest.raises(StoreError, match="locked by another process") as exc:
+            store.add_exemplar("math", "What is 2 cubed?")
+        assert exc.value.unavailable and path.read_text() == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "write_atomically", full)
+    with pytest.raises(StoreError, match="No space left on device") as exc:
+        store.add_exemplar("math", "What is 2 cubed?")
+    assert exc.value.unavailable and path.read_text() == before
+    assert "What is 2 cubed?" not in [e.text for e in store.routes["math"].exemplars]
 
 
 def test_a_failed_start_leaves_no_seeded_store_behind(tiny_models, tmp_path, monkeypatch, capsys):

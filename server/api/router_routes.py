@@ -91,6 +91,9 @@ async def _answered(work):
     try:
         return await work
     except StoreError as e:
+        if e.unavailable:
+            raise errors.APIError(503, str(e), type="server_error", code="store_unavailable",
+                                  headers={"Retry-After": "5"}) from None
         status = 404 if e.missing else 409 if e.conflict else 400
         raise errors.APIError(status, str(e), param=None,
                               code="not_found" if e.missing else "conflict" if e.conflict else None) from None
