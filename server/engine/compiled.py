@@ -47,8 +47,15 @@ def warm_up(runner) -> None:
     branches = list(range(len(getattr(runner.model, "branches", [0]))))
     mixes = [[b] for b in branches] + ([branches] if len(branches) > 1 else [])
     longest = min(runner.max_seq - 1, 600)
+    shapes = ((1, 3), (2, 3), (3, 3), (1, longest), (3, longest))
+    total, done = len(mixes) * len(shapes), 0
+    name = type(runner.model).__name__
+    log.info("compiling %s's decode steps: %d shapes (torch.compile; minutes on a CPU)", name, total)
     for mix in mixes:
-        for rows, length in ((1, 3), (2, 3), (3, 3), (1, longest), (3, longest)):
+        for rows, length in shapes:
+            done += 1
+            log.info("compiling %s's decode steps: %d/%d (branches %s, %d rows of %d tokens), %.0f s so far", name,
+                     done, total, mix, rows, length, time.perf_counter() - t0)
             seqs = [Sequence("warm-up", [1] * length, SamplingParams(max_tokens=1), lambda e: None,
                              mix[i % len(mix)]) for i in range(rows)]
             if not all(runner.pool.grow(s.blocks, s.length) for s in seqs):
