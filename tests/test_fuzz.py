@@ -109,3 +109,39 @@ def test_router_api_statefully(api, live):
 
     run_state_machine_as_test(Workflow, settings=settings(max_examples=15, stateful_step_count=6, **FUZZ))
     assert any(edits)  # routes were created and edited through the links, not only refused
+
+
+def test_integers_past_64_bits_are_never_a_5xx(live):
+    """Every integer field of every request body (found in our OpenAPI document, so a new one is covered too),
+    set to values past 64 bits and at their edges, in an otherwise valid body: the fuzz that would have found
+    `seed: 2**64` (an overflow, 500)."""
+    import httpx
+
+    spec = httpx.get(live.url + "/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    valid = {"/v1/chat/completions": {"model": "math", "messages": [{"role": "user", "content": "hi"}],
+                                      "max_tokens": 2},
+             "/v1/completions": {"model": "math", "prompt": "hi", "max_tokens": 2},
+             "/v1/embeddings": {"model": "decoder:math", "input": "hi"},
+             "/v1/router/decide": {"text": "hi"}}
+
+    def integer(schema) -> bool:
+        options = schema.get("anyOf", [schema])
+        return any(o.get("type") == "integer" for o in options)
+
+    sent, fives = 0, []
+    for path, body in valid.items():
+        schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        refs = [o["$ref"] for o in schema.get("anyOf", [schema]) if "$ref" in o]  # decide: a text or messages
+        fields = sorted({name for ref in refs for name, s in schemas[ref.split("/")[-1]].get("properties", {}).items()
+                         if integer(s)})
+        if not fields:
+            continue
+        for name in fields:
+            for value in (2**64, 2**64 - 1, 2**63, -2**63 - 1, -2**64, 10**30):
+                r = httpx.post(live.url + path, json={**body, name: value}, timeout=60)
+                sent += 1
+                if r.status_code >= 500:
+                    fives.append((path, name, value, r.status_code, r.text[:200]))
+    print(f"{sent} requests with integers past 64 bits, {len(fives)} answered 5xx")
+    assert sent >= 30 and fives == []
