@@ -204,6 +204,7 @@ def test_bounds_of_round_2_are_400s_naming_the_field(server, client):
     many = [{"role": "user", "content": "hi"}] * 2049
     assert error("/v1/chat/completions", {**chat, "messages": many})["param"] == "messages"
     for field, value, words in (("guided_regex", "(.{1,999}){1,999}", "bounded repetitions"),
+                                ("guided_regex", "(.{1,99}){1,99}", "inside repetitions"),
                                 ("guided_json", {"type": "object", "not": {"required": ["a"]}}, "'not'"),
                                 ("guided_json", {"$ref": "https://example.com/schema.json"}, "points outside"),
                                 ("guided_json", json.dumps({"type": "array", "items": {}}).replace(
