@@ -645,16 +645,20 @@ class Engine(EngineBase):
         """End every sequence and embed job the engine holds or has queued (its thread is ending)."""
         for runner in self.runners:
             runner.fail_all(message)
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for item in self._take_inbox():
             if isinstance(item, EmbedJob):
                 item.future.set_exception(EngineUnavailable(message))
             else:
                 item[1].emit(Event("", [], "error", len(item[1].prompt), 0, error=message))
         self._flush()
+
+    def _take_inbox(self):
+        """What other threads have queued for the engine thread (requests and embed jobs), as it comes."""
+        while True:
+            try:
+                yield self._inbox.get_nowait()
+            except queue.Empty:
+                return
 
     def _serve(self) -> None:
         try:
@@ -668,11 +672,7 @@ class Engine(EngineBase):
         self.ready.set()
         while not self._stop.is_set():
             embeds = []
-            while True:
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
+            for item in self._take_inbox():
                 if isinstance(item, EmbedJob):
                     embeds.append(item)
                     continue
