@@ -232,11 +232,6 @@ class Admission:
         if self._count.get(key, 0) >= self._capacity[key] and self._queued() >= self.max_waiting:
             raise EngineFull(f"{self._queued()} requests are waiting; try again later")
 
-    def check(self, key) -> None:
-        """Raise EngineFull if a sequence for ``key`` would not be admitted now (reserves nothing)."""
-        with self._lock:
-            self._refuse(key)
-
     def admit(self, key, force: bool = False) -> None:
         """Count one more sequence for ``key``. ``force``: it continues a request already admitted (a pipeline's
         next stage), so the queue bound does not refuse it."""
@@ -299,10 +294,6 @@ class EngineBase:
     def waiting(self) -> int:
         """Sequences admitted beyond their runner's batch: the queue that ``max_waiting`` bounds."""
         return self.admission.queued()
-
-    def check_admission(self, model: str) -> None:
-        """Raise EngineFull if a sequence for ``model`` would not be admitted now (reserves nothing)."""
-        self.admission.check(self._key(self._target(model)))
 
     def reserve(self, model: str) -> Reservation:
         """Admit a request that will submit its sequences later (a pipeline's stages, each under this
