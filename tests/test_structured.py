@@ -413,3 +413,27 @@ def test_the_compile_pool_merges_bounds_and_times_out():
         release.set()
 
     asyncio.run(scenario())
+
+
+def test_a_constraint_waiting_for_a_compile_thread_is_busy_not_slow():
+    """The time limit is for compiling: one still waiting for a thread when it runs out is a 429 (try again),
+    and is not marked too slow."""
+    import asyncio
+    import threading
+
+    from server.engine.structured import CompilePool, CompilerBusy, Constraint
+
+    pool = CompilePool(workers=1, queue=4, timeout_s=0.3)
+    release = threading.Event()
+
+    async def scenario():
+        a, b = Constraint.regex("a+"), Constraint.regex("b+")
+        first = asyncio.wrap_future(pool.submit("m", a, lambda: release.wait(5) and "a"))  # holds the thread
+        await asyncio.sleep(0.05)
+        with pytest.raises(CompilerBusy, match="waited"):
+            await pool.run("m", b, lambda: "b")  # the only thread is busy with a
+        release.set()
+        assert await first == "a"
+        assert await pool.run("m", b, lambda: "b") == "b"  # not refused as too slow
+
+    asyncio.run(scenario())

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -26,7 +28,9 @@ MAX_SPEC_CHARS = 64_000  # a schema, regex or grammar larger than this is refuse
 MAX_CHOICES = 256
 CACHE_SIZE = 128  # compiled grammars kept per tokenizer, at most
 CACHE_BYTES = 256 * 2**20  # and at most this many bytes of them (xgrammar's own count)
-COMPILE_WORKERS = 2  # threads that compile constraints, for every model: renders and tokenizes never wait on them
+# Threads that compile constraints, for every model (renders and tokenizes never wait on them): one per 4 cores,
+# at most 2. On 2 cores, two threads compiling expensive constraints left the engine one core or none.
+COMPILE_WORKERS = max(1, min(2, (os.cpu_count() or 1) // 4))
 COMPILE_QUEUE = 16  # constraints compiling or waiting to; past that a request gets 429
 COMPILE_TIMEOUT_S = 10.0  # a constraint taking longer is refused (400), and refused at once if asked again
 
@@ -298,7 +302,15 @@ class CompilePool:
                 return future
             if len(self._inflight) >= self.queue:
                 raise CompilerBusy(f"{len(self._inflight)} constraints are compiling; try again shortly")
-            future = self._executor.submit(work)
+
+            clock = [None]  # when a thread took it: the time limit is for compiling, not for waiting a turn
+
+            def timed():
+                clock[0] = time.monotonic()
+                return work()
+
+            future = self._executor.submit(timed)
+            future.clock = clock
             self._inflight[(key, constraint)] = future
         future.add_done_callback(lambda _: self._done(key, constraint))
         return future
@@ -315,14 +327,24 @@ class CompilePool:
         import asyncio
 
         future = self.submit(key, constraint, work)
-        try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout=self.timeout_s)
-        except asyncio.TimeoutError:
-            with self._lock:
-                self._too_slow[(key, constraint)] = True
-                while len(self._too_slow) > 1024:
-                    self._too_slow.popitem(last=False)
-            raise ConstraintError(self._slow_message(constraint)) from None
+        waiting = asyncio.shield(asyncio.wrap_future(future))
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return await asyncio.wait_for(waiting, timeout=max(deadline - time.monotonic(), 0.01))
+            except asyncio.TimeoutError:
+                started = future.clock[0]
+                if started is None:  # still waiting for a thread: the pool is busy, not this constraint slow
+                    raise CompilerBusy(f"waited {self.timeout_s:g} s for a compile thread; try again shortly") \
+                        from None
+                if time.monotonic() - started < self.timeout_s:
+                    deadline = started + self.timeout_s  # it started late: give it its full time
+                    continue
+                with self._lock:
+                    self._too_slow[(key, constraint)] = True
+                    while len(self._too_slow) > 1024:
+                        self._too_slow.popitem(last=False)
+                raise ConstraintError(self._slow_message(constraint)) from None
 
     def in_flight(self) -> int:
         with self._lock:
