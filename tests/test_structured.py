@@ -437,3 +437,26 @@ def test_a_constraint_waiting_for_a_compile_thread_is_busy_not_slow():
         assert await pool.run("m", b, lambda: "b") == "b"  # not refused as too slow
 
     asyncio.run(scenario())
+
+
+def test_a_compile_that_started_late_gets_its_full_time():
+    """One that waited its turn, then compiles within the limit counted from its start, is answered (waiting twice
+    on the same compilation used to end in a CancelledError, a 500)."""
+    import asyncio
+    import threading
+    import time
+
+    from server.engine.structured import CompilePool, Constraint
+
+    pool = CompilePool(workers=1, queue=4, timeout_s=0.4)
+    release = threading.Event()
+
+    async def scenario():
+        blocker = asyncio.wrap_future(pool.submit("m", Constraint.regex("a+"), lambda: release.wait(5)))
+        late = asyncio.ensure_future(pool.run("m", Constraint.regex("b+"), lambda: time.sleep(0.3) or "b"))
+        await asyncio.sleep(0.2)
+        release.set()  # b starts at about 0.2 s and takes 0.3 s: past 0.4 s from its request, within 0.4 s of its start
+        assert await late == "b"
+        await blocker
+
+    asyncio.run(scenario())

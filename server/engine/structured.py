@@ -327,11 +327,11 @@ class CompilePool:
         import asyncio
 
         future = self.submit(key, constraint, work)
-        waiting = asyncio.shield(asyncio.wrap_future(future))
+        waiting = asyncio.wrap_future(future)
         deadline = time.monotonic() + self.timeout_s
         while True:
-            try:
-                return await asyncio.wait_for(waiting, timeout=max(deadline - time.monotonic(), 0.01))
+            try:  # a fresh shield each time: wait_for cancels what it was given when it times out
+                return await asyncio.wait_for(asyncio.shield(waiting), timeout=max(deadline - time.monotonic(), 0.01))
             except asyncio.TimeoutError:
                 started = future.clock[0]
                 if started is None:  # still waiting for a thread: the pool is busy, not this constraint slow
