@@ -21,10 +21,10 @@ from compression.compress import FORMAT
 from compression.errors import UserError
 from server.config import ServerConfig
 from server.engine.kv_cache import BLOCK_SIZE, kv_bytes_per_token, split_kv
+from server.serve import DTYPES
 
 GiB = 2**30
 CONTEXTS = (1024, 4096, 8192)  # context lengths the table counts sequences at
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "F32": 4, "BF16": 2, "F16": 2}
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _family_plan(fam, path: Path, manifest: dict, max_batch: int, max_context: i
     for b in branches:
         if b not in manifest["branches"]:
             raise UserError(f"family {path}: unknown branch {b!r} (it has: {', '.join(manifest['branches'])})")
-    size = DTYPE_BYTES[fam.dtype or manifest["dtype"]]
+    size = _dtype(fam.dtype or manifest["dtype"]).itemsize
     multiple = 64 if fam.device.startswith("cuda") else 1
     cfg = manifest["config"]
     tied = cfg.get("tie_word_embeddings", False)
@@ -110,12 +110,11 @@ def _kv_per_token(cfg: dict, dtype: str, source: Path) -> int:
 
 
 def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-            "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[name]
+    return DTYPES[name]
 
 
 def standalone_plan(sa, max_batch: int, max_context: int) -> ModelPlan:
-    from compression.safetensors_io import read_header
+    from compression.checkpoint import Checkpoint
 
     path = Path(sa.path)
     try:
@@ -125,22 +124,16 @@ def standalone_plan(sa, max_batch: int, max_context: int) -> ModelPlan:
             from None
     except ValueError as e:
         raise UserError(f"{path / 'config.json'}: not JSON ({e})") from None
-    dtype = sa.dtype or (cfg.get("torch_dtype") if cfg.get("torch_dtype") in DTYPE_BYTES else None)
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        shapes, file_dtype = [], None
-        for f in files:
-            infos, _ = read_header(f)
-            for info in infos.values():
-                shapes.append(info.shape)
-                file_dtype = file_dtype or str(info.dtype).removeprefix("torch.")
-        dtype = dtype or file_dtype
-        numel = sum(_numel(s) for s in shapes)
+    dtype = sa.dtype or (cfg.get("torch_dtype") if cfg.get("torch_dtype") in DTYPES else None)
+    if any(path.glob("*.safetensors")):
+        infos = list(Checkpoint(path).tensors.values())  # headers only
+        dtype = dtype or str(infos[0].dtype).removeprefix("torch.")
+        numel = sum(_numel(info.shape) for info in infos)
     else:
         numel = _config_numel(path, cfg)
     dtype = dtype or "float32"
     kv = _kv_per_token(cfg, dtype, path / "config.json")
-    return ModelPlan(sa.name, "standalone", sa.device, {"weights": numel * DTYPE_BYTES[dtype]}, kv,
+    return ModelPlan(sa.name, "standalone", sa.device, {"weights": numel * _dtype(dtype).itemsize}, kv,
                      max_batch * max_context)
 
 

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.errors import UserError
-from compression.safetensors_io import read_header, read_tensor
+from compression.checkpoint import Checkpoint
+from compression.safetensors_io import read_tensor
 from server.engine.kv_cache import BlockSparse, StepBatch, causal_attention, paged_attention, write
 from server.engine.phi3small_tokenizer import dummy_token_ids
 
@@ -316,7 +317,7 @@ class Phi3SmallForCausalLM(nn.Module):
                         device: str | torch.device = "cpu") -> "Phi3SmallForCausalLM":
         path = Path(path)
         cfg = Phi3SmallConfig.from_file(path / "config.json")
-        tensors = checkpoint_tensors(path)
+        tensors = Checkpoint(path).tensors  # every file's header (the index honoured), nothing read
         own_head = "lm_head.weight" in tensors and not _same_as_embedding(tensors)
         if dtype is None:
             dtype = getattr(torch, cfg.torch_dtype, None) if isinstance(cfg.torch_dtype, str) else None
@@ -348,18 +349,6 @@ def _dummies(cfg: Phi3SmallConfig) -> list[int]:
 def _same_as_embedding(tensors) -> bool:
     head, embed = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
     return embed is not None and head.path == embed.path and head.offset == embed.offset
-
-
-def checkpoint_tensors(path: Path) -> dict:
-    """Every tensor's header entry across a checkpoint's safetensors files (name -> TensorInfo), nothing read."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path}: no *.safetensors files (only safetensors checkpoints are read)")
-    tensors = {}
-    for f in files:
-        infos, _ = read_header(f)
-        tensors.update(infos)
-    return tensors
 
 
 
