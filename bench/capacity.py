@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compression.report import text_table  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
-from server.engine.scheduler import Engine  # noqa: E402
+from server.engine.core import Engine  # noqa: E402
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compression.report import text_table  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
-from server.engine.scheduler import Engine  # noqa: E402
+from server.engine.core import Engine  # noqa: E402
 from server.engine.structured import Constraint  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "minLength": 2000}}, "required": ["text"]}

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.engine.scheduler import Engine  # noqa: E402
+from server.engine.core import Engine  # noqa: E402
 
 
 def main() -> int:

@@ -42,7 +42,8 @@ def general_tasks(branch: int) -> list[Task]:
 def generate(source, branches: list[str], tasks: list[Task], max_batch: int = 128) -> list[tuple[str, str]]:
     """Greedy (reply, finish reason) for ``tasks`` (each on its branch), every branch mixed in the same batches."""
     from server.engine.model import FamilyModel
-    from server.engine.runner import FamilyRunner, Sequence
+    from server.engine.runner import FamilyRunner
+    from server.engine.sequence import Sequence
     from server.engine.sampling import SamplingParams
     from server.engine.text import load_tokenizer, render_chat, stop_token_ids
 

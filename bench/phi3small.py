@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compression.synthetic import PHI3_SMALL_CONFIG, build_phi3small  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
-from server.engine.scheduler import Engine  # noqa: E402
+from server.engine.core import Engine  # noqa: E402
 
 
 def run(path: Path, args) -> dict:

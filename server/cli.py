@@ -167,7 +167,7 @@ def cmd_bench_compress(args) -> int:
 def cmd_bench_engine(args) -> int:
     import torch
 
-    from server.engine.bench import bench_engine
+    from server.bench.engine import bench_engine
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")

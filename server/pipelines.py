@@ -23,9 +23,9 @@ from jinja2 import meta
 
 from compression.errors import UserError
 from server.config import PipelineConfig, StageConfig
-from server.engine.runner import Event
+from server.engine.sequence import Event
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Engine
+from server.engine.core import Engine
 from server.engine.structured import Constraint, ConstraintError
 from server.engine.text import render_chat
 

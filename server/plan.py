@@ -6,7 +6,7 @@ each served branch's U and V (ranks padded to 64 on CUDA, as the engine pads the
 embeddings, head and norms, tensors shared by all branches once. A standalone model's bytes come from its
 safetensors headers, or, when the directory has no weights yet, from its config.json (Phi-3-small natively,
 other architectures instantiated on the meta device). Bytes are counted in the dtype the model will be served
-in. The KV budget and its split between models are the engine's own (server/engine/scheduler.allocate_kv).
+in. The KV budget and its split between models are the engine's own (server/engine/core.Engine.allocate_kv).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class Plan:
 
 def make_plan(config: ServerConfig, device_memory: int | None = None) -> Plan:
     """``device_memory``: bytes of each CUDA device (default: what torch reports for it, when it can)."""
-    from server.engine.scheduler import DEFAULT_CPU_KV_BYTES, GPU_MEMORY_UTILIZATION
+    from server.engine.core import DEFAULT_CPU_KV_BYTES, GPU_MEMORY_UTILIZATION
 
     limits = config.limits
     models = [family_plan(f, limits.max_batch, limits.max_context) for f in config.families]

@@ -31,8 +31,10 @@ from ray import serve
 
 from compression.errors import UserError
 from server.config import RayDeployment, ServerConfig
-from server.engine.runner import Event, Sequence
-from server.engine.scheduler import EngineBase, EngineFull, RequestStream, Target, deliver
+from server.engine.sequence import Event, Sequence
+from server.engine.core import EngineBase, Target
+from server.engine.scheduler import EngineFull
+from server.engine.stream import RequestStream, deliver
 from server.metrics import REQUEST_METRICS, RequestMetrics
 
 log = logging.getLogger("branchserve.ray")

@@ -12,7 +12,7 @@ import torch
 
 from compression.errors import UserError
 from server.config import ServerConfig
-from server.engine.scheduler import Engine
+from server.engine.core import Engine
 
 log = logging.getLogger("branchserve.serve")
 

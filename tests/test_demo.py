@@ -96,7 +96,8 @@ def test_smollm2_rows_that_arrive_together_decode_as_they_do_alone(smollm2):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from server.engine.runner import Sequence, StandaloneRunner
+    from server.engine.runner import StandaloneRunner
+    from server.engine.sequence import Sequence
     from server.engine.sampling import SamplingParams
     from server.engine.text import load_tokenizer, render_chat
 

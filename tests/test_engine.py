@@ -9,7 +9,8 @@ import torch
 from compression.compress import CompressOptions, compress
 from compression.synthetic import build_standalone
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Engine, EngineFull, UnknownModel
+from server.engine.core import Engine, UnknownModel
+from server.engine.scheduler import EngineFull
 
 
 @pytest.fixture(scope="module")
@@ -473,7 +474,8 @@ def test_standalone_steps_of_several_rows_give_each_rows_own_logits(paths):
     logits are those of transformers' plain forward over its whole prompt, read from its own blocks."""
     from transformers import AutoModelForCausalLM
 
-    from server.engine.runner import Sequence, StandaloneRunner
+    from server.engine.runner import StandaloneRunner
+    from server.engine.sequence import Sequence
 
     plain = AutoModelForCausalLM.from_pretrained(paths["phi3"], dtype=torch.float32).eval()
     runner = StandaloneRunner(AutoModelForCausalLM.from_pretrained(paths["phi3"], dtype=torch.float32).eval(),
@@ -513,7 +515,8 @@ def test_a_step_with_decode_rows_and_a_prompt_runs_one_forward(paths, kind):
 
     from compression.artifact import Artifact
     from server.engine.model import FamilyModel
-    from server.engine.runner import FamilyRunner, Sequence, StandaloneRunner
+    from server.engine.runner import FamilyRunner, StandaloneRunner
+    from server.engine.sequence import Sequence
 
     if kind == "family":
         runner = FamilyRunner(FamilyModel.from_artifact(Artifact(paths["artifact"])), max_batch=4, max_seq=64)

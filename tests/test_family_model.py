@@ -128,7 +128,7 @@ def test_compressed_embeddings_and_heads_match_their_export(which, request, tmp_
 
 def test_step_read_bytes_count_the_trunk_once_and_only_the_residuals_in_use(family, tmp_path):
     """What `bench engine` divides by the step time: checked against the artifact's own tensors."""
-    from server.engine.bench import step_read_bytes
+    from server.bench.engine import step_read_bytes
 
     compress(family, tmp_path / "art", CompressOptions(rate=0.9, progress=False))
     artifact = Artifact(tmp_path / "art")
@@ -153,7 +153,7 @@ def test_step_read_bytes_count_the_trunk_once_and_only_the_residuals_in_use(fami
 
 def test_a_rate_0_family_holds_each_branch_once(family, tmp_path):
     """Exact residuals are folded into per-branch weights at load: no trunk, no identity matrices."""
-    from server.engine.bench import weight_bytes
+    from server.bench.engine import weight_bytes
 
     compress(family, tmp_path / "art", CompressOptions(rate=0.0, progress=False))
     model = FamilyModel.from_artifact(Artifact(tmp_path / "art"))

@@ -12,9 +12,10 @@ from compression.compress import CompressOptions, compress
 from compression.synthetic import build_standalone
 from server.engine.kv_cache import BLOCK_SIZE, BlockPool, StepBatch, allocate, paged_attention, parse_bytes, write
 from server.engine.model import FamilyModel
-from server.engine.runner import FamilyRunner, Sequence, StandaloneRunner
+from server.engine.runner import FamilyRunner, StandaloneRunner
+from server.engine.sequence import Sequence
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Engine
+from server.engine.core import Engine
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ def tokenizer(phi3small):
 
 
 def _engine(path, **kw):
-    from server.engine.scheduler import Engine
+    from server.engine.core import Engine
 
     engine = Engine(kv_cache_memory=64 * 2**20)
     engine.add_standalone("small", path, max_batch=kw.pop("max_batch", 8), max_seq=512, prefill_chunk=kw.pop("chunk", 32))

@@ -199,7 +199,7 @@ def test_the_kuberay_manifest_holds_a_valid_config_and_our_import_path():
 
 def test_the_ingress_bounds_an_embedding_before_it_reaches_a_replica():
     from server.ray_app import RemoteEngine, RemoteRunner
-    from server.engine.scheduler import Target
+    from server.engine.core import Target
 
     engine = RemoteEngine({}, {}, max_waiting=4)
     engine.targets["math"] = Target("math", "branch", RemoteRunner(512, 8, 300), None, frozenset())

@@ -42,7 +42,9 @@ from server.api.protocol import (
 from server.api.tools import ToolPlan, could_be_call
 from server.config import ServerConfig
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Engine, EngineFull, RequestStream
+from server.engine.core import Engine
+from server.engine.scheduler import EngineFull
+from server.engine.stream import RequestStream
 from server.engine.text import render_chat
 from server.metrics import Metrics
 from server.pipelines import (

@@ -19,7 +19,7 @@ SHUTTING_DOWN = "The server is shutting down; retry on another replica or later"
 def engine_error(message: str) -> errors.APIError:
     """A sequence the engine ended with an error: 503 when the server is shutting down or its engine is not
     running, 504 past limits.request_timeout_s, 500 otherwise."""
-    from server.engine.scheduler import ENGINE_UNAVAILABLE, REQUEST_TIMEOUT
+    from server.engine.stream import ENGINE_UNAVAILABLE, REQUEST_TIMEOUT
 
     if SHUTTING_DOWN in message:
         return errors.shutting_down(SHUTTING_DOWN)

@@ -31,7 +31,8 @@ from server.api.common import SHUTTING_DOWN, done_unless_gone, engine_error, sse
 from server.api.constraints import compile_for, request_constraint
 from server.api.protocol import SEED_END, SEED_MIN, GuidedFields, RequestBody, ResponseFormat, StreamOptions, Usage, check_stop, now
 from server.engine.sampling import MAX_LOGPROBS, SamplingParams
-from server.engine.scheduler import EngineFull, RequestStream
+from server.engine.scheduler import EngineFull
+from server.engine.stream import RequestStream
 
 log = logging.getLogger("branchserve.api")
 

@@ -161,7 +161,7 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         return (await validation_error(request, exc)).response()
 
-    from server.engine.scheduler import EngineUnavailable
+    from server.engine.core import EngineUnavailable
 
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(request: Request, exc: EngineUnavailable):

@@ -21,7 +21,8 @@ from compression.report import text_table, summarize
 from compression.synthetic import plain_average
 from server.demo.skills import SKILLS, test_set
 from server.engine.model import FamilyModel
-from server.engine.runner import FamilyRunner, Sequence
+from server.engine.runner import FamilyRunner
+from server.engine.sequence import Sequence
 from server.engine.sampling import SamplingParams
 from server.engine.text import load_tokenizer, render_chat, stop_token_ids
 

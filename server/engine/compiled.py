@@ -40,7 +40,7 @@ def tracing():
 
 def warm_up(runner) -> None:
     """Run the decode steps serving will meet, on throwaway sequences whose blocks go back to the pool."""
-    from server.engine.runner import Sequence
+    from server.engine.sequence import Sequence
     from server.engine.sampling import SamplingParams
 
     t0 = time.perf_counter()

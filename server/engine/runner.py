@@ -1,14 +1,8 @@
-"""Runners: continuous batching for one model, one forward per engine step.
+"""Model runners: one per served model; each engine step runs one forward over the tokens the scheduler
+(server/engine/scheduler.py) picked, then samples for every sequence whose tokens are now all computed.
 
-A step schedules every running sequence's next tokens as one flat batch under a token budget (vLLM v1's
-unified batch): each decoding sequence's one new token, then prompt chunks of those still prefilling, up to
-``prefill_chunk`` prompt tokens in all; waiting sequences join while there are batch places, budget and KV
-blocks. Then one forward, and every sequence whose tokens are all computed samples its next token.
-
-Keys and values live in a paged cache (server/engine/kv_cache.py): a sequence takes blocks as it grows and
-gives them back when it leaves. When a running sequence needs a block and none is free, the newest
-sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
-(its prompt and the tokens it has produced) when blocks free up. Nothing is lost and no token changes.
+Keys and values live in a paged cache (server/engine/kv_cache.py) that the runner allocates and the scheduler
+hands out by blocks.
 
 ``FamilyRunner`` drives the family model (branches mixed in one forward); ``StandaloneRunner`` drives any
 transformers causal LM through the same cache and attention (server/engine/paged_hf.py).
@@ -16,68 +10,22 @@ transformers causal LM through the same cache and attention (server/engine/paged
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import inspect
 import logging
-import threading
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from compression.errors import UserError
 from server.engine.kv_cache import BLOCK_SIZE, BlockPool, StepBatch, kv_bytes_per_token
 from server.engine.model import linear, row_groups, single_branch
-from server.engine.sampling import SamplingParams, sample_rows, token_logprobs
+from server.engine.sampling import sample_rows, token_logprobs
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Event, Sequence
 from server.engine.structured import apply_masks, fill_masks
 
 log = logging.getLogger("branchserve.engine")
 _FILLS = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="branchserve-grammar")  # bitmask fills
-
-
-@dataclass
-class Event:
-    """What a request's consumer receives: new text and tokens, and at the end a finish reason."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-    # per token in token_ids when the request asked for logprobs: (logprob, [(id, logprob) of the most likely])
-    logprobs: list | None = None
-
-
-@dataclass
-class Sequence:
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    emit: Callable[[Event], None]
-    branch: int = 0  # row's branch index (family runner)
-    stop_ids: frozenset = frozenset()
-    generator: torch.Generator | None = None
-    matcher: object | None = None  # structured.Matcher when decoding is constrained
-    blocks: list[int] = field(default_factory=list)  # the block table: the KV blocks this sequence holds
-    computed: int = 0  # tokens whose keys and values are in the cache
-    output: list[int] = field(default_factory=list)
-    finished: str | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.output)
-
-    def tokens(self, start: int, n: int) -> list[int]:
-        """Tokens start..start+n-1 of prompt + output, without joining the two."""
-        p = len(self.prompt)
-        if start + n <= p:
-            return self.prompt[start:start + n]
-        if start >= p:
-            return self.output[start - p:start - p + n]
-        return self.prompt[start:] + self.output[:start + n - p]
 
 
 def to_device(values, device: torch.device) -> torch.Tensor:
@@ -94,12 +42,22 @@ class Runner:
         self.max_seq = max_seq
         self.prefill_chunk = prefill_chunk  # prompt tokens per step, over all rows
         self.pool: BlockPool | None = None
-        self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []
+        self.scheduler = Scheduler(max_batch, prefill_chunk)
         self.peak_batch = 0  # most sequences in one step
         self.peak_mixed = 0  # most distinct branches in one step
         self.forwards = 0  # model forwards run by steps
-        self.preemptions = 0
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def preemptions(self) -> int:
+        return self.scheduler.preemptions
 
     # -- the KV cache
     def kv_bytes_per_token(self) -> int:
@@ -120,20 +78,19 @@ class Runner:
             shared = budget if device_budget is None else device_budget
             raise UserError(f"a KV cache of {shared} bytes holds no block of {BLOCK_SIZE} tokens "
                             f"({per_block} bytes each) for every model; raise limits.kv_cache_memory")
-        self.pool = BlockPool(blocks)
+        self.pool = self.scheduler.pool = BlockPool(blocks)
         self._allocate_blocks(blocks)
         self.max_seq = min(self.max_context, self.pool.capacity)
 
     def _allocate_blocks(self, blocks: int) -> None:
         raise NotImplementedError
 
-    # -- the scheduler's side
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; the engine has already checked that its prompt fits."""
         seq.generator = seq.params.generator(self.device)
         if seq.params.grammar is not None:
             seq.matcher = seq.params.grammar.matcher()
-        self.waiting.append(seq)
+        self.scheduler.add(seq)
 
     @property
     def vocab_size(self) -> int:
@@ -144,13 +101,13 @@ class Runner:
         """Compile whatever the runner's steps need, before the server says it is ready."""
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_work()
 
     def step(self) -> None:
         """One engine step: schedule, one forward over every scheduled token, then sample for each sequence
         whose tokens are now all computed (a decode row, or a prompt's last chunk)."""
-        self._reap()
-        scheduled, decode_rows = self._schedule()
+        self.scheduler.reap()
+        scheduled, decode_rows = self.scheduler.schedule()
         if scheduled:
             sampling = [seq for seq, n in scheduled if seq.computed + n == seq.length]
             matchers = [s.matcher for s in sampling]
@@ -165,67 +122,10 @@ class Runner:
                 seq.computed += n
             if sampling:
                 self._accept(sampling, logits, masks.result() if masks is not None else None)
-        self._reap()
-
-    def _schedule(self) -> tuple[list[tuple[Sequence, int]], int]:
-        """(sequence, tokens) for this step, one-token rows first, and how many those are. Running sequences
-        first, in the order they joined; then waiting ones while there are places, budget and blocks."""
-        budget = self.prefill_chunk
-        single, chunks = [], []
-        for seq in list(self.running):
-            if seq.finished or seq not in self.running:  # preempted by an earlier row of this step
-                continue
-            left = seq.length - seq.computed
-            n = 1 if left == 1 and seq.output else min(left, budget)
-            if n == 0 or not self._grow(seq, seq.computed + n):
-                continue
-            if n > 1 or not seq.output:  # a prompt (or a recomputation) takes budget; a decode row does not
-                budget -= n
-            (single if n == 1 else chunks).append((seq, n))
-        while self.waiting and len(self.running) < self.max_batch and budget > 0:
-            seq = self.waiting[0]
-            if seq.cancelled.is_set():
-                self.waiting.popleft()
-                self._finish(seq, "cancelled")
-                continue
-            n = min(seq.length - seq.computed, budget)
-            if not self.pool.grow(seq.blocks, seq.computed + n):
-                break
-            self.waiting.popleft()
-            self.running.append(seq)
-            budget -= n
-            (single if n == 1 else chunks).append((seq, n))
-        return single + chunks, len(single)
-
-    def _grow(self, seq: Sequence, tokens: int) -> bool:
-        """Blocks for ``tokens`` of ``seq``, preempting the newest running sequences until they are free; False
-        when ``seq`` itself had to go."""
-        while not self.pool.grow(seq.blocks, tokens):
-            victim = self.running[-1]
-            self._preempt(victim)
-            if victim is seq:
-                return False
-        return True
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Free its blocks and queue it first again; it is recomputed from its tokens when it resumes."""
-        self.pool.release(seq.blocks)
-        seq.computed = 0
-        self.running.remove(seq)
-        self.waiting.appendleft(seq)
-        self.preemptions += 1
-        log.debug("preempted %s at %d tokens (%d blocks free)", seq.id, seq.length, len(self.pool.free))
+        self.scheduler.reap()
 
     def fail_all(self, message: str) -> None:
-        """End every sequence that has not ended yet with an error, once each."""
-        for seq in list(self.running) + list(self.waiting):
-            if seq.finished is None:
-                seq.finished = "error"
-                seq.emit(Event("", [], "error", len(seq.prompt), len(seq.output), error=message))
-            if self.pool is not None:
-                self.pool.release(seq.blocks)
-        self.running.clear()
-        self.waiting.clear()
+        self.scheduler.fail_all(message)
 
     # -- shared mechanics
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor, masks=None) -> None:
@@ -242,35 +142,11 @@ class Runner:
             event = Event("", [tok], logprobs=[logprobs[i]] if i in logprobs else None)
             seq.emit(event)
             if seq.matcher is not None and not seq.matcher.accept(tok):  # cannot happen with the mask applied
-                seq.finished = "error"
-                seq.emit(Event("", [], "error", len(seq.prompt), len(seq.output),
-                               error=f"the constraint rejected token {tok}"))
+                self.scheduler.fail(seq, f"the constraint rejected token {tok}")
             elif tok in seq.params.stop_token_ids or (tok in seq.stop_ids and not seq.params.ignore_eos):
-                self._finish(seq, "stop")
+                self.scheduler.finish(seq, "stop")
             elif len(seq.output) >= seq.params.max_tokens or seq.length >= self.max_seq:
-                self._finish(seq, "length")
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.finished = reason
-        seq.emit(Event("", [], reason, len(seq.prompt), len(seq.output)))
-
-    def _reap(self) -> None:
-        for seq in self.running:
-            if not seq.finished and seq.cancelled.is_set():
-                self._finish(seq, "cancelled")
-        gone = [s for s in self.running if s.finished]
-        if gone:
-            self.running = [s for s in self.running if not s.finished]
-            for seq in gone:
-                self.pool.release(seq.blocks)
-        self.waiting = collections.deque(s for s in self.waiting if not self._drop_cancelled(s))
-
-    def _drop_cancelled(self, seq: Sequence) -> bool:
-        if seq.cancelled.is_set():
-            self.pool.release(seq.blocks)  # a preempted sequence holds none; this is for safety's sake
-            self._finish(seq, "cancelled")
-            return True
-        return False
+                self.scheduler.finish(seq, "length")
 
     def _batch(self, scheduled: list[tuple[Sequence, int]], decode_rows: int, heads: int, kv_heads: int,
                dtype: torch.dtype) -> StepBatch:

@@ -20,7 +20,8 @@ from compression.artifact import Residual, SingleCheckpoint
 from compression.plan import is_compressed, rank_for_rate
 from compression.report import text_table
 from server.engine.model import DenseBranches, FamilyModel, PerBranch, single_branch
-from server.engine.runner import FamilyRunner, Sequence
+from server.engine.runner import FamilyRunner
+from server.engine.sequence import Sequence
 from server.engine.sampling import SamplingParams
 
 SHAPES = {
