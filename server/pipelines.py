@@ -9,7 +9,6 @@ the start, never a request.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import re
@@ -24,10 +23,8 @@ from jinja2 import meta
 from compression.errors import UserError
 from server.config import PipelineConfig, StageConfig
 from server.engine.sequence import Event
-from server.engine.sampling import SamplingParams
 from server.engine.core import Engine
 from server.engine.structured import Constraint, ConstraintError
-from server.engine.text import render_chat
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
@@ -179,11 +176,12 @@ class StageFailed(RuntimeError):
     pass
 
 
-async def run_pipeline(engine: Engine, pipeline: Pipeline, messages: list[dict], question: str,
+async def run_pipeline(engine: Engine, inputs, pipeline: Pipeline, messages: list[dict], question: str,
                        final_max_tokens: int | None, seed: int | None,
                        on_event: Callable[[int, Event], None] | None = None, final_grammar=None,
                        reservation=None) -> PipelineResult:
-    """Run the stages in order; ``on_event(stage_index, event)`` sees every stage's deltas. The caller admits
+    """Run the stages in order, each prepared by ``inputs`` (the API's InputProcessor: its template, the chat
+    template, its sampling); ``on_event(stage_index, event)`` sees every stage's deltas. The caller admits
     the request (``reservation``, from ``Engine.reserve``: one place for all its stages, released by the
     caller when the pipeline ends); its stages are not counted or refused on their own.
     ``final_grammar``: the request's own constraint, compiled for the last stage's model; it replaces that
@@ -194,25 +192,9 @@ async def run_pipeline(engine: Engine, pipeline: Pipeline, messages: list[dict],
     result = PipelineResult()
     draft = None
     for i, stage in enumerate(pipeline.stages):
-        sc = stage.config
-        variables = {"messages": messages, "question": question, "domain": sc.domain}
-        if i > 0:
-            variables["draft"] = draft
-        user = stage.template.render(**variables).strip()
-        history = [m for m in messages[:-1]] if messages and messages[-1]["role"] == "user" else list(messages)
-        stage_messages = with_expert([*history, {"role": "user", "content": user}], sc.domain)
-        prompt = await asyncio.to_thread(render_chat, engine.tokenizer(sc.model), stage_messages)  # off the loop
-        last = i == len(pipeline.stages) - 1
-        max_tokens = final_max_tokens if last and final_max_tokens else sc.max_tokens
-        context = engine.targets[sc.model].runner.max_seq
-        max_tokens = min(max_tokens, context - len(prompt))
-        if max_tokens < 1:
-            raise ValueError(f"stage {i + 1} of pipeline {pipeline.name!r}: its prompt ({len(prompt)} tokens) "
-                             f"fills {sc.model}'s context of {context}")
-        grammar = final_grammar if last and final_grammar is not None else stage.grammar
-        params = SamplingParams(max_tokens=max_tokens, temperature=sc.temperature, top_p=sc.top_p, stop=sc.stop,
-                                seed=None if seed is None else seed + i, grammar=grammar)
-        stream = engine.submit(sc.model, prompt, params, reservation=reservation)  # admitted once, at the request
+        prompt, params = await inputs.stage(pipeline, i, messages, question, draft, final_max_tokens, seed,
+                                            final_grammar)
+        stream = engine.submit(stage.config.model, prompt, params, reservation=reservation)  # admitted once
         parts, error = [], None
         try:
             async for ev in stream:
@@ -223,9 +205,9 @@ async def run_pipeline(engine: Engine, pipeline: Pipeline, messages: list[dict],
         finally:
             stream.cancel()  # no-op when it finished; frees its blocks when we were cancelled
         if stream.finish_reason == "error":
-            raise StageFailed(f"stage {i + 1} ({sc.model}) failed: {error}")
+            raise StageFailed(f"stage {i + 1} ({stage.config.model}) failed: {error}")
         draft = "".join(parts)
-        result.stages.append(StageResult(sc.model, draft, stream.finish_reason, len(prompt),
+        result.stages.append(StageResult(stage.config.model, draft, stream.finish_reason, len(prompt),
                                          stream.completion_tokens))
     return result
 

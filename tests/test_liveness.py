@@ -131,7 +131,7 @@ def test_admission_holds_one_place_per_pipeline_and_gets_back_to_zero_after_faul
     try:
         engine = server.server.config.app.state.branchserve.engine
         slow_steps(engine, 0.05)
-        import server.pipelines as pipelines
+        import server.api.input_processor as pipelines  # where a stage's prompt is rendered
 
         render = pipelines.render_chat  # slow rendering: every request of the burst is in before any stage runs
         monkeypatch.setattr(pipelines, "render_chat", lambda *a, **kw: time.sleep(0.5) or render(*a, **kw))

@@ -2,7 +2,6 @@
 from the model's definition, sharing no code with server/engine/phi3small.py."""
 
 import json
-import math
 
 import openai
 import pytest

@@ -105,3 +105,54 @@ async def sse_events(streams: list, shape: Callable[[int, object], Iterable[str]
         for s in streams:
             s.cancel()
         record(status)
+
+
+class ClientGone(Exception):
+    """The client disconnected before there was anything to answer."""
+
+
+async def unless_gone(request: Request, coro):
+    """``coro``'s result; ClientGone (its work cancelled) when the client disconnects first."""
+    work = asyncio.ensure_future(coro)
+    if not await done_unless_gone(request, work):
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise ClientGone
+    return work.result()
+
+
+class Timing:
+    """When a request started and when its first token came, for the metrics."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def first_token(self, at: float) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = at
+
+    def ttft(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+async def finished_or_gone(request: Request, work, streams: list, record: Callable[[str], None]):
+    """``work`` (collecting ``streams``) to its end: its result, or None when the client went away first (the
+    streams cancelled, recorded as cancelled). An engine error is recorded and raised as its API error."""
+    work = asyncio.ensure_future(work)
+    if not await done_unless_gone(request, work):
+        for s in streams:
+            s.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        record("cancelled")
+        return None
+    results = work.result()
+    failed = next((r.error for r in results if r.finish_reason == "error"), None)
+    if failed:
+        record("error")
+        raise engine_error(failed)
+    record("ok")
+    return results

@@ -38,7 +38,7 @@ import torch
 
 from server.engine.kv_cache import BLOCK_SIZE, split_kv
 from server.engine.runner import FamilyRunner, Runner, StandaloneRunner
-from server.engine.scheduler import Admission, EngineFull, Reservation
+from server.engine.scheduler import Admission, Reservation
 from server.engine.sequence import Event, Sequence
 from server.engine.stream import ENGINE_UNAVAILABLE, LIVENESS_POLL_S, REQUEST_TIMEOUT, RequestStream, deliver  # noqa: F401
 from server.engine.sampling import SamplingParams

@@ -19,7 +19,7 @@ import torch
 from compression.errors import UserError
 from server.engine.kv_cache import BLOCK_SIZE, BlockPool, StepBatch, kv_bytes_per_token
 from server.engine.model import linear, row_groups, single_branch
-from server.engine.sampling import sample_rows, token_logprobs
+from server.engine.sampling import forbid_stops, sample_rows, token_logprobs
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Event, Sequence
 from server.engine.structured import apply_masks, fill_masks
@@ -133,6 +133,10 @@ class Runner:
         go out as they are (text, stop strings and events are the output side's work)."""
         if masks is not None:
             logits = apply_masks(logits, masks)
+        early = [i for i, s in enumerate(seqs) if len(s.output) < s.params.min_tokens and s.matcher is None]
+        if early:  # min_tokens: no stop token yet (a constraint's end still ends a constrained row)
+            logits = forbid_stops(logits, early, [sorted(seqs[i].stop_ids | set(seqs[i].params.stop_token_ids))
+                                                  for i in early])
         tokens = sample_rows(logits, [s.params for s in seqs], [s.generator for s in seqs])
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         logprobs = dict(zip(want, token_logprobs(logits, want, tokens, [seqs[i].params.logprobs for i in want]))) \

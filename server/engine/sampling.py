@@ -30,6 +30,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; n >= 0: the sampled token's logprob and the n most likely
     grammar: object | None = None  # a structured.Compiled: decoding is constrained to it
     ignore_eos: bool = False  # the model's end-of-turn tokens do not end the sequence (stop_token_ids still do)
+    min_tokens: int = 0  # before this many tokens: no end-of-turn or stop token is sampled, no stop string ends it
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -40,6 +41,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be between 0 and max_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}")
 
@@ -108,3 +111,16 @@ def token_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], top
     values = best.values.clamp(min=LOGPROB_FLOOR).tolist() if k else [[] for _ in rows]
     ids = best.indices.tolist() if k else [[] for _ in rows]
     return [(chosen[j], list(zip(ids[j][:top[j]], values[j][:top[j]]))) for j in range(len(rows))]
+
+
+def forbid_stops(logits: torch.Tensor, rows: list[int], ids: list[list[int]]) -> torch.Tensor:
+    """``logits`` with each of ``rows`` unable to sample its ``ids`` (min_tokens: a sequence's stop tokens,
+    until it has that many). The indices go to the device without a sync."""
+    flat_rows = [r for r, row_ids in zip(rows, ids) for _ in row_ids]
+    flat_ids = [t for row_ids in ids for t in row_ids]
+    if not flat_ids:
+        return logits
+    device = logits.device
+    index = torch.tensor([flat_rows, flat_ids], dtype=torch.long)
+    index = index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+    return logits.index_put((index[0], index[1]), torch.tensor(float("-inf"), device=device, dtype=logits.dtype))

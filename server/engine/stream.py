@@ -26,7 +26,7 @@ class RequestStream:
         stream whose engine stops answering, or that runs past its time, ends with an error event (and frees
         its sequence) instead of waiting for ever."""
         self.seq, self._events, self._wake = seq, events, wake
-        self._text = IncrementalText(tokenizer, seq.params.stop)
+        self._text = IncrementalText(tokenizer, seq.params.stop, seq.params.min_tokens)
         self.finish_reason: str | None = None
         self._problem = problem
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s

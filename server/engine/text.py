@@ -91,8 +91,11 @@ class IncrementalText:
     by the tokenizer as U+FFFD at the end) is held back too.
     """
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0):
+        """``min_tokens``: no stop string is looked for in the text of the first ``min_tokens - 1`` tokens."""
         self.tokenizer = tokenizer
+        self.min_tokens = min_tokens
+        self.floor = 0  # a stop string may begin here or later
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
@@ -116,15 +119,19 @@ class IncrementalText:
         self.prefix, self.read = self.read, len(self.ids)
         text = self.text + now[len(before):]
         self.text = text
+        if len(self.ids) < self.min_tokens:  # too early to stop: all of it may go out
+            self.floor = len(text)
+            delta, self.emitted = text[self.emitted:], len(text)
+            return delta, False
         if self.stop:
-            start = max(0, self.emitted - self.hold)
+            start = max(self.floor, self.emitted - self.hold)
             hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 cut = min(hits)
                 delta = text[self.emitted:cut]
                 self.text, self.emitted = text[:cut], cut
                 return delta, True
-        safe = len(text) - self.hold
+        safe = max(len(text) - self.hold, self.floor)
         if safe <= self.emitted:
             return "", False
         delta = text[self.emitted:safe]
