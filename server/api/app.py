@@ -120,6 +120,51 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bearer_matches(request: Request, keys: list[bytes]) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    ok = False
+    for key in keys:  # every key is compared, in constant time
+        ok |= hmac.compare_digest(token.strip().encode(), key)
+    return scheme.lower() == "bearer" and ok
+
+
+class Access:
+    """Who may call what, as FastAPI dependencies: ``authorized`` (the API key, when set), ``admin`` (the router
+    API), and ``engine`` / ``router`` (503 while loading, 404 without a router)."""
+
+    def __init__(self, state: State):
+        self.state = state
+
+    def authorized(self, request: Request) -> None:
+        if self.state.api_keys and not bearer_matches(request, self.state.api_keys):
+            raise errors.unauthorized()
+
+    def admin(self, request: Request) -> None:
+        """The router API needs an admin key whenever one is set (a user key is not one). With no key of any
+        kind it is open only to a client that is itself on this machine: the server listens on loopback, the
+        client's own address is loopback, and no proxy forwarded the request (a reverse proxy on this host
+        would otherwise hand anyone's edits over from 127.0.0.1). Otherwise it is off."""
+        state = self.state
+        if state.admin_keys:
+            if not bearer_matches(request, state.admin_keys):
+                raise errors.unauthorized(admin=True)
+        elif not state.edits_open:
+            raise errors.APIError(403, ADMIN_OFF, type="permission_error", code="admin_key_required")
+        elif not local_client(request):
+            raise errors.APIError(403, ADMIN_PROXIED, type="permission_error", code="admin_key_required")
+
+    def engine(self) -> Engine:
+        if self.state.engine is None:
+            raise errors.not_ready()
+        return self.state.engine
+
+    def router(self) -> Router:
+        self.engine()
+        if self.state.router is None:
+            raise errors.APIError(404, "This server has no router configured", code="router_not_configured")
+        return self.state.router
+
+
 def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = None,
               build_router: Callable[[Engine], Router] | None = None,
               pipelines: dict[str, Pipeline] | None = None, *, host: str = "127.0.0.1",
@@ -145,42 +190,18 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
+    access = Access(state)
+    install_status_routes(app, state, access, docs_open)
+    install_router_routes(app, access.router, access.admin)
+    install_chat_routes(app, state, access.authorized, access.engine)
+    install_completion_routes(app, state, access.authorized, access.engine)
+    install_embedding_routes(app, state, access.authorized, access.engine)
+    app.openapi = lambda: openapi_schema(app, state)
+    return app
 
-    def bearer_matches(request: Request, keys: list[bytes]) -> bool:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        ok = False
-        for key in keys:  # every key is compared, in constant time
-            ok |= hmac.compare_digest(token.strip().encode(), key)
-        return scheme.lower() == "bearer" and ok
 
-    def authorized(request: Request) -> None:
-        if state.api_keys and not bearer_matches(request, state.api_keys):
-            raise errors.unauthorized()
-
-    def admin(request: Request) -> None:
-        """The router API needs an admin key whenever one is set (a user key is not one). With no key of any
-        kind it is open only to a client that is itself on this machine: the server listens on loopback, the
-        client's own address is loopback, and no proxy forwarded the request (a reverse proxy on this host
-        would otherwise hand anyone's edits over from 127.0.0.1). Otherwise it is off."""
-        if state.admin_keys:
-            if not bearer_matches(request, state.admin_keys):
-                raise errors.unauthorized(admin=True)
-        elif not state.edits_open:
-            raise errors.APIError(403, ADMIN_OFF, type="permission_error", code="admin_key_required")
-        elif not local_client(request):
-            raise errors.APIError(403, ADMIN_PROXIED, type="permission_error", code="admin_key_required")
-
-    def router() -> Router:
-        engine()
-        if state.router is None:
-            raise errors.APIError(404, "This server has no router configured", code="router_not_configured")
-        return state.router
-
-    def engine() -> Engine:
-        if state.engine is None:
-            raise errors.not_ready()
-        return state.engine
-
+def install_status_routes(app: FastAPI, state: State, access: Access, docs_open: bool) -> None:
+    """/health, /metrics, /v1/models, and the API's documents behind the key unless open."""
     @app.get("/health", responses={503: {"model": HealthBody,
                                          "description": "Loading, loading failed, or the engine is not running"}},
              response_model=HealthBody)
@@ -196,54 +217,46 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
     if not docs_open:  # the same documents, behind the API key
         from fastapi.openapi.docs import get_swagger_ui_html
 
-        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorized)])
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(access.authorized)])
         async def openapi_document():
             return JSONResponse(app.openapi())
 
-        @app.get("/docs", include_in_schema=False, dependencies=[Depends(authorized)])
+        @app.get("/docs", include_in_schema=False, dependencies=[Depends(access.authorized)])
         async def swagger():
             return get_swagger_ui_html(openapi_url="/openapi.json", title="branchserve")
 
-    @app.get("/metrics", response_class=Response, dependencies=[] if "metrics" in config.open_endpoints
-             else [Depends(authorized)],
+    @app.get("/metrics", response_class=Response, dependencies=[] if "metrics" in state.config.open_endpoints
+             else [Depends(access.authorized)],
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}})
     async def metrics():
         text = await asyncio.to_thread(state.metrics.render)  # under Ray it reads every node's export
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)], responses=errors.documented(401, 503))
+    @app.get("/v1/models", dependencies=[Depends(access.authorized)], responses=errors.documented(401, 503))
     async def models() -> ModelList:
-        cards = [ModelCard(id=name, created=state.created, kind=t.kind) for name, t in engine().targets.items()]
+        cards = [ModelCard(id=name, created=state.created, kind=t.kind) for name, t in access.engine().targets.items()]
         cards += [ModelCard(id=name, created=state.created, kind="pipeline") for name in state.pipelines]
         if state.router is not None:
             cards.append(ModelCard(id="auto", created=state.created, kind="router"))
         cards += [ModelCard(id=name, created=state.created, kind="embedding") for name in state.embedders.names()]
         return ModelList(data=cards)
 
-    install_router_routes(app, router, admin)
-    install_chat_routes(app, state, authorized, engine)
-    install_completion_routes(app, state, authorized, engine)
-    install_embedding_routes(app, state, authorized, engine)
 
-    def openapi() -> dict:
-        """FastAPI's schema, less the 422 it documents by default: validation errors here are 400s."""
-        if app.openapi_schema is None:
-            from fastapi.openapi.utils import get_openapi
+def openapi_schema(app: FastAPI, state: State) -> dict:
+    """FastAPI's schema, less the 422 it documents by default: validation errors here are 400s."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
 
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            for path in schema.get("paths", {}).values():
-                for operation in path.values():
-                    operation.get("responses", {}).pop("422", None)
-            components = schema.get("components", {}).get("schemas", {})
-            for name in ("HTTPValidationError", "ValidationError"):
-                components.pop(name, None)
-            if state.router is not None and state.router.targets and "NewRoute" in components:
-                components["NewRoute"]["properties"]["target"]["enum"] = sorted(state.router.targets)
-            if state.router is None and state.engine is None:
-                return schema  # not loaded yet: the served names are not known, so do not cache
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
-
-    return app
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        if state.router is not None and state.router.targets and "NewRoute" in components:
+            components["NewRoute"]["properties"]["target"]["enum"] = sorted(state.router.targets)
+        if state.router is None and state.engine is None:
+            return schema  # not loaded yet: the served names are not known, so do not cache
+        app.openapi_schema = schema
+    return app.openapi_schema
