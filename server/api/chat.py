@@ -7,12 +7,11 @@ import logging
 import uuid
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.store import StoreError
 from server.api import errors
-from server.api.common import SHUTTING_DOWN, ClientGone, Timing, finished_or_gone, sse_events, unless_gone
-from server.api.output_processor import ChatOutput, collect
+from server.api.common import SHUTTING_DOWN, Handler, Timing, unless_gone
+from server.api.output_processor import ChatOutput
 from server.api.pipeline import respond_pipeline
 from server.api.protocol import ChatCompletion, ChatCompletionRequest, completion_id, now
 from server.engine.core import Engine
@@ -21,7 +20,7 @@ from server.pipelines import with_expert
 log = logging.getLogger("branchserve.api")
 
 
-class ChatHandler:
+class ChatHandler(Handler):
     """One chat completion: validate, route, prepare, submit n sequences, answer as JSON or as SSE."""
 
     def __init__(self, state, engine: Engine, body: ChatCompletionRequest, request: Request):
@@ -83,12 +82,7 @@ class ChatHandler:
         self.state.metrics.observe(self.model, status, self.prompt_tokens, completion_tokens, self.timing.ttft(),
                                    self.timing.elapsed(), stages)
 
-    async def respond(self):
-        self._check()
-        try:
-            await self._route()
-        except ClientGone:
-            return Response(status_code=499)
+    async def _serve(self):
         self.pipeline = self.state.pipelines.get(self.model)
         if self.pipeline is not None:
             return await respond_pipeline(self)
@@ -97,15 +91,8 @@ class ChatHandler:
         streams = self.state.inputs.submit(prepared)
         self.prompt_tokens = prepared.prompt_tokens
         output = ChatOutput(self.id, self.created, self.model, self.body, prepared.tools, prepared.prompt_tokens)
-        record = lambda status: self.record(status, sum(s.completion_tokens for s in streams))  # noqa: E731
-        if self.body.stream:
-            shape, usage_chunk = output.stream(streams)
-            return StreamingResponse(sse_events(streams, shape, usage_chunk, self.timing.first_token, record),
-                                     media_type="text/event-stream", headers=self.headers())
-        results = await finished_or_gone(self.request, collect(streams, self.timing.first_token), streams, record)
-        if results is None:  # the client went away: its sequences were cancelled
-            return Response(status_code=499)
-        return JSONResponse(output.completion(results, streams), headers=self.headers())
+        return await self.answer(streams, lambda status: self.record(status, sum(s.completion_tokens
+                                                                                 for s in streams)), output)
 
 
 def install_chat_routes(app: FastAPI, state, authorized, engine) -> None:

@@ -10,6 +10,7 @@ import time
 from typing import AsyncIterator, Callable, Iterable
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api import errors
 
@@ -156,3 +157,31 @@ async def finished_or_gone(request: Request, work, streams: list, record: Callab
         raise engine_error(failed)
     record("ok")
     return results
+
+
+class Handler:
+    """A generating request's frame (chat and text completions): check it, route it (model "auto"), serve it;
+    a client that leaves while it is routed gets a 499. Subclasses give ``body``, ``request``, ``timing``,
+    ``headers()`` and the three steps."""
+
+    async def respond(self):
+        self._check()
+        try:
+            await self._route()
+        except ClientGone:
+            return Response(status_code=499)
+        return await self._serve()
+
+    async def answer(self, streams: list, record: Callable[[str], None], output):
+        """The streams' answer: server-sent events from ``output.stream(streams)`` -> (head, shape, usage_chunk),
+        or JSON from ``output.completion(results, streams)``; 499 when the client leaves first."""
+        from server.api.output_processor import collect
+
+        if self.body.stream:
+            head, shape, usage_chunk = output.stream(streams)
+            return StreamingResponse(sse_events(streams, shape, usage_chunk, self.timing.first_token, record,
+                                                head=head), media_type="text/event-stream", headers=self.headers())
+        results = await finished_or_gone(self.request, collect(streams, self.timing.first_token), streams, record)
+        if results is None:  # the client went away: its sequences were cancelled
+            return Response(status_code=499)
+        return JSONResponse(output.completion(results, streams), headers=self.headers())

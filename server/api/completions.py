@@ -12,17 +12,16 @@ from __future__ import annotations
 import uuid
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api import errors
-from server.api.common import SHUTTING_DOWN, ClientGone, Timing, finished_or_gone, sse_events, unless_gone
-from server.api.output_processor import CompletionOutput, collect
+from server.api.common import SHUTTING_DOWN, Handler, Timing, unless_gone
+from server.api.output_processor import CompletionOutput
 from server.api.protocol import Completion, CompletionRequest, now
 
 MAX_PROMPTS = 64  # prompts x n per request
 
 
-class CompletionHandler:
+class CompletionHandler(Handler):
     def __init__(self, state, body: CompletionRequest, request: Request):
         self.state, self.body, self.request = state, body, request
         self.model = body.model
@@ -63,18 +62,13 @@ class CompletionHandler:
             raise errors.bad_request(f"model auto chose the pipeline {self.model!r}, which answers chat completions "
                                      f"only", param="model")
 
-    def _headers(self) -> dict:
+    def headers(self) -> dict:
         headers = {"x-request-id": self.request_id, "x-branchserve-branch": self.model}
         if self.decision is not None:
             headers["x-branchserve-route"] = self.decision.route
         return headers
 
-    async def respond(self):
-        self._check()
-        try:
-            await self._route()
-        except ClientGone:
-            return Response(status_code=499)
+    async def _serve(self):
         prepared = await self.state.inputs.completion(self.body, self.model, self.request_id)
         streams = self.state.inputs.submit(prepared)
         tokenizer = prepared.target.tokenizer
@@ -87,14 +81,7 @@ class CompletionHandler:
                                        sum(s.completion_tokens for s in streams), self.timing.ttft(),
                                        self.timing.elapsed())
 
-        if self.body.stream:
-            head, shape, usage_chunk = output.stream(streams)
-            return StreamingResponse(sse_events(streams, shape, usage_chunk, self.timing.first_token, record,
-                                                head=head), media_type="text/event-stream", headers=self._headers())
-        results = await finished_or_gone(self.request, collect(streams, self.timing.first_token), streams, record)
-        if results is None:
-            return Response(status_code=499)
-        return JSONResponse(output.completion(results, streams), headers=self._headers())
+        return await self.answer(streams, record, output)
 
 
 def install_completion_routes(app: FastAPI, state, authorized, engine) -> None:

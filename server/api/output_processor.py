@@ -54,6 +54,18 @@ def sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+def chat_chunk(answer, choices: list[ChunkChoice], usage: Usage | None, include_usage: bool) -> str:
+    """A chat.completion.chunk event for ``answer`` (its id, created and model): deltas carry only what they
+    set; ``usage`` is there (null until the last) only when the request asked for it."""
+    data = ChatCompletionChunk(id=answer.id, created=answer.created, model=answer.model, choices=choices,
+                               usage=usage).model_dump()
+    if not include_usage:
+        data.pop("usage")
+    for c in data["choices"]:
+        c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+    return sse(data)
+
+
 class ChoiceStream:
     """One choice of a streamed chat completion: events in, OpenAI deltas out, as (delta, logprobs, finish).
 
@@ -136,16 +148,11 @@ class ChatOutput:
                               usage=usage(self.prompt_tokens, streams)).model_dump()
 
     def chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        data = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
-                                   usage=usage).model_dump(exclude_none=False)
-        if not self.include_usage:
-            data.pop("usage")
-        for c in data["choices"]:
-            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
-        return sse(data)
+        return chat_chunk(self, choices, usage, self.include_usage)
 
     def stream(self, streams: list[RequestStream]):
-        """(shape, usage_chunk) for ``sse_events``: each event's chunks, and the usage chunk when asked for."""
+        """(head, shape, usage_chunk) for ``sse_events``: no head, each event's chunks, and the usage chunk when
+        asked for."""
         shapers = [ChoiceStream(self.tools, self.body.logprobs) for _ in streams]
 
         def shape(index: int, ev):
@@ -156,7 +163,7 @@ class ChatOutput:
         def usage_chunk() -> str | None:
             return self.chunk([], usage(self.prompt_tokens, streams)) if self.include_usage else None
 
-        return shape, usage_chunk
+        return [], shape, usage_chunk
 
 
 class CompletionOutput:
@@ -242,13 +249,7 @@ class PipelineOutput:
 
     def chunk(self, delta: dict, finish_reason: str | None = None, usage: PipelineUsage | None = None) -> str:
         choices = [] if usage is not None else [ChunkChoice(index=0, delta=Delta(**delta), finish_reason=finish_reason)]
-        data = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
-                                   usage=usage).model_dump()
-        if not self.include_usage:
-            data.pop("usage")
-        for c in data["choices"]:
-            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
-        return sse(data)
+        return chat_chunk(self, choices, usage, self.include_usage)
 
     def feed(self, stage: int, ev) -> list[str]:
         """One stage's event as chunks: the last stage's text as content, earlier stages' as reasoning_content

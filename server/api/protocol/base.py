@@ -127,6 +127,21 @@ class SamplingFields(GuidedFields):
         return sorted((self.model_extra or {}).keys())
 
 
+class Answer(BaseModel):
+    """What every answer object begins with."""
+
+    id: str
+    created: int
+    model: str
+
+
+class AnswerChoice(BaseModel):
+    """What every choice of an answer carries besides its content."""
+
+    index: int
+    finish_reason: str | None = None
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from server.api.protocol.base import MAX_MESSAGES, ChoiceLogprobs, SamplingFields, Usage
+from server.api.protocol.base import MAX_MESSAGES, Answer, AnswerChoice, ChoiceLogprobs, SamplingFields, Usage
 
 UNSUPPORTED_PARTS = {"image_url": "image", "input_image": "image", "input_audio": "audio", "file": "file",
                      "video_url": "video"}
@@ -199,11 +199,8 @@ class Choice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatCompletion(Answer):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[Choice]
     usage: Usage
 
@@ -215,18 +212,13 @@ class Delta(BaseModel):
     tool_calls: list[dict] | None = None  # {index, id?, type?, function: {name?, arguments}}
 
 
-class ChunkChoice(BaseModel):
-    index: int
+class ChunkChoice(AnswerChoice):
     delta: Delta
-    finish_reason: str | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(Answer):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChunkChoice]
     usage: SerializeAsAny[Usage] | None = None  # a pipeline's carries its stages
 
@@ -257,11 +249,8 @@ class PipelineChoice(BaseModel):
     logprobs: None = None
 
 
-class PipelineCompletion(BaseModel):
-    id: str
+class PipelineCompletion(Answer):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[PipelineChoice]
     usage: PipelineUsage
 

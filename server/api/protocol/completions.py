@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.protocol.base import RequestBody, SamplingFields, Usage
+from server.api.protocol.base import Answer, AnswerChoice, RequestBody, SamplingFields, Usage
 from server.engine.sampling import MAX_LOGPROBS
 
 
@@ -43,21 +43,16 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(AnswerChoice):
     text: str
-    finish_reason: str | None = None
     logprobs: CompletionLogprobs | None = None
 
 
-class Completion(BaseModel):
+class Completion(Answer):
     """A text completion, or one streamed chunk of it (the same object; the last of a stream may carry only
     usage)."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
