@@ -105,6 +105,32 @@ def test_stop_and_max_completion_tokens(client):
     assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
 
 
+def test_min_tokens_keeps_a_stop_string_from_ending_the_answer_early(client):
+    """vLLM's min_tokens, on chat and text completions, whole and streamed: a stop string the answer holds from
+    its first tokens does not end it before min_tokens tokens."""
+    full = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=16, temperature=0)
+    text = full.choices[0].message.content
+    stop = text[:2]
+    kw = dict(model="chat", messages=MESSAGES, max_tokens=16, temperature=0, stop=stop)
+    early = client.chat.completions.create(**kw)
+    assert early.choices[0].message.content == "" and early.choices[0].finish_reason == "stop"
+    held = client.chat.completions.create(**kw, extra_body={"min_tokens": 6})
+    assert held.usage.completion_tokens >= 6 and held.choices[0].message.content.startswith(stop)
+    streamed = client.chat.completions.create(**kw, stream=True, extra_body={"min_tokens": 6})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == held.choices[0].message.content
+    plain = client.completions.create(model="chat", prompt="Say something.", max_tokens=16, temperature=0)
+    cstop = plain.choices[0].text[:2]
+    cheld = client.completions.create(model="chat", prompt="Say something.", max_tokens=16, temperature=0,
+                                      stop=cstop, extra_body={"min_tokens": 6})
+    assert cheld.usage.completion_tokens >= 6 and cheld.choices[0].text.startswith(cstop)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="chat", messages=MESSAGES, extra_body={"min_tokens": -1})
+    assert e.value.body["param"] == "min_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="chat", prompt="Hi", max_tokens=4, extra_body={"min_tokens": 5})
+    assert e.value.body["param"] == "min_tokens" and "more than the 4" in e.value.body["message"]
+
+
 def test_n_choices_and_seed(client):
     kw = dict(model="math", messages=MESSAGES, max_tokens=10, temperature=1.0, seed=11, n=2)
     a = client.chat.completions.create(**kw)

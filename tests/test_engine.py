@@ -130,6 +130,22 @@ def test_stop_token_ends_with_stop(engine):
     assert got[2] == "stop"
 
 
+def test_min_tokens_holds_back_stop_tokens_and_stop_strings(engine):
+    async def main():
+        full = await collect(engine.submit("math", PROMPTS["math"], greedy(12)))
+        first = full[1][0]
+        ended = await collect(engine.submit("math", PROMPTS["math"], greedy(12, stop_token_ids=[first])))
+        held = await collect(engine.submit("math", PROMPTS["math"], greedy(12, stop_token_ids=[first],
+                                                                             min_tokens=4)))
+        return first, ended, held
+
+    first, ended, held = asyncio.run(main())
+    assert ended[1] == [first] and ended[2] == "stop"  # the stop token comes first...
+    assert len(held[1]) >= 4 and first not in held[1][:3]  # ...but not before min_tokens
+    with pytest.raises(ValueError):
+        greedy(4, min_tokens=5)
+
+
 def test_cancel_frees_the_blocks(paths):
     e = Engine()
     runner = e.add_family(paths["artifact"], max_batch=1, max_seq=128)

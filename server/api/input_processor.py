@@ -170,12 +170,15 @@ class InputProcessor:
         """The request's fields as the engine's ``SamplingParams``; the model's defaults fill what it leaves out.
         ``seed_offset``: the sequence's place in the request (each of ``n`` gets its own seed)."""
         defaults = target.defaults or {}
+        if body.min_tokens > max_tokens:
+            raise errors.bad_request(f"min_tokens ({body.min_tokens}) is more than the {max_tokens} new tokens this "
+                                     f"request may have", param="min_tokens")
         return SamplingParams(
             max_tokens=max_tokens, stop=body.stop_list(), grammar=grammar, ignore_eos=body.ignore_eos,
             temperature=defaults.get("temperature", 1.0) if body.temperature is None else body.temperature,
             top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p,
             seed=None if body.seed is None else body.seed + seed_offset, logprobs=body.logprobs_asked(),
-            min_tokens=min(body.min_tokens, max_tokens))
+            min_tokens=body.min_tokens)
 
     # -- to the engine
     def submit(self, prepared: Prepared) -> list[RequestStream]:
