@@ -61,7 +61,7 @@ async def run(args) -> dict:
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
         models = ["auto"] + [m["id"] for m in (await client.get(args.url + "/v1/models")).json()["data"]
-                             if m["id"] != "auto"]
+                             if m["id"] != "auto" and m.get("kind") != "embedding"]
         outcomes: Counter = Counter()
         latencies: list[float] = []
         deadline = time.monotonic() + args.seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import signal
@@ -139,6 +140,15 @@ def log_plan(config: ServerConfig) -> None:
         log.info("plan: %s", line)
 
 
+IDLE_CLOSE_S = 1.0  # at shutdown, a kept-alive connection idle this long is closed (its client sends no more)
+
+
+def idle(connection) -> bool:
+    """A uvicorn connection with no request in progress (its next one may be on the wire)."""
+    cycle = getattr(connection, "cycle", None)
+    return cycle is None or getattr(cycle, "response_complete", False)
+
+
 def serve(config: ServerConfig, host: str, port: int, banner: str | None = None) -> None:
     import uvicorn
 
@@ -165,10 +175,33 @@ def serve(config: ServerConfig, host: str, port: int, banner: str | None = None)
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame):
                 if not self.should_exit:  # the first signal: requests get until just before the grace ends
+                    state.stop_accepting()
                     timer = threading.Timer(max(grace - 2.0, 0.0), state.drain)
                     timer.daemon = True
                     timer.start()
                 super().handle_exit(sig, frame)
+
+            async def shutdown(self, sockets=None):
+                """uvicorn closes idle kept-alive connections at once, and the others as soon as their answer
+                ends: a request a client sends on one just then is cut. Here a connection is closed only once
+                it has been idle for a while; until then a request on it is answered (a 503 and Connection:
+                close for a new generation). Then uvicorn's own shutdown, for what is left."""
+                for server in self.servers:
+                    server.close()
+                for s in sockets or []:
+                    s.close()
+                loop = asyncio.get_running_loop()
+                end, idle_since = loop.time() + grace, {}
+                while self.server_state.connections and loop.time() < end and not self.force_exit:
+                    now = loop.time()
+                    for c in list(self.server_state.connections):
+                        if not idle(c):
+                            idle_since.pop(c, None)
+                        elif now - idle_since.setdefault(c, now) >= IDLE_CLOSE_S:
+                            c.shutdown()
+                    await asyncio.sleep(0.05)
+                self.config.timeout_graceful_shutdown = max(1, int(end - loop.time()))
+                await super().shutdown(sockets=None)
 
         server = Server(uvicorn.Config(app, timeout_graceful_shutdown=int(grace), log_level="info"))
         for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn shuts down gracefully, then re-raises the

@@ -126,6 +126,61 @@ def test_sigterm_shuts_down_cleanly(tmp_path, artifact):
             proc.kill()
 
 
+def test_sigterm_under_clients_on_kept_alive_connections_cuts_none(tmp_path, artifact):
+    """Clients looping on kept-alive connections when SIGTERM arrives: every request they send is answered (a 200,
+    or a 503 with Connection: close) or refused at connect; none is cut (uvicorn alone closed idle kept-alive
+    connections at once, cutting a request sent on one just then)."""
+    import concurrent.futures
+
+    port = free_port()
+    config = write(tmp_path, {"families": [{"artifact": str(artifact)}], "shutdown_grace_s": 20,
+                              "limits": {"max_batch": 4}})
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", config, "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        body = {"model": "math", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}
+
+        def client(k: int) -> list[str]:
+            seen = []
+            with httpx.Client(timeout=60) as c:  # one kept-alive connection per client
+                while time.monotonic() < deadline:
+                    try:
+                        r = c.post(url + "/v1/chat/completions", json=body)
+                        seen.append(f"{r.status_code} {r.headers.get('connection', '')}".strip())
+                    except httpx.ConnectError:
+                        seen.append("refused")
+                        if proc.poll() is not None:
+                            return seen
+                        time.sleep(0.05)
+                    except httpx.TransportError as e:
+                        seen.append(f"cut: {type(e).__name__}")
+            return seen
+
+        deadline = time.monotonic() + 60
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(client, k) for k in range(12)]
+            time.sleep(3)
+            proc.send_signal(signal.SIGTERM)
+            seen = [o for f in futures for o in f.result()]
+        out, err = proc.communicate(timeout=30)
+        assert [o for o in seen if o.startswith("cut")] == []
+        assert "200" in seen and "503 close" in seen  # requests sent after the signal were answered, then closed
+        assert proc.returncode == 0 and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_example_gpu_config_is_valid():
     """configs/llama3-phi3.yaml: the schema, its templates and its routes check out (its models live elsewhere)."""
     from router.router import check_routes

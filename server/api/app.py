@@ -49,7 +49,8 @@ class State:
         self.engine: Engine | None = None
         self.router: Router | None = None
         self.load_error: str | None = None
-        self.draining = False  # set by drain() at shutdown
+        self.stopping = False  # set at the shutdown signal: new generations get a 503, connections close after
+        self.draining = False  # set by drain() just before the grace ends
         self.api_keys = [k.encode() for k in config.resolved_api_keys()]
         self.admin_keys = [k.encode() for k in config.resolved_admin_keys()]
         # With no key of any kind, router edits are open only to this machine: the server listens on loopback.
@@ -85,10 +86,16 @@ class State:
         self.engine, self.router = engine, router
         log.info("ready: serving %s", ", ".join(engine.targets))
 
+    def stop_accepting(self) -> None:
+        """Shutdown has begun: /health answers 503, new chat and text completions a 503 ``shutting_down``, and
+        every answer carries ``Connection: close``, so that a client's kept-alive connection ends after an
+        answer rather than under a request it has just sent. Requests in flight go on."""
+        self.stopping = True
+
     def drain(self) -> None:
         """Shutdown, just before the grace period ends: answer every request still in flight (503, or an error
         event in a stream) instead of letting the server cut its connection."""
-        self.draining = True
+        self.stopping = self.draining = True
         if self.engine is not None:
             self.engine.drain(SHUTTING_DOWN)
 
@@ -118,6 +125,25 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class CloseWhenStopping:
+    """Once shutdown has begun, every answer says ``Connection: close``."""
+
+    def __init__(self, app, state: State):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def closing(message):
+            if message["type"] == "http.response.start" and self.state.stopping:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing)
 
 
 def bearer_matches(request: Request, keys: list[bytes]) -> bool:
@@ -187,6 +213,7 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
     app.state.branchserve = state
     errors.install(app)
     app.add_middleware(errors.BodyLimit, max_bytes=config.limits.max_request_bytes)
+    app.add_middleware(CloseWhenStopping, state=state)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
@@ -206,6 +233,8 @@ def install_status_routes(app: FastAPI, state: State, access: Access, docs_open:
                                          "description": "Loading, loading failed, or the engine is not running"}},
              response_model=HealthBody)
     async def health():
+        if state.stopping:
+            return JSONResponse({"status": "stopping", "detail": SHUTTING_DOWN}, status_code=503)
         if state.engine is None:
             body = {"status": "error" if state.load_error else "loading", "detail": state.load_error}
             return JSONResponse(body, status_code=503)

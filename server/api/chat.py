@@ -39,7 +39,7 @@ class ChatHandler(Handler):
         return [m.template_dict() for m in self.body.messages]
 
     def _check(self) -> None:
-        if self.state.draining:
+        if self.state.stopping:
             raise errors.shutting_down(SHUTTING_DOWN)
         unserved = self.body.unserved_field()
         if unserved is not None:

@@ -33,7 +33,7 @@ class CompletionHandler(Handler):
 
     def _check(self) -> None:
         body = self.body
-        if self.state.draining:
+        if self.state.stopping:
             raise errors.shutting_down(SHUTTING_DOWN)
         if body.suffix:
             raise errors.bad_request("suffix (inserting text) is not served; send the prompt alone", param="suffix",
