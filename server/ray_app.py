@@ -123,6 +123,11 @@ class ModelServer:
 
         threading.Thread(target=report, name="branchserve-replica-metrics", daemon=True).start()
 
+    def grammar_counts(self) -> dict:
+        """Grammars this replica compiled itself and loaded from its ingress, over its models."""
+        built = [t._grammars for t in self.engine.targets.values() if t._grammars is not None]
+        return {"compiled": sum(g.compiles for g in built), "loaded": sum(g.loads for g in built)}
+
     def describe(self) -> list[dict]:
         """What the ingress needs to answer for each served name without a model: its tokenizer, limits and
         defaults."""
@@ -131,11 +136,14 @@ class ModelServer:
                  "max_batch": t.runner.max_batch, "vocab_size": t.runner.vocab_size}
                 for t in self.engine.targets.values()]
 
-    async def generate(self, model: str, prompt: list[int], params, constraint, request_id: str):
+    async def generate(self, model: str, prompt: list[int], params, constraint, wire: str | None, request_id: str):
         """The sequence's events, each engine step's in one list, as plain tuples. Ray cancels this generator
-        when the ingress stops reading; the sequence is cancelled with it."""
+        when the ingress stops reading; the sequence is cancelled with it. ``constraint``: the request's,
+        compiled by the ingress and sent as ``wire`` (loaded here, not compiled again)."""
         if constraint is not None:
-            params = dataclasses.replace(params, grammar=await self.engine.compile(model, constraint))
+            grammar = await (self.engine.load_compiled(model, constraint, wire) if wire is not None
+                             else self.engine.compile(model, constraint))
+            params = dataclasses.replace(params, grammar=grammar)
         try:
             stream = self.engine.submit(model, prompt, params, request_id, admitted=True)
         except (ValueError, EngineFull) as e:
@@ -337,6 +345,15 @@ class RemoteEngine(EngineBase):
     def _key(self, target: Target):
         return self.deployment_of[target.name]
 
+    async def compile(self, model: str, constraint):
+        """Compiled here, in the compile pool (its time limit and its 400 before anything streams), and
+        serialized for the replica, which loads it instead of compiling it again: once per request."""
+        compiled = await super().compile(model, constraint)
+        if compiled.wire is None:
+            wire = await asyncio.to_thread(compiled.grammars.serialized, constraint, compiled.grammar)
+            compiled = dataclasses.replace(compiled, wire=wire)
+        return compiled
+
     def running(self) -> int:
         """Sequences this ingress replica has in flight (each replica reports its own batches to Ray)."""
         return len(self._inflight)
@@ -355,9 +372,9 @@ class RemoteEngine(EngineBase):
         events: asyncio.Queue = asyncio.Queue()
         seq = Sequence(request_id or uuid.uuid4().hex, list(prompt), params, lambda event: None, target.branch,
                        target.stop_ids)
-        constraint = params.grammar.constraint if params.grammar is not None else None
-        wire = dataclasses.replace(params, grammar=None)
-        future = self._call(self._stream(key, model, seq, wire, constraint, caller, events))
+        grammar = params.grammar
+        sent = dataclasses.replace(params, grammar=None)
+        future = self._call(self._stream(key, model, seq, sent, grammar, caller, events))
         with self._lock:
             self._inflight[future] = (caller, events, seq)
         future.add_done_callback(lambda f: self._done(f, key, counted))
@@ -369,12 +386,13 @@ class RemoteEngine(EngineBase):
         if counted:
             self.admission.release(key)
 
-    async def _stream(self, key: str, model: str, seq: Sequence, params, constraint, caller, events) -> None:
+    async def _stream(self, key: str, model: str, seq: Sequence, params, grammar, caller, events) -> None:
         def put(*batch: Event) -> None:  # one thread-safe call per engine step, not per event
             caller.call_soon_threadsafe(deliver, [(events, event, None) for event in batch])
 
+        constraint, wire = (grammar.constraint, grammar.wire) if grammar is not None else (None, None)
         response = self.handles[key].options(stream=True).generate.remote(model, seq.prompt, params, constraint,
-                                                                        seq.id)
+                                                                        wire, seq.id)
         finished = False
         try:
             async for batch in response:

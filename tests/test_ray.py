@@ -5,6 +5,7 @@ per model, with a router and a pipeline. The tests imported below are the single
 unchanged: they take this module's ``server`` and ``client``.
 """
 
+import json
 import logging
 import time
 
@@ -25,6 +26,7 @@ from tests.test_api import (  # noqa: F401  (collected here, against the Ray app
     test_eight_concurrent_streams_complete,
     test_errors,
     test_metrics_have_per_model_series,
+    test_min_tokens_keeps_a_stop_string_from_ending_the_answer_early,
     test_n_choices_and_seed,
     test_stop_and_max_completion_tokens,
     test_stream_without_usage_has_no_usage_field,
@@ -208,3 +210,17 @@ def test_the_ingress_bounds_an_embedding_before_it_reaches_a_replica():
         engine.embed_future("math", [1] * 9000)
     with pytest.raises(ValueError, match="nothing to embed"):
         engine.embed_future("math", [])
+
+
+def test_a_constraint_is_compiled_once_by_the_ingress_and_loaded_by_the_replica(server, client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    for stream in (False, True):
+        reply = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=40, temperature=0,
+                                               stream=stream, extra_body={"guided_json": schema})
+        text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream \
+            else reply.choices[0].message.content
+        assert isinstance(json.loads(text)["ok"], bool)
+    replica = next(name for name in serve.status().applications[APP].deployments if "family" in name.lower())
+    counts = serve.get_deployment_handle(replica, APP).grammar_counts.remote().result()
+    assert counts["compiled"] == 0 and counts["loaded"] >= 1, counts

@@ -146,6 +146,14 @@ class EngineBase:
         grammars = self._target(model).grammars()
         return Compiled(constraint, grammars, grammars.compile(constraint))
 
+    async def load_compiled(self, model: str, constraint, wire: str):
+        """A constraint compiled elsewhere for ``model``'s tokenizer (``Compiled.wire``, from a Ray ingress),
+        loaded in a worker thread instead of compiled again."""
+        from server.engine.structured import Compiled
+
+        grammars = self._target(model).grammars()
+        return Compiled(constraint, grammars, await asyncio.to_thread(grammars.load, constraint, wire))
+
     async def compile(self, model: str, constraint):
         """``compile_now`` in the compile pool (structured.CompilePool): never on the engine thread, the event
         loop or the executor that renders and tokenizes; bounded in time (ConstraintError past it) and in

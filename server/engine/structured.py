@@ -28,6 +28,7 @@ MAX_SPEC_CHARS = 64_000  # a schema, regex or grammar larger than this is refuse
 MAX_CHOICES = 256
 CACHE_SIZE = 128  # compiled grammars kept per tokenizer, at most
 CACHE_BYTES = 256 * 2**20  # and at most this many bytes of them (xgrammar's own count)
+WIRE_BYTES = 64 * 2**20  # serialized grammars kept for sending to Ray replicas
 # Threads that compile constraints, for every model (renders and tokenizes never wait on them): one per 4 cores,
 # at most 2. On 2 cores, two threads compiling expensive constraints left the engine one core or none.
 COMPILE_WORKERS = max(1, min(2, (os.cpu_count() or 1) // 4))
@@ -226,7 +227,11 @@ class Grammars:
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self._cache: OrderedDict[Constraint, object] = OrderedDict()
         self._bytes = 0
+        self._wire: OrderedDict[Constraint, str] = OrderedDict()  # serialized, for a Ray replica
+        self._wire_bytes = 0
         self._lock = threading.Lock()
+        self.compiles = 0  # grammars compiled here
+        self.loads = 0  # grammars compiled elsewhere and loaded here (a Ray replica's, from its ingress)
 
     def cached(self, constraint: Constraint):
         """The compiled grammar if it is cached, else None."""
@@ -242,6 +247,10 @@ class Grammars:
         if hit is not None:
             return hit
         compiled = self._compile(constraint)
+        self.compiles += 1
+        return self._keep(constraint, compiled)
+
+    def _keep(self, constraint: Constraint, compiled):
         size = getattr(compiled, "memory_size_bytes", 0)
         with self._lock:
             if constraint not in self._cache:
@@ -251,6 +260,32 @@ class Grammars:
                 _, old = self._cache.popitem(last=False)
                 self._bytes -= getattr(old, "memory_size_bytes", 0)
         return compiled
+
+    def serialized(self, constraint: Constraint, compiled) -> str:
+        """``compiled`` as xgrammar's JSON, for a process with the same tokenizer to load instead of compiling
+        (kept for the constraints sent most recently, up to WIRE_BYTES). Blocking."""
+        with self._lock:
+            if constraint in self._wire:
+                self._wire.move_to_end(constraint)
+                return self._wire[constraint]
+        text = compiled.serialize_json()
+        with self._lock:
+            if constraint not in self._wire:
+                self._wire[constraint] = text
+                self._wire_bytes += len(text)
+            while self._wire_bytes > WIRE_BYTES and len(self._wire) > 1:
+                _, old = self._wire.popitem(last=False)
+                self._wire_bytes -= len(old)
+        return text
+
+    def load(self, constraint: Constraint, text: str):
+        """The grammar ``serialized`` gave elsewhere, as a compiled one (cached like those compiled here)."""
+        hit = self.cached(constraint)
+        if hit is not None:
+            return hit
+        compiled = self._xgr.CompiledGrammar.deserialize_json(text, self.info)
+        self.loads += 1
+        return self._keep(constraint, compiled)
 
     def _compile(self, c: Constraint):
         try:
@@ -358,6 +393,7 @@ class Compiled:
     constraint: Constraint
     grammars: Grammars
     grammar: object  # xgrammar CompiledGrammar
+    wire: str | None = None  # serialized, when it goes to a Ray replica (RemoteEngine.compile)
 
     def matcher(self) -> "Matcher":
         return self.grammars.matcher(self.grammar)
