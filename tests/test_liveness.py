@@ -1,6 +1,7 @@
 """Honest liveness: /health and waiting requests when the engine thread dies, a step hangs, or a request runs
 too long."""
 
+import asyncio
 import threading
 import time
 
@@ -89,7 +90,7 @@ def test_a_dead_engine_thread_turns_health_503_and_fails_waiting_requests(artifa
         server.close()
 
 
-def test_a_hung_step_is_503_until_it_ends_and_a_request_past_its_time_is_504(artifact):
+def test_a_hung_step_is_503_until_it_ends_and_a_request_past_its_time_is_504(artifact, monkeypatch):
     server = serve(artifact, step_timeout_s=1, request_timeout_s=3)
     try:
         engine = server.server.config.app.state.branchserve.engine
@@ -112,6 +113,19 @@ def test_a_hung_step_is_503_until_it_ends_and_a_request_past_its_time_is_504(art
         while sum(engine.admission._count.values()) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert sum(engine.admission._count.values()) == 0 and not engine.runners[0].running  # the slots are free
+
+        import server.api.embeddings as embeddings  # embeddings that take 5 s: bounded in time too
+
+        async def slow(embedder, texts, embed=embeddings._embed):
+            await asyncio.sleep(5)
+            return await embed(embedder, texts)
+
+        monkeypatch.setattr(embeddings, "_embed", slow)
+        t0 = time.monotonic()
+        r = httpx.post(server.url + "/v1/embeddings", json={"model": "decoder:math", "input": "add 2 and 3"},
+                       timeout=20)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
+        assert time.monotonic() - t0 < 5
     finally:
         server.close()
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from server.api import errors
 from server.api.common import ClientGone, unless_gone
 from server.api.protocol import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from server.engine.stream import REQUEST_TIMEOUT
 
 MAX_EMBED_INPUTS = 256
 
@@ -95,7 +96,7 @@ def install_embedding_routes(app: FastAPI, state, authorized, engine) -> None:
 
     @app.post("/v1/embeddings", dependencies=[Depends(authorized)], response_model=None,
               responses={200: {"model": EmbeddingList, "description": "One unit-length vector per input"},
-                         **errors.documented(400, 401, 404, 503)})
+                         **errors.documented(400, 401, 404, 503, 504)})
     async def embeddings(body: EmbeddingRequest, request: Request):
         engine()
         if body.dimensions is not None:
@@ -113,10 +114,14 @@ def install_embedding_routes(app: FastAPI, state, authorized, engine) -> None:
             counts = await asyncio.to_thread(lambda: [_count(embedder, t) for t in texts])
         except ValueError as e:
             raise errors.bad_request(str(e), param="input") from None
-        try:
-            vectors = await unless_gone(request, _embed(embedder, texts))
+        limit = state.config.limits.request_timeout_s
+        try:  # bounded in time like a generation: past it the jobs not yet run are dropped
+            vectors = await unless_gone(request, asyncio.wait_for(_embed(embedder, texts), limit))
         except ClientGone:
             return Response(status_code=499)
+        except asyncio.TimeoutError:
+            raise errors.APIError(504, f"{REQUEST_TIMEOUT} {limit:g} s (limits.request_timeout_s)",
+                                  type="server_error", code="request_timeout") from None
         data = []
         for i, v in enumerate(vectors):
             values = v.float().tolist()
