@@ -460,3 +460,54 @@ def test_a_compile_that_started_late_gets_its_full_time():
         await blocker
 
     asyncio.run(scenario())
+
+
+def test_a_slow_mask_fill_holds_back_only_its_own_rows(models, monkeypatch):
+    """A step whose grammar masks are not filled when its forward ends samples the unconstrained rows at once
+    and parks the constrained ones until their masks are: with fills of 0.3 s a token, the plain row's 12 tokens
+    do not wait for them, and both rows' greedy tokens are those they give alone."""
+    import asyncio
+    import time
+
+    import server.engine.runner as runner_module
+    from server.engine.core import Engine
+    from server.engine.sampling import SamplingParams
+    from server.engine.structured import Constraint
+
+    engine = Engine()
+    engine.add_family(models["artifact"], max_batch=4, max_seq=256)
+    engine.start()
+    engine.wait_ready()
+    try:
+        tok = engine.tokenizer("math")
+        prompt = tok("Name a colour.")["input_ids"]
+        grammar = engine.compile_now("math", Constraint.regex("(red|green|blue|yellow){1,3}"))
+
+        async def run(model, params):
+            stream = engine.submit(model, prompt, params)
+            tokens, finished = [], None
+            async for ev in stream:
+                tokens += ev.token_ids
+                if ev.finish_reason:
+                    finished = time.monotonic()
+            return tokens, finished
+
+        def both():
+            async def go():
+                return await asyncio.gather(run("code", SamplingParams(temperature=0, max_tokens=12,
+                                                                       ignore_eos=True)),
+                                            run("math", SamplingParams(temperature=0, max_tokens=12, grammar=grammar)))
+            t0 = time.monotonic()
+            (plain, plain_end), (held, held_end) = asyncio.run(go())
+            return plain, plain_end - t0, held, held_end - t0
+
+        alone_plain, _, alone_held, _ = both()
+        fill = runner_module.fill_masks
+        monkeypatch.setattr(runner_module, "fill_masks", lambda *a: time.sleep(0.3) or fill(*a))
+        plain, plain_s, held, held_s = both()
+        assert plain == alone_plain and held == alone_held
+        assert len(held) >= 2 and held_s >= 0.3 * len(held)  # the constrained row went at the fills' pace...
+        assert plain_s < held_s and plain_s < 0.3 * len(plain)  # ...the plain one did not wait for them
+        assert engine.runners[0].parked == []
+    finally:
+        engine.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +27,15 @@ from server.engine.structured import apply_masks, fill_masks
 
 log = logging.getLogger("branchserve.engine")
 _FILLS = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="branchserve-grammar")  # bitmask fills
+
+
+@dataclass
+class Parked:
+    """A constrained row's logits from a step whose mask fill had not finished when the forward did."""
+
+    logits: torch.Tensor  # (1, V)
+    fill: concurrent.futures.Future  # -> fill_masks' (bitmask, rows) for the step
+    row: int  # its row in that bitmask
 
 
 def to_device(values, device: torch.device) -> torch.Tensor:
@@ -43,6 +53,7 @@ class Runner:
         self.prefill_chunk = prefill_chunk  # prompt tokens per step, over all rows
         self.pool: BlockPool | None = None
         self.scheduler = Scheduler(max_batch, prefill_chunk)
+        self.parked: list[Sequence] = []  # sampled rows whose grammar mask is still being filled
         self.peak_batch = 0  # most sequences in one step
         self.peak_mixed = 0  # most distinct branches in one step
         self.forwards = 0  # model forwards run by steps
@@ -107,12 +118,13 @@ class Runner:
         """One engine step: schedule, one forward over every scheduled token, then sample for each sequence
         whose tokens are now all computed (a decode row, or a prompt's last chunk)."""
         self.scheduler.reap()
+        self._resume_parked()
         scheduled, decode_rows = self.scheduler.schedule()
         if scheduled:
             sampling = [seq for seq, n in scheduled if seq.computed + n == seq.length]
             matchers = [s.matcher for s in sampling]
             # Constrained rows' masks are filled while the forward runs: they depend on accepted tokens only.
-            masks = _FILLS.submit(fill_masks, matchers, self.vocab_size) \
+            fill = _FILLS.submit(fill_masks, matchers, self.vocab_size) \
                 if any(m is not None for m in matchers) else None
             logits = self._forward(scheduled, decode_rows, sampling)
             self.forwards += 1
@@ -121,11 +133,52 @@ class Runner:
             for seq, n in scheduled:
                 seq.computed += n
             if sampling:
-                self._accept(sampling, logits, masks.result() if masks is not None else None)
+                self._sample(sampling, logits, fill)
+        elif self.parked:  # nothing to run but rows waiting for their masks: wait a little for one
+            concurrent.futures.wait({s.pending.fill for s in self.parked if s.pending is not None}, timeout=0.005,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            self._resume_parked()
         self.scheduler.reap()
+
+    def _sample(self, sampling: list[Sequence], logits: torch.Tensor, fill) -> None:
+        """Sample every row; when the grammar masks are not filled yet, the unconstrained rows go now and the
+        constrained ones are parked with their logits until their masks are (``_resume_parked``): a slow fill
+        delays only its own rows, which skip steps meanwhile."""
+        if fill is None or fill.done():
+            self._accept(sampling, logits, fill.result() if fill is not None else None)
+            return
+        plain = [i for i, s in enumerate(sampling) if s.matcher is None]
+        if plain:
+            self._accept([sampling[i] for i in plain], logits[to_device(plain, logits.device)])
+        for i, seq in enumerate(sampling):
+            if seq.matcher is not None:  # a copy: a captured step reuses its output buffer
+                seq.pending = Parked(logits[i:i + 1].clone(), fill, i)
+                if not any(p is seq for p in self.parked):
+                    self.parked.append(seq)
+
+    def _resume_parked(self) -> None:
+        """Sample the parked rows whose masks are now filled (all in one call); drop those that ended or were
+        preempted meanwhile."""
+        if not self.parked:
+            return
+        ready = [s for s in self.parked if s.pending is None or s.finished or s.pending.fill.done()]
+        if not ready:
+            return
+        done = {id(s) for s in ready}
+        self.parked = [s for s in self.parked if id(s) not in done]
+        live = [s for s in ready if s.pending is not None and not s.finished]
+        if live:
+            logits = torch.cat([s.pending.logits for s in live])
+            mask = torch.stack([s.pending.fill.result()[0][s.pending.row] for s in live])
+            for seq in ready:
+                seq.pending = None
+            self._accept(live, logits, (mask, list(range(len(live)))))
+        for seq in ready:
+            seq.pending = None
 
     def fail_all(self, message: str) -> None:
         self.scheduler.fail_all(message)
+        self.parked = []
 
     # -- shared mechanics
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor, masks=None) -> None:

@@ -149,6 +149,7 @@ class Scheduler:
         """Free its blocks and queue it first again; it is recomputed from its tokens when it resumes."""
         self.pool.release(seq.blocks)
         seq.computed = 0
+        seq.pending = None  # a parked sample is dropped: the row samples again once recomputed
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.preemptions += 1

@@ -35,6 +35,7 @@ class Sequence:
     stop_ids: frozenset = frozenset()
     generator: torch.Generator | None = None
     matcher: object | None = None  # structured.Matcher when decoding is constrained
+    pending: object | None = None  # runner.Parked: its logits, waiting for its grammar mask
     blocks: list[int] = field(default_factory=list)  # the block table: the KV blocks this sequence holds
     computed: int = 0  # tokens whose keys and values are in the cache
     output: list[int] = field(default_factory=list)
