@@ -28,7 +28,9 @@ from server.config import ServerConfig  # noqa: E402
 from tests.conftest import start_server  # noqa: E402
 
 
-def loop(url: str, body_for, until: float, out: list, statuses: list) -> None:
+def loop(url: str, body_for, until: float, out: list, statuses: list, hammer: bool = False) -> None:
+    """Post ``body_for(i)`` until ``until``; after a 429, wait its Retry-After (as the openai client does) unless
+    ``hammer``."""
     i = 0
     with httpx.Client(timeout=300) as client:
         while time.monotonic() < until:
@@ -37,10 +39,12 @@ def loop(url: str, body_for, until: float, out: list, statuses: list) -> None:
             statuses.append(r.status_code)
             if r.status_code == 200:
                 out.append(time.monotonic() - t0)
+            elif r.status_code == 429 and not hammer:
+                time.sleep(min(float(r.headers.get("retry-after", "1")), max(until - time.monotonic(), 0)))
             i += 1
 
 
-def run(url: str, plain: int, constrained: int, seconds: float) -> dict:
+def run(url: str, plain: int, constrained: int, seconds: float, hammer: bool = False) -> dict:
     until = time.monotonic() + seconds
     latencies, plain_status, hard_status, threads = [], [], [], []
     chat = {"model": "m", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16,
@@ -50,7 +54,7 @@ def run(url: str, plain: int, constrained: int, seconds: float) -> dict:
     for c in range(constrained):
         def hard(i, c=c):
             return {**chat, "max_tokens": 16, "guided_regex": f"c{c}n{i}" + ".{1,9999}"}
-        threads.append(threading.Thread(target=loop, args=(url, hard, until, [], hard_status)))
+        threads.append(threading.Thread(target=loop, args=(url, hard, until, [], hard_status, hammer)))
     for t in threads:
         t.start()
     for t in threads:
@@ -67,6 +71,8 @@ def main() -> int:
     ap.add_argument("--plain", type=int, default=8)
     ap.add_argument("--constrained", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--hammer", action="store_true", help="constrained clients retry a 429 at once, ignoring "
+                    "Retry-After")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         import os
@@ -79,7 +85,7 @@ def main() -> int:
             httpx.post(server.url + "/v1/chat/completions", timeout=300, json={  # warm the grammar tables
                 "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "guided_regex": "a+"})
             alone = run(server.url, args.plain, 0, args.seconds)
-            beside = run(server.url, args.plain, args.constrained, args.seconds)
+            beside = run(server.url, args.plain, args.constrained, args.seconds, args.hammer)
             health = httpx.get(server.url + "/health").status_code
         finally:
             server.close()

@@ -23,10 +23,11 @@ from server.engine.model import linear, row_groups, single_branch
 from server.engine.sampling import forbid_stops, sample_rows, token_logprobs
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Event, Sequence
-from server.engine.structured import apply_masks, fill_masks
+from server.engine.structured import FILL_NICE, apply_masks, fill_masks, lower_priority
 
 log = logging.getLogger("branchserve.engine")
-_FILLS = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="branchserve-grammar")  # bitmask fills
+_FILLS = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="branchserve-grammar",  # bitmask fills
+                                               initializer=lower_priority, initargs=(FILL_NICE,))
 
 
 @dataclass

@@ -34,6 +34,18 @@ WIRE_BYTES = 64 * 2**20  # serialized grammars kept for sending to Ray replicas
 COMPILE_WORKERS = max(1, min(2, (os.cpu_count() or 1) // 4))
 COMPILE_QUEUE = 16  # constraints compiling or waiting to; past that a request gets 429
 COMPILE_TIMEOUT_S = 10.0  # a constraint taking longer is refused (400), and refused at once if asked again
+# Threads that work for constrained requests only run at a lower priority than the engine's forward (Linux
+# nice values, per thread): under contention, constrained requests slow down before everyone's steps do.
+COMPILE_NICE = int(os.environ.get("BRANCHSERVE_COMPILE_NICE", "10"))
+FILL_NICE = int(os.environ.get("BRANCHSERVE_FILL_NICE", "5"))
+
+
+def lower_priority(nice: int) -> None:
+    """Run the calling thread (and the threads it starts) at ``nice`` (Linux; elsewhere nothing happens)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):
+        pass
 
 
 class ConstraintError(ValueError):
@@ -224,7 +236,9 @@ class Grammars:
         self.vocab_size = vocab_size
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=sorted(stop_ids) or None)
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
+        # One thread: the compile runs in the compile pool's own (low-priority) thread, whose CPU time the time
+        # limit counts.
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[Constraint, object] = OrderedDict()
         self._bytes = 0
         self._wire: OrderedDict[Constraint, str] = OrderedDict()  # serialized, for a Ray replica
@@ -306,12 +320,43 @@ class Grammars:
         return Matcher(self._xgr.GrammarMatcher(compiled), self.vocab_size)
 
 
+WALL_FACTOR = 6  # a compile starved of CPU this many times its limit, in wall time, is a 429 (load, not cost)
+
+
+class CompileClock:
+    """How long a compilation has run: CPU seconds of the thread that runs it (a busy machine or the thread's
+    low priority does not make a constraint "too slow"), and when it started."""
+
+    def __init__(self):
+        self.started: float | None = None
+        self._clock = None
+        self._cpu0 = 0.0
+
+    def start(self) -> None:
+        try:
+            self._clock = time.pthread_getcpuclockid(threading.get_ident())
+            self._cpu0 = time.clock_gettime(self._clock)
+        except (AttributeError, OSError):  # no per-thread CPU clock here: count wall time
+            self._clock = None
+        self.started = time.monotonic()
+
+    def cpu(self) -> float:
+        if self._clock is not None:
+            try:
+                return time.clock_gettime(self._clock) - self._cpu0
+            except OSError:  # the thread has moved on: the compilation is over
+                pass
+        return time.monotonic() - self.started
+
+
 class CompilePool:
     """Where constraints compile: a few threads of their own, a bounded queue, a time limit, and one compilation
     for identical constraints asked at once.
 
-    A request waits at most ``timeout_s`` for its constraint; past that it gets a 400 saying so, and the same
-    constraint is refused at once from then on (the thread finishes its work, but nobody waits for it again).
+    A constraint may take ``timeout_s`` of compiling (CPU time of its thread, which runs at a low priority);
+    past that its request gets a 400 saying so, and the same constraint is refused at once from then on (the
+    thread finishes its work, but nobody waits for it again). One starved of CPU by load for ``WALL_FACTOR``
+    times that gets a 429.
     More than ``queue`` compilations at once is a 429. Nothing here runs on the event loop or the engine thread,
     and the default executor (chat templates, tokenization) never waits behind a slow schema.
     """
@@ -320,7 +365,8 @@ class CompilePool:
                  timeout_s: float = COMPILE_TIMEOUT_S):
         import concurrent.futures
 
-        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="branchserve-compile")
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="branchserve-compile",
+                                                               initializer=lower_priority, initargs=(COMPILE_NICE,))
         self.queue, self.timeout_s = queue, timeout_s
         self._inflight: dict = {}  # (key, constraint) -> concurrent Future
         self._too_slow: OrderedDict = OrderedDict()  # (key, constraint) seen to pass the time limit
@@ -338,10 +384,10 @@ class CompilePool:
             if len(self._inflight) >= self.queue:
                 raise CompilerBusy(f"{len(self._inflight)} constraints are compiling; try again shortly")
 
-            clock = [None]  # when a thread took it: the time limit is for compiling, not for waiting a turn
+            clock = CompileClock()  # the time limit is for compiling, not for waiting a turn or for the machine
 
             def timed():
-                clock[0] = time.monotonic()
+                clock.start()
                 return work()
 
             future = self._executor.submit(timed)
@@ -368,12 +414,16 @@ class CompilePool:
             try:  # a fresh shield each time: wait_for cancels what it was given when it times out
                 return await asyncio.wait_for(asyncio.shield(waiting), timeout=max(deadline - time.monotonic(), 0.01))
             except asyncio.TimeoutError:
-                started = future.clock[0]
-                if started is None:  # still waiting for a thread: the pool is busy, not this constraint slow
+                clock = future.clock
+                if clock.started is None:  # still waiting for a thread: the pool is busy, not this constraint slow
                     raise CompilerBusy(f"waited {self.timeout_s:g} s for a compile thread; try again shortly") \
                         from None
-                if time.monotonic() - started < self.timeout_s:
-                    deadline = started + self.timeout_s  # it started late: give it its full time
+                used = clock.cpu()
+                if used < self.timeout_s:
+                    if time.monotonic() - clock.started > WALL_FACTOR * self.timeout_s:  # starved of CPU
+                        raise CompilerBusy("the server is too busy to compile this constraint now; try again "
+                                           "shortly") from None
+                    deadline = time.monotonic() + max(self.timeout_s - used, 0.05)  # its full time, in CPU
                     continue
                 with self._lock:
                     self._too_slow[(key, constraint)] = True
