@@ -175,7 +175,6 @@ def serve(config: ServerConfig, host: str, port: int, banner: str | None = None)
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame):
                 if not self.should_exit:  # the first signal: requests get until just before the grace ends
-                    state.stop_accepting()
                     timer = threading.Timer(max(grace - 2.0, 0.0), state.drain)
                     timer.daemon = True
                     timer.start()
@@ -190,6 +189,9 @@ def serve(config: ServerConfig, host: str, port: int, banner: str | None = None)
                     server.close()
                 for s in sockets or []:
                     s.close()
+                # Only now (the port closed) do answers say Connection: close: a client told so earlier would
+                # reconnect, and a connection still in the listener's backlog when it closes is reset.
+                state.stop_accepting()
                 loop = asyncio.get_running_loop()
                 end, idle_since = loop.time() + grace, {}
                 while self.server_state.connections and loop.time() < end and not self.force_exit:
