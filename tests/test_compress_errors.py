@@ -169,7 +169,10 @@ def test_ctrl_c_leaves_nothing(big_family, tmp_path):
     out = tmp_path / "art"
     env_cmd = [sys.executable, "-m", "server.cli", "compress", "--out", str(out), "--rate", "0.9", "--backend",
                "fbpca", *member_args(big_family)]
-    proc = subprocess.Popen(env_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal sends it: a job a shell started in the background (as CI may run the suite) inherits
+    # SIGINT ignored, and so would this child, which then never sees the signal.
+    proc = subprocess.Popen(env_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not leftovers(tmp_path, "art") and time.monotonic() < deadline:
         time.sleep(0.05)
