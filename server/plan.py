@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-from compression.compress import FORMAT
+from compression.compress import DTYPES, FORMAT
 from compression.errors import UserError
 from server.config import ServerConfig
 from server.engine.kv_cache import BLOCK_SIZE, kv_bytes_per_token, split_kv
-from server.serve import DTYPES
 
 GiB = 2**30
 CONTEXTS = (1024, 4096, 8192)  # context lengths the table counts sequences at

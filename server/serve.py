@@ -11,13 +11,12 @@ from pathlib import Path
 
 import torch
 
+from compression.compress import DTYPES
 from compression.errors import UserError
 from server.config import ServerConfig
 from server.engine.core import Engine
 
 log = logging.getLogger("branchserve.serve")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def served_names(config: ServerConfig) -> set[str]:
