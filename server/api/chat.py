@@ -31,12 +31,17 @@ class ChatHandler(Handler):
         self.domain: str | None = None  # the routed route's domain-expert prompt, if it has one
         self.timing = Timing()
         self.prompt_tokens = 0
+        self._messages: list[dict] | None = None
         self.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         self.id = completion_id()
         self.created = now()
 
     def messages(self) -> list[dict]:
-        return [m.template_dict() for m in self.body.messages]
+        """The request's messages as chat templates take them (built once: routing and rendering both read
+        them)."""
+        if self._messages is None:
+            self._messages = [m.template_dict() for m in self.body.messages]
+        return self._messages
 
     def _check(self) -> None:
         if self.state.stopping:

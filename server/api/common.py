@@ -13,6 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api import errors
+from server.api.output_processor import collect
 
 SHUTTING_DOWN = "The server is shutting down; retry on another replica or later"
 
@@ -175,8 +176,6 @@ class Handler:
     async def answer(self, streams: list, record: Callable[[str], None], output):
         """The streams' answer: server-sent events from ``output.stream(streams)`` -> (head, shape, usage_chunk),
         or JSON from ``output.completion(results, streams)``; 499 when the client leaves first."""
-        from server.api.output_processor import collect
-
         if self.body.stream:
             head, shape, usage_chunk = output.stream(streams)
             return StreamingResponse(sse_events(streams, shape, usage_chunk, self.timing.first_token, record,

@@ -40,8 +40,8 @@ from server.engine.kv_cache import BLOCK_SIZE, split_kv
 from server.engine.runner import FamilyRunner, Runner, StandaloneRunner
 from server.engine.scheduler import Admission, Reservation
 from server.engine.sequence import Event, Sequence
-from server.engine.stream import ENGINE_UNAVAILABLE, LIVENESS_POLL_S, REQUEST_TIMEOUT, RequestStream, deliver  # noqa: F401
 from server.engine.sampling import SamplingParams
+from server.engine.stream import ENGINE_UNAVAILABLE, LIVENESS_POLL_S, RequestStream, deliver
 from server.engine.text import load_tokenizer, stop_token_ids
 
 log = logging.getLogger("branchserve.engine")
@@ -49,8 +49,6 @@ log = logging.getLogger("branchserve.engine")
 
 class UnknownModel(KeyError):
     pass
-
-
 
 
 class EngineUnavailable(RuntimeError):

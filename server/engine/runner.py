@@ -171,11 +171,10 @@ class Runner:
         if live:
             logits = torch.cat([s.pending.logits for s in live])
             mask = torch.stack([s.pending.fill.result()[0][s.pending.row] for s in live])
-            for seq in ready:
-                seq.pending = None
-            self._accept(live, logits, (mask, list(range(len(live)))))
         for seq in ready:
             seq.pending = None
+        if live:
+            self._accept(live, logits, (mask, list(range(len(live)))))
 
     def fail_all(self, message: str) -> None:
         self.scheduler.fail_all(message)
