@@ -815,3 +815,30 @@ def test_a_huge_earlier_turn_is_cut_to_context_tokens(tiny_models):
     ids, n_ctx, truncated = emb.prepare("What is 12 times 11?", context="user: lorem ipsum dolor " * 200_000)
     assert len(ids) <= len(alone) + 16 + len(emb.sep_ids) and not truncated
     assert ids[-len(emb.tail_ids):] == emb.tail_ids and n_ctx == n == len(emb.tail_ids)
+
+
+def test_routing_is_bounded_by_the_request_timeout(tiny_models, tmp_path, monkeypatch):
+    """model "auto" decides before the engine's stream exists, so that stream's deadline does not see it: a
+    decision slower than limits.request_timeout_s is a 504 request_timeout, on chat and text completions."""
+    import asyncio
+    import time
+
+    monkeypatch.setenv("BRANCHSERVE_HOME", str(tmp_path / "home"))
+    server = start(router_config(tiny_models, write_exemplars(tmp_path / "ex.yaml"),
+                                 limits={"max_batch": 4, "max_context": 256, "request_timeout_s": 1}))
+    try:
+        router = server.server.config.app.state.branchserve.router
+
+        async def slow(*args, **kwargs):
+            await asyncio.sleep(5)
+
+        monkeypatch.setattr(router, "adecide_messages", slow)
+        monkeypatch.setattr(router, "adecide_text", slow)
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/completions", {"prompt": "hi"})):
+            t0 = time.monotonic()
+            r = httpx.post(server.url + path, json={"model": "auto", "max_tokens": 2, **body}, timeout=30)
+            assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
+            assert time.monotonic() - t0 < 4
+    finally:
+        server.close()

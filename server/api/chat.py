@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI, Request
 
 from router.store import StoreError
 from server.api import errors
-from server.api.common import SHUTTING_DOWN, Handler, Timing, unless_gone
+from server.api.common import SHUTTING_DOWN, Handler, Timing, unless_gone, within
 from server.api.output_processor import ChatOutput
 from server.api.pipeline import respond_pipeline
 from server.api.protocol import ChatCompletion, ChatCompletionRequest, completion_id, now
@@ -62,7 +62,8 @@ class ChatHandler(Handler):
         if self.body.model != "auto" or router is None:
             return
         try:  # the client going away cancels its embed job
-            self.decision = d = await unless_gone(self.request, router.adecide_messages(self.messages()))
+            self.decision = d = await unless_gone(self.request, within(router.adecide_messages(self.messages()),
+                                                                       self.state.config.limits.request_timeout_s))
         except StoreError as e:
             raise errors.bad_request(str(e), param="messages") from None
         self.model = d.target

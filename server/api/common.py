@@ -32,6 +32,22 @@ def engine_error(message: str) -> errors.APIError:
     return errors.APIError(500, message, type="server_error")
 
 
+def request_timeout(limit: float) -> errors.APIError:
+    from server.engine.stream import REQUEST_TIMEOUT
+
+    return errors.APIError(504, f"{REQUEST_TIMEOUT} {limit:g} s (limits.request_timeout_s)", type="server_error",
+                           code="request_timeout")
+
+
+async def within(coro, limit: float):
+    """``coro``'s result, or a 504 ``request_timeout`` past ``limit`` seconds (its work cancelled): for the
+    steps a request takes outside the engine's stream (routing, embeddings), which its deadline does not see."""
+    try:
+        return await asyncio.wait_for(coro, limit)
+    except asyncio.TimeoutError:
+        raise request_timeout(limit) from None
+
+
 async def done_unless_gone(request: Request, work: asyncio.Future) -> bool:
     """Wait for ``work``; False if the client disconnected first (a non-streaming client has no other way to
     tell us)."""

@@ -14,7 +14,7 @@ import uuid
 from fastapi import Depends, FastAPI, Request
 
 from server.api import errors
-from server.api.common import SHUTTING_DOWN, Handler, Timing, unless_gone
+from server.api.common import SHUTTING_DOWN, Handler, Timing, unless_gone, within
 from server.api.output_processor import CompletionOutput
 from server.api.protocol import Completion, CompletionRequest, now
 
@@ -56,7 +56,8 @@ class CompletionHandler(Handler):
         prompts = self.body.prompts()
         if len(prompts) != 1 or not isinstance(prompts[0], str):
             raise errors.bad_request("model auto routes one text prompt per request", param="prompt")
-        self.decision = await unless_gone(self.request, self.state.router.adecide_text(prompts[0]))
+        self.decision = await unless_gone(self.request, within(self.state.router.adecide_text(prompts[0]),
+                                                               self.state.config.limits.request_timeout_s))
         self.model = self.decision.target
         if self.model in self.state.pipelines:
             raise errors.bad_request(f"model auto chose the pipeline {self.model!r}, which answers chat completions "

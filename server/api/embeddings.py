@@ -14,9 +14,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.api import errors
-from server.api.common import ClientGone, unless_gone
+from server.api.common import ClientGone, unless_gone, within
 from server.api.protocol import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
-from server.engine.stream import REQUEST_TIMEOUT
 
 MAX_EMBED_INPUTS = 256
 
@@ -114,14 +113,11 @@ def install_embedding_routes(app: FastAPI, state, authorized, engine) -> None:
             counts = await asyncio.to_thread(lambda: [_count(embedder, t) for t in texts])
         except ValueError as e:
             raise errors.bad_request(str(e), param="input") from None
-        limit = state.config.limits.request_timeout_s
         try:  # bounded in time like a generation: past it the jobs not yet run are dropped
-            vectors = await unless_gone(request, asyncio.wait_for(_embed(embedder, texts), limit))
+            vectors = await unless_gone(request, within(_embed(embedder, texts),
+                                                        state.config.limits.request_timeout_s))
         except ClientGone:
             return Response(status_code=499)
-        except asyncio.TimeoutError:
-            raise errors.APIError(504, f"{REQUEST_TIMEOUT} {limit:g} s (limits.request_timeout_s)",
-                                  type="server_error", code="request_timeout") from None
         data = []
         for i, v in enumerate(vectors):
             values = v.float().tolist()
