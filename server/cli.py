@@ -171,8 +171,8 @@ def cmd_bench_engine(args) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    if min(args.branches, args.batch, args.new_tokens, args.prompt, args.ttft_prompt) < 1:
-        raise UserError("--branches, --batch, --prompt, --new-tokens and --ttft-prompt must be at least 1")
+    if min(args.branches, args.batch, args.new_tokens, args.prompt, args.ttft_prompt, args.rounds) < 1:
+        raise UserError("--branches, --batch, --prompt, --new-tokens, --ttft-prompt and --rounds must be at least 1")
     if args.new_tokens < 4:
         raise UserError("--new-tokens must be at least 4: the prefill step brings two, one decode step is watched "
                         "for KV copies, and at least one more is timed")
@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch", type=int, default=16)
     be.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
     be.add_argument("--new-tokens", type=int, default=32)
+    be.add_argument("--rounds", type=int, default=3,
+                    help="timed batches per configuration, the configurations taking turns (default 3)")
     be.add_argument("--compress-embeddings", action="store_true",
                     help="per-branch lm_heads as trunk + residual (one trunk head read per step, not N heads)")
     be.add_argument("--compile", action="store_true", help="steps through torch.compile (inductor)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -46,7 +47,7 @@ def linear_read_bytes(m, branches: list[int]) -> int:
     single = single_branch(branches)
     n_in = m.weight.shape[1]
     if single is None:
-        return (m.weight.numel() + sum(m._ut(j).numel() for j, (_, r) in enumerate(m.h_spans) if r)) * size
+        return (m.weight.numel() + sum(m.u(j).numel() for j, (_, r) in enumerate(m.h_spans) if r)) * size
     residual = sum(m.spans[j][single][1] * (n_in + width) for j, (_, width) in enumerate(m.out_spans))
     return (m.trunk_rows * n_in + residual) * size
 
@@ -244,6 +245,9 @@ def time_to_first_token(runner: FamilyRunner, length: int, vocab: int, tries: in
 
 
 def bench_engine(args) -> dict:
+    """Every configuration is loaded at once and the configurations take turns, ``args.rounds`` rounds of one
+    timed batch each: a ratio to dense is the median of ratios within a round, so a machine whose speed drifts
+    over minutes (a shared VM) moves both sides of it alike."""
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
@@ -252,17 +256,16 @@ def bench_engine(args) -> dict:
     max_seq = max(args.prompt + args.new_tokens, args.ttft_prompt, args.long + args.new_tokens) + 1
     configs = [("dense", None, 1), ("one branch", args.rate, 1), (f"{args.branches} branches mixed", args.rate,
                                                                      args.branches)]
-    model = report_long = None
+    models = {}
     for label, rate, n_branches in configs:
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
         source = RandomFamily(args.shape, n_branches if rate is not None else 1, rate, device, dtype,
                               embeddings=args.compress_embeddings and rate is not None)
-        model = FamilyModel.from_artifact(source, device=device, dtype=dtype)
-        vocab = source.config["vocab_size"]
-        for batch in (1, args.batch):
+        models[label] = (FamilyModel.from_artifact(source, device=device, dtype=dtype), n_branches)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    report_long = None
+    for batch in (1, args.batch):
+        runners, rounds = {}, {label: [] for label in models}
+        for label, (model, n_branches) in models.items():
             runner = FamilyRunner(model, max_batch=batch, max_seq=max_seq,
                                   prefill_chunk=max(512, args.prompt, args.ttft_prompt), compile=args.compile)
             runner.allocate()
@@ -271,8 +274,17 @@ def bench_engine(args) -> dict:
             warm_s = time.perf_counter() - t0
             branches = [i % n_branches for i in range(batch)]
             run_batch(runner, _prompts(batch, args.prompt, vocab, 1), branches, 4)  # warm-up (kernels, allocator)
-            r = run_batch(runner, _prompts(batch, args.prompt, vocab), branches, args.new_tokens, watch_copies=True)
-            r["warm_up_s"] = warm_s
+            runners[label] = (runner, branches, warm_s)
+        for i in range(args.rounds):
+            for label, (runner, branches, _) in runners.items():
+                rounds[label].append(run_batch(runner, _prompts(batch, args.prompt, vocab), branches,
+                                               args.new_tokens, watch_copies=i == 0))
+        for label, (runner, branches, warm_s) in runners.items():
+            model = runner.model
+            r = dict(rounds[label][0], warm_up_s=warm_s, rounds=[x["decode_tok_s"] for x in rounds[label]])
+            r["decode_tok_s"] = statistics.median(r["rounds"])
+            r["vs_dense"] = statistics.median(x["decode_tok_s"] / d["decode_tok_s"]
+                                              for x, d in zip(rounds[label], rounds["dense"]))
             # Bytes per decode step at the run's mean context; steps/s = tokens/s / batch.
             context = args.prompt + args.new_tokens // 2
             r["read_bytes"] = step_read_bytes(model, branches, context) + (r["kv_copied_bytes"] or 0)
@@ -281,22 +293,23 @@ def bench_engine(args) -> dict:
             r["weight_bytes"] = weight_bytes(model)
             if batch == 1:
                 r["ttft_s"] = time_to_first_token(runner, args.ttft_prompt, vocab)
-            if device.type == "cuda":
-                r["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
             results.append({"config": label, "batch": batch, **r})
-            if args.long and batch == args.batch and rate is not None and n_branches > 1:
+            if args.long and batch == args.batch and label == configs[-1][0]:
                 report_long = mixed_lengths(runner, args, vocab, branches)
-            del runner
-    dense = {r["batch"]: r["decode_tok_s"] for r in results if r["config"] == "dense"}
-    for r in results:
-        r["vs_dense"] = r["decode_tok_s"] / dense[r["batch"]]
+        del runners
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    model = models[configs[-1][0]][0]  # the mixed family, for the memory report; the others are let go
+    models.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     report = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "rate": args.rate,
               "compress_embeddings": args.compress_embeddings, "compile": args.compile,
               "branches": args.branches, "prompt": args.prompt, "new_tokens": args.new_tokens,
-              "ttft_prompt": args.ttft_prompt, "copy_bytes_per_s": copy_bw,
+              "ttft_prompt": args.ttft_prompt, "rounds": args.rounds, "copy_bytes_per_s": copy_bw,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
     if device.type == "cuda":
-        report["gpu"] = torch.cuda.get_device_name()
+        report.update(gpu=torch.cuda.get_device_name(), cuda_peak_bytes=peak)
     if args.long:
         report["mixed_lengths"] = report_long
     if args.standalone:
@@ -324,10 +337,11 @@ def print_engine_report(report: dict, args, device: torch.device) -> None:
         heads += ", torch.compile"
     where = report.get("gpu", f"{device}, {report['threads']} threads")
     print(f"engine, shape {args.shape}, {args.dtype} on {where}, rate {args.rate}, {heads}, prompt {args.prompt}, "
-          f"{args.new_tokens} new tokens, torch {torch.__version__}")
+          f"{args.new_tokens} new tokens, torch {torch.__version__}, {args.rounds} rounds in turn")
     print(text_table(["configuration", "batch", "decode tok/s", "vs dense", "KV MB copied/step", "MB read/step",
                       "GB/s read",
                       "of copy bw", f"TTFT {args.ttft_prompt} ms", "weights GB"], rows))
+    print("decode tok/s: the median of the rounds; vs dense: the median of each round's ratio")
     print(f"copy bandwidth (read + write) {report['copy_bytes_per_s'] / gb:.1f} GB/s; MB read/step: weights the "
           f"step's branches use + every row's KV over the step's span at the mean context + KV copied; KV copied: "
           f"measured on one decode step by watching the aten ops that read the cache")

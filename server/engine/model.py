@@ -138,19 +138,29 @@ class Member(NamedTuple):
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., in) @ w (out, in)^T. On the CPU up to 64 rows go through w @ x^T, and one row goes through it
-    as two (the row twice) where w has 512 rows or more: MKL's x @ w^T with 2-16 rows ran at a third of its
-    one-row speed here, and its one-row product (a GEMV) on one core, at two thirds of the speed of this layout
-    with two rows. A narrower w (a residual's V, say) is faster as the GEMV: the two-row call costs more than
-    the weight takes to read."""
+    """x (..., in) @ w (out, in)^T. On the CPU up to 64 rows go through w @ x^T (``linear_t``): MKL's x @ w^T
+    with 2-16 rows ran at a third of its one-row speed here."""
     if x.device.type != "cpu" or x.dim() < 2:
         return F.linear(x, w)
     rows = x.reshape(-1, x.shape[-1])
-    n = rows.shape[0]
-    if n > 64 or (n == 1 and w.shape[0] < 512):
+    if rows.shape[0] > 64 or (rows.shape[0] == 1 and w.shape[0] < 512):
         return F.linear(x, w)
-    cols = torch.cat([rows, rows]) if n == 1 else rows
-    return (w @ cols.T)[:, :n].T.reshape(*x.shape[:-1], w.shape[0])
+    return linear_t(rows, w).T.reshape(*x.shape[:-1], w.shape[0])
+
+
+def feature_major(x: torch.Tensor) -> bool:
+    """Whether a step's rows x (T, in) go through the CPU's few-row layout, outputs kept as (out, T)."""
+    return x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= 64
+
+
+def linear_t(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w @ rows^T -> (out, n): the CPU's layout for a few rows, not transposed back. One row goes through it
+    as two (the row twice) where w has 512 rows or more: MKL's one-row product (a GEMV) ran on one core, at
+    two thirds of the speed of this layout with two rows. A narrower w (a residual's V, say) is faster as the
+    GEMV: the two-row call costs more than the weight takes to read."""
+    if rows.shape[0] == 1 and w.shape[0] >= 512:
+        return (w @ torch.cat([rows, rows]).T)[:, :1]
+    return w @ rows.T
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -173,7 +183,10 @@ class BranchLinear(nn.Module):
 
         z = x [T_1 .. T_m | V]^T,  h = z[:, O:] * mask[b],  y_j = s_j[b] * (z_j + h_j U_j^T)
 
-    A batch of one branch multiplies by the trunk rows and by that branch's V rows only.
+    A batch of one branch multiplies by the trunk rows and by that branch's V rows only. A step of a few
+    rows on the CPU stays feature-major, (out, rows), from x's product to the scale: MKL's U_j h_j^T with
+    the residual's small inner dimension ran in two thirds of the time of h_j U_j^T here, whose one
+    thread the U factors' bytes kept waiting.
     """
 
     def __init__(self, members: list[Member], rank_multiple: int = 1):
@@ -185,20 +198,20 @@ class BranchLinear(nn.Module):
         v_blocks, owner, offset = [], [], 0
         for j, m in enumerate(members):
             self.out_spans.append((sum(w for _, w in self.out_spans), m.trunk.shape[0]))
-            start, uts, spans = offset, [], []
+            start, us, spans = offset, [], []
             for b, (u, v) in enumerate(zip(m.us, m.vs)):
                 r = 0 if u is None else u.shape[1]
                 padded = -(-r // rank_multiple) * rank_multiple
                 if padded:
                     v_blocks.append(_pad_rows(v, padded))
-                    uts.append(_pad_rows(u.T, padded))
+                    us.append(_pad_rows(u.T, padded))
                     owner.append(torch.full((padded,), b))
                 spans.append((offset, padded))
                 offset += padded
             self.spans.append(spans)
             self.h_spans.append((start, offset - start))
-            if uts:
-                self.register_buffer(f"UT{j}", torch.cat(uts).contiguous(), persistent=False)  # (R_j, out_j)
+            if us:  # (out_j, R_j): every branch's U side by side
+                self.register_buffer(f"U{j}", torch.cat(us).T.contiguous(), persistent=False)
         self.trunk_rows = sum(w for _, w in self.out_spans)
         self.rank = offset
         self.weight = nn.Parameter(torch.cat([m.trunk for m in members] + v_blocks), requires_grad=False)
@@ -212,10 +225,41 @@ class BranchLinear(nn.Module):
     def trunk(self) -> torch.Tensor:
         return self.weight[:self.trunk_rows]
 
-    def _ut(self, j: int) -> torch.Tensor:
-        return getattr(self, f"UT{j}")
+    def u(self, j: int) -> torch.Tensor:
+        """Member j's U factors, (out_j, R_j): branch b's are the columns of its span less the member's start."""
+        return getattr(self, f"U{j}")
 
     def forward(self, x: torch.Tensor, rows: Rows) -> list[torch.Tensor]:
+        outs = self._feature_major(x, rows) if feature_major(x) else self._row_major(x, rows)
+        return outs[0] if len(outs) == 1 else outs
+
+    def _feature_major(self, x: torch.Tensor, rows: Rows) -> list[torch.Tensor]:
+        """A few rows x (T, in) on the CPU: every product as (out, T); the outputs are (T, out) views."""
+        O, outs = self.trunk_rows, []
+        if rows.single is not None:
+            b = rows.single
+            zt = linear_t(x, self.trunk)
+            for j, (o0, width) in enumerate(self.out_spans):
+                yt = zt[o0:o0 + width]
+                off, r = self.spans[j][b]
+                if r:
+                    start = off - self.h_spans[j][0]
+                    yt = torch.addmm(yt, self.u(j)[:, start:start + r], linear_t(x, self.weight[O + off:O + off + r]))
+                outs.append(_scaled(yt, self.scale_list[j][b]).T)
+            return outs
+        zt = linear_t(x, self.weight)  # (O + R, T)
+        if self.rank:
+            ht = zt[O:] * (self.owner[:, None] == rows.branch)
+        scales = self.scales[:, rows.branch]  # (m, T) fp32
+        for j, (o0, width) in enumerate(self.out_spans):
+            yt = zt[o0:o0 + width]
+            h0, r = self.h_spans[j]
+            if r:
+                yt = torch.addmm(yt, self.u(j), ht[h0:h0 + r])
+            outs.append(_scaled(yt, scales[j]).T)
+        return outs
+
+    def _row_major(self, x: torch.Tensor, rows: Rows) -> list[torch.Tensor]:
         lead, n_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, n_in)
         O, outs = self.trunk_rows, []
@@ -228,9 +272,9 @@ class BranchLinear(nn.Module):
                 if r:
                     h = linear(x2, self.weight[O + off:O + off + r])
                     start = off - self.h_spans[j][0]
-                    y = torch.addmm(y, h, self._ut(j)[start:start + r])
+                    y = torch.addmm(y, h, self.u(j)[:, start:start + r].T)
                 outs.append(_scaled(y, self.scale_list[j][b]).view(*lead, width))
-            return outs[0] if len(outs) == 1 else outs
+            return outs
         per_row = (-1,) + (1,) * (x.dim() - 1)  # a row's value broadcast over its tokens and columns
         z = linear(x, self.weight)  # (B, [L,] O + R)
         if self.rank:
@@ -241,9 +285,9 @@ class BranchLinear(nn.Module):
             y = z[:, o0:o0 + width]
             h0, r = self.h_spans[j]
             if r:
-                y = torch.addmm(y, h[:, h0:h0 + r], self._ut(j))
+                y = torch.addmm(y, h[:, h0:h0 + r], self.u(j).T)
             outs.append(_scaled(y.view(*lead, width), scales[j]))
-        return outs[0] if len(outs) == 1 else outs
+        return outs
 
     def lookup(self, tokens: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Rows ``tokens`` (T,) or (B, L) of each one's branch weight (a compressed embedding; one member)."""
@@ -252,11 +296,11 @@ class BranchLinear(nn.Module):
         if rows.single is not None:
             off, r = self.spans[0][rows.single]
             if r:
-                x = x + self.UT0[off:off + r].T[tokens] @ self.weight[O + off:O + off + r]
+                x = x + self.U0[tokens, off:off + r] @ self.weight[O + off:O + off + r]
             return _scaled(x, self.scale_list[0][rows.single])
         per_token = rows.branch.view(-1, *(1,) * tokens.dim())  # (T, 1) or (B, 1, 1)
         if self.rank:
-            u = self.UT0.T[tokens] * (self.owner == per_token)  # (T, R) or (B, L, R)
+            u = self.U0[tokens] * (self.owner == per_token)  # (T, R) or (B, L, R)
             x = x + u @ self.weight[O:]
         return _scaled(x, self.scales[0][per_token])
 
