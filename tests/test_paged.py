@@ -233,3 +233,16 @@ def test_kv_cache_memory_sizes():
     assert Limits(kv_cache_memory="2GB").kv_cache_memory == 2 * 2**30
     with pytest.raises(ValueError, match="not a size"):
         Limits(kv_cache_memory="lots")
+
+
+def test_a_compiled_steps_plan_has_the_same_ranks_and_dtypes_whatever_the_rows():
+    """A compiled decode step guards on each plan tensor's rank and dtype: decode rows that fit one chunk of
+    keys, and rows long enough for unmasked units too, must pack into tensors of the same ranks and dtypes,
+    or serving makes a new version of the step (minutes on a CPU) whenever the mix of lengths changes."""
+    table = list(range(40))
+    plans = [StepBatch([(table, length - 1, 1) for length in lengths], len(lengths), BLOCK_SIZE, 8, 2,
+                       torch.bfloat16, torch.device("cpu")).pack().packed
+             for lengths in ([3], [3, 5], [600], [3, 600])]
+    assert len({len(p) for p in plans}) == 1
+    for field in zip(*plans):
+        assert len({(t.dim(), t.dtype) for t in field}) == 1, [(t.shape, t.dtype) for t in field]

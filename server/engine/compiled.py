@@ -31,10 +31,13 @@ def compile_step(fn, recompile_limit: int):
 def tracing():
     """The settings every trace runs under: Python ints (a step's single branch) stay constants, since a
     symbolic one in a weight slice's offset broke inductor's code (torch 2.13); sizes of 0 and 1 are not
-    special, so one row and many share a version."""
+    special, so one row and many share a version; sizes that happen to be equal at a trace (a decode step's
+    keys chunk and the head size, both 64) are not assumed equal ever after (duck shapes made every other
+    chunk size a recompile while serving)."""
     import torch.fx.experimental._config as fx_config
 
-    with torch._dynamo.config.patch(specialize_int=True), fx_config.patch(backed_size_oblivious=True):
+    with torch._dynamo.config.patch(specialize_int=True), fx_config.patch(backed_size_oblivious=True,
+                                                                          use_duck_shape=False):
         yield
 
 

@@ -214,7 +214,7 @@ class StepBatch:
     def pack(self) -> "StepBatch":
         """The plan as tensors only, for the attention op of a compiled step (limits.compile); built before the
         compiled call, so that nothing of it is traced."""
-        self.packed = _pack(self.kinds, self.device)
+        self.packed = _pack(self.kinds, self.device, self.dtype)
         return self
 
     def _kind(self, rows, first_token: int, tile: int, chunk: int) -> Kind:
@@ -300,7 +300,9 @@ def _unit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 FIELDS = 10
 
 
-def _pack(kinds: list[Kind], device) -> list[torch.Tensor]:
+def _pack(kinds: list[Kind], device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """An absent piece is an empty tensor of the piece's rank and dtype: a compiled step guards on both, and a
+    step whose rows all fit one chunk of keys (no unmasked units) must not make a version of its own."""
     def z(*shape, dtype=torch.long):
         return torch.empty(shape, dtype=dtype, device=device)
 
@@ -308,16 +310,17 @@ def _pack(kinds: list[Kind], device) -> list[torch.Tensor]:
     for queries in (1, TILE):
         kind = next((k for k in kinds if k.queries == queries), None)
         if kind is None:
-            out += [z(0, queries)] + [z(0)] * (FIELDS - 1)
+            out += [z(0, queries), z(0, 0), z(0), z(0), z(0, 0, 0, dtype=torch.bool), z(0), z(0, 0),
+                    z(0, 0, 0, 0, dtype=dtype), z(0), z(0, 0)]
             continue
         masked = next((p for p in kind.parts if p.mask is not None), None)
         full = next((p for p in kind.parts if p.mask is None), None)
-        out += [z(kind.tiles, queries), z(0) if kind.q_index is None else kind.q_index,
+        out += [z(kind.tiles, queries), z(0, 0) if kind.q_index is None else kind.q_index,
                 z(0) if kind.real is None else kind.real, z(0) if kind.unit_tile is None else kind.unit_tile,
-                z(0, dtype=torch.bool) if kind.empty is None else kind.empty,
-                z(0) if masked is None else masked.tile, z(0) if masked is None else masked.blocks,
-                z(0) if masked is None else masked.mask, z(0) if full is None else full.tile,
-                z(0) if full is None else full.blocks]
+                z(0, 0, 0, dtype=torch.bool) if kind.empty is None else kind.empty,
+                z(0) if masked is None else masked.tile, z(0, 0) if masked is None else masked.blocks,
+                z(0, 0, 0, 0, dtype=dtype) if masked is None else masked.mask, z(0) if full is None else full.tile,
+                z(0, 0) if full is None else full.blocks]
     return out
 
 
