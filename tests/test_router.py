@@ -819,7 +819,8 @@ def test_a_huge_earlier_turn_is_cut_to_context_tokens(tiny_models):
 
 def test_routing_is_bounded_by_the_request_timeout(tiny_models, tmp_path, monkeypatch):
     """model "auto" decides before the engine's stream exists, so that stream's deadline does not see it: a
-    decision slower than limits.request_timeout_s is a 504 request_timeout, on chat and text completions."""
+    decision slower than limits.request_timeout_s is a 504 request_timeout, on chat and text completions, and
+    on POST /v1/router/decide."""
     import asyncio
     import time
 
@@ -840,5 +841,9 @@ def test_routing_is_bounded_by_the_request_timeout(tiny_models, tmp_path, monkey
             r = httpx.post(server.url + path, json={"model": "auto", "max_tokens": 2, **body}, timeout=30)
             assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
             assert time.monotonic() - t0 < 4
+        t0 = time.monotonic()  # the router API's own decision, under the same limit
+        r = httpx.post(server.url + "/v1/router/decide", json={"text": "hi"}, timeout=30)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
+        assert time.monotonic() - t0 < 4
     finally:
         server.close()

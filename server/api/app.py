@@ -219,7 +219,7 @@ def build_app(config: ServerConfig, build_engine: Callable[[], Engine] | None = 
                            allow_headers=["*"])
     access = Access(state)
     install_status_routes(app, state, access, docs_open)
-    install_router_routes(app, access.router, access.admin)
+    install_router_routes(app, access.router, access.admin, lambda: state.config.limits.request_timeout_s)
     install_chat_routes(app, state, access.authorized, access.engine)
     install_completion_routes(app, state, access.authorized, access.engine)
     install_embedding_routes(app, state, access.authorized, access.engine)

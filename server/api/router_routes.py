@@ -9,6 +9,7 @@ from fastapi import Depends, FastAPI, Response
 from router.router import route_input
 from router.store import Route, StoreError
 from server.api import errors
+from server.api.common import within
 from server.api.protocol.router import (AddedExemplar, DecideMessages, DecideText, DecisionOut, NewExemplar, NewRoute,
                                         RouteList, RouteOut)
 
@@ -35,7 +36,8 @@ async def _answered(work):
                               code="not_found" if e.missing else "conflict" if e.conflict else None) from None
 
 
-def install_router_routes(app: FastAPI, router, admin) -> None:
+def install_router_routes(app: FastAPI, router, admin, timeout_s) -> None:
+    """``timeout_s()``: limits.request_timeout_s, which bounds a decision as it bounds `auto`'s."""
     edits = [Depends(admin)]
     common = (401, 403, 404, 503)
 
@@ -82,7 +84,7 @@ def install_router_routes(app: FastAPI, router, admin) -> None:
         return Response(status_code=204)
 
     @app.post("/v1/router/decide", dependencies=edits, response_model=DecisionOut, operation_id="decide",
-              responses=errors.documented(400, *common))
+              responses=errors.documented(400, *common, 504))
     async def decide(body: DecideText | DecideMessages):
         r = router()
         if isinstance(body, DecideText):
@@ -90,5 +92,6 @@ def install_router_routes(app: FastAPI, router, admin) -> None:
         else:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             text, context = await _edit(route_input, messages, r.input)
-        decision = await _answered(r.adecide_text(text, context))  # as `auto` decides: concurrent ones batched
+        # as `auto` decides: concurrent ones batched, within the same time limit
+        decision = await _answered(within(r.adecide_text(text, context), timeout_s()))
         return decision.to_json()
