@@ -20,6 +20,7 @@ import torch
 from compression.artifact import Residual, SingleCheckpoint
 from compression.plan import is_compressed, rank_for_rate
 from compression.report import text_table
+from server.engine.kv_cache import BLOCK_SIZE, kv_bytes_per_token
 from server.engine.model import DenseBranches, FamilyModel, PerBranch, single_branch
 from server.engine.runner import FamilyRunner
 from server.engine.sequence import Sequence
@@ -65,7 +66,7 @@ def step_read_bytes(model: FamilyModel, branches: list[int], span: int) -> int:
     else:
         total += linear_read_bytes(head, branches)
     cfg = model.cfg
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+    per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype)
     return total + len(branches) * span * per_token
 
 
@@ -244,6 +245,21 @@ def time_to_first_token(runner: FamilyRunner, length: int, vocab: int, tries: in
     return min(run_batch(runner, _prompts(1, length, vocab, 2 + i), [0], 1)["seconds"] for i in range(tries))
 
 
+def cache_tokens(args, batch: int, mixed: bool) -> int:
+    """KV tokens a configuration's runs at ``batch`` hold at once, each sequence's last block whole: the timed
+    batch, the time-to-first-token prompt at batch 1, and for the mixed family at ``args.batch``, the
+    mixed-lengths run's long row beside its short ones."""
+    def blocks(tokens: int) -> int:
+        return -(-(tokens + 1) // BLOCK_SIZE) * BLOCK_SIZE
+
+    need = batch * blocks(args.prompt + args.new_tokens)
+    if batch == 1:
+        need = max(need, blocks(args.ttft_prompt))
+    if mixed and args.long and batch == args.batch:
+        need += blocks(args.long + args.new_tokens)
+    return need
+
+
 def bench_engine(args) -> dict:
     """Every configuration is loaded at once and the configurations take turns, ``args.rounds`` rounds of one
     timed batch each: a ratio to dense is the median of ratios within a round, so a machine whose speed drifts
@@ -268,7 +284,9 @@ def bench_engine(args) -> dict:
         for label, (model, n_branches) in models.items():
             runner = FamilyRunner(model, max_batch=batch, max_seq=max_seq,
                                   prefill_chunk=max(512, args.prompt, args.ttft_prompt), compile=args.compile)
-            runner.allocate()
+            # The three are held together: each cache holds what its runs use, not batch x max_seq (with --long
+            # 8000 at llama3-8b's shape that would be 34 GB each).
+            runner.allocate(cache_tokens(args, batch, label == configs[-1][0]) * runner.kv_bytes_per_token())
             t0 = time.perf_counter()
             runner.warm_up()  # compiles the steps, as the server does before it is ready
             warm_s = time.perf_counter() - t0
@@ -392,18 +410,20 @@ STANDALONE_SHAPES = {
 
 
 def bench_memory(family: FamilyModel, args, device: torch.device, dtype: torch.dtype, max_seq: int) -> dict:
-    """The family (as last loaded, with its KV cache) and a standalone model held together on one device."""
+    """The family (as last loaded) and a standalone model held together on one device; their KV caches on paper
+    at ``args.batch`` sequences of ``max_seq`` (the bench's own caches hold only what its runs use)."""
     from transformers import AutoModelForCausalLM, MistralConfig
 
     cfg = MistralConfig(**STANDALONE_SHAPES[args.standalone], max_position_embeddings=8192)
     with torch.device(device):
         standalone = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
-        * dtype.itemsize
+    kv_token = kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                  cfg.hidden_size // cfg.num_attention_heads, dtype)
+    fc = family.cfg
     out = {"bytes": {
         "family weights": weight_bytes(family),
-        f"family KV cache ({args.batch} x {max_seq})": sum(t.numel() * t.element_size()
-                                                          for t in family.k_cache + family.v_cache),
+        f"family KV cache ({args.batch} x {max_seq}, on paper)":
+            args.batch * max_seq * kv_bytes_per_token(fc.num_layers, fc.num_kv_heads, fc.head_dim, dtype),
         "standalone weights": sum(p.numel() * p.element_size() for p in standalone.parameters()),
         f"standalone KV cache ({args.batch} x {max_seq}, on paper)": args.batch * max_seq * kv_token,
     }}

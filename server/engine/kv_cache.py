@@ -306,21 +306,20 @@ def _pack(kinds: list[Kind], device, dtype: torch.dtype) -> list[torch.Tensor]:
     def z(*shape, dtype=torch.long):
         return torch.empty(shape, dtype=dtype, device=device)
 
+    # q_index, real, unit_tile, empty, masked (tile, blocks, mask), unmasked (tile, blocks), when absent
+    absent = [z(0, 0), z(0), z(0), z(0, 0, 0, dtype=torch.bool), z(0), z(0, 0), z(0, 0, 0, 0, dtype=dtype), z(0),
+              z(0, 0)]
     out = []
     for queries in (1, TILE):
         kind = next((k for k in kinds if k.queries == queries), None)
         if kind is None:
-            out += [z(0, queries), z(0, 0), z(0), z(0), z(0, 0, 0, dtype=torch.bool), z(0), z(0, 0),
-                    z(0, 0, 0, 0, dtype=dtype), z(0), z(0, 0)]
+            out += [z(0, queries)] + absent
             continue
-        masked = next((p for p in kind.parts if p.mask is not None), None)
-        full = next((p for p in kind.parts if p.mask is None), None)
-        out += [z(kind.tiles, queries), z(0, 0) if kind.q_index is None else kind.q_index,
-                z(0) if kind.real is None else kind.real, z(0) if kind.unit_tile is None else kind.unit_tile,
-                z(0, 0, 0, dtype=torch.bool) if kind.empty is None else kind.empty,
-                z(0) if masked is None else masked.tile, z(0, 0) if masked is None else masked.blocks,
-                z(0, 0, 0, 0, dtype=dtype) if masked is None else masked.mask, z(0) if full is None else full.tile,
-                z(0, 0) if full is None else full.blocks]
+        masked = next((p for p in kind.parts if p.mask is not None), Units(None, None, None))
+        full = next((p for p in kind.parts if p.mask is None), Units(None, None, None))
+        pieces = [kind.q_index, kind.real, kind.unit_tile, kind.empty, masked.tile, masked.blocks, masked.mask,
+                  full.tile, full.blocks]
+        out += [z(kind.tiles, queries)] + [a if p is None else p for p, a in zip(pieces, absent)]
     return out
 
 
