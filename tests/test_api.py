@@ -195,8 +195,8 @@ def test_bad_bodies_say_what_is_wrong(server, client):
             client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=2, extra_body=extra)
         assert exc.value.body["param"] == field and field in exc.value.body["message"]
     ok = client.chat.completions.create(model="math", messages=MESSAGES, max_tokens=2, extra_body={
-        "logprobs": False, "tool_choice": "none", "frobnicate": 1})
-    assert ok.choices[0].finish_reason == "length"
+        "logprobs": False, "tool_choice": "none", "frobnicate": 1, "ignore_eos": True})  # sampled: the random
+    assert ok.choices[0].finish_reason == "length"  # model's end token had a chance of ending it (CI, stop 35)
 
 
 def test_bounds_of_round_2_are_400s_naming_the_field(server, client):
