@@ -28,6 +28,7 @@ import torch.nn.functional as F
 BLOCK_SIZE = 16  # tokens per block, vLLM's default
 TILE = 64  # prompt queries per attention unit
 MAX_CHUNK = 256  # key positions per attention unit
+TRACE_ONE_ROW = True  # a compiled step of one decode row traces its attention into the graph (see paged_attention)
 FLASH_ON_CPU = True  # the CPU's fused flash kernel (with log-sum-exp); False: the reference path every device has
 
 
@@ -70,8 +71,11 @@ def allocate(num_layers: int, num_blocks: int, kv_heads: int, head_dim: int, dty
     """Keys and values per layer, (blocks, block_size, kv_heads, head_dim). Zeros, not empty: a unit's
     padding reads some block's stale entries with weight 0, which must be finite."""
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+    k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    for t in k + v:  # a compiled step's trace reads their sizes as constants (kv heads, block size)
+        torch._dynamo.mark_static(t)
+    return k, v
 
 
 def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -163,7 +167,7 @@ class Kind:
     queries: int  # per tile
     q_index: torch.Tensor | None  # (tiles, queries) flat token of each query; None: tiles are tokens 0..tiles-1
     real: torch.Tensor | None  # (tokens,) the tile-major query slots that are real tokens, in token order
-    unit_tile: torch.Tensor | None  # (U,) over diag units then full units; None: one unit per tile, in order
+    merged: bool  # a tile has several units (or the units are out of tile order): partial results are merged
     empty: torch.Tensor | None  # (U_masked, 1 or kv, G * queries): queries of a masked unit that see none of its keys
     parts: list[Units]  # the masked units first, then the unmasked ones
 
@@ -201,6 +205,7 @@ class StepBatch:
         if prefill:
             self.kinds.append(self._kind(prefill, decode_rows, TILE, MAX_CHUNK))
         self.packed: list[torch.Tensor] | None = None  # see pack()
+        self.layout: tuple = ()
 
     def sparse(self, pattern: BlockSparse) -> "StepBatch":
         """The same step under a block-sparse pattern (built once per step, shared by the layers that use it): a
@@ -212,9 +217,9 @@ class StepBatch:
         return self._sparse[pattern]
 
     def pack(self) -> "StepBatch":
-        """The plan as tensors only, for the attention op of a compiled step (limits.compile); built before the
-        compiled call, so that nothing of it is traced."""
-        self.packed = _pack(self.kinds, self.device, self.dtype)
+        """The plan as tensors and a layout of booleans, for the attention of a compiled step (limits.compile);
+        built before the compiled call, so that nothing of it is traced."""
+        self.packed, self.layout = _pack(self.kinds, self.device, self.dtype)
         return self
 
     def _kind(self, rows, first_token: int, tile: int, chunk: int) -> Kind:
@@ -241,13 +246,11 @@ class StepBatch:
                     (full if below and seen == "all" else diag).append((t, c0, blocks))
             token += n
         tiles = len(tile_pos)
-        units = diag + full
         in_order = not full and [u[0] for u in diag] == list(range(tiles))
         dev = self.device
         decoding = tile == 1  # decode rows are the batch's first tokens, one per tile, in order
         kind = Kind(tiles, tile, None if decoding else _device(q_index, dev),
-                    None if decoding else _device(real, dev),
-                    None if in_order else _device([u[0] for u in units], dev), None, [])
+                    None if decoding else _device(real, dev), not in_order, None, [])
         if diag:
             qpos = _device([tile_pos[u[0]] for u in diag], dev)  # (U, Qt)
             keys = _device([u[1] for u in diag], dev)[:, None] + torch.arange(chunk, device=dev)  # (U, chunk)
@@ -281,7 +284,7 @@ def _device(values, device: torch.device) -> torch.Tensor:
 def _unit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q (U, kv, R, hd) against k/v (U, kv, C, hd) -> (out (U, kv, R, hd), log-sum-exp (U, kv, R) fp32)."""
-    if q.device.type == "cpu" and FLASH_ON_CPU:
+    if q.device.type == "cpu" and FLASH_ON_CPU and not torch.compiler.is_compiling():
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
                                                                                scale=scale)
         return out, lse.float()
@@ -293,46 +296,51 @@ def _unit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return (torch.exp(s - finite[..., None]).to(v.dtype) @ v), lse
 
 
-# The plan as tensors only, so that attention can be one opaque op in a compiled step (limits.compile): its
-# structure is read from the tensors' shapes, never from Python values dynamo would guard on. Per kind (decode
-# rows, then prompt chunks): (tiles, queries) as an empty tensor's shape, q_index, real, unit_tile, empty, then
-# the masked units' (tile, blocks, mask) and the unmasked units' (tile, blocks); an absent piece is empty.
-FIELDS = 10
+# The plan as tensors only, so that attention in a compiled step (limits.compile) reads no Python value of
+# the step but its layout, a few booleans that the compiled step specializes on (one version each). Per kind
+# (decode rows, then prompt chunks): (tiles, queries) as an empty tensor's shape, q_index, real, empty, then the
+# masked units' (tile, blocks, mask) and the unmasked units' (tile, blocks); an absent piece is an empty
+# tensor of its rank and dtype.
+FIELDS = 9
 
 
-def _pack(kinds: list[Kind], device, dtype: torch.dtype) -> list[torch.Tensor]:
-    """An absent piece is an empty tensor of the piece's rank and dtype: a compiled step guards on both, and a
-    step whose rows all fit one chunk of keys (no unmasked units) must not make a version of its own."""
+def _pack(kinds: list[Kind], device, dtype: torch.dtype) -> tuple[list[torch.Tensor], tuple]:
+    """-> (tensors, layout): which pieces are present, and whether a kind's units are merged."""
     def z(*shape, dtype=torch.long):
         return torch.empty(shape, dtype=dtype, device=device)
 
-    # q_index, real, unit_tile, empty, masked (tile, blocks, mask), unmasked (tile, blocks), when absent
-    absent = [z(0, 0), z(0), z(0), z(0, 0, 0, dtype=torch.bool), z(0), z(0, 0), z(0, 0, 0, 0, dtype=dtype), z(0),
-              z(0, 0)]
-    out = []
+    # q_index, real, empty, masked (tile, blocks, mask), unmasked (tile, blocks), when absent
+    absent = [z(0, 0), z(0), z(0, 0, 0, dtype=torch.bool), z(0), z(0, 0), z(0, 0, 0, 0, dtype=dtype), z(0), z(0, 0)]
+    out, layout = [], []
     for queries in (1, TILE):
         kind = next((k for k in kinds if k.queries == queries), None)
         if kind is None:
             out += [z(0, queries)] + absent
+            layout.append(None)
             continue
         masked = next((p for p in kind.parts if p.mask is not None), Units(None, None, None))
         full = next((p for p in kind.parts if p.mask is None), Units(None, None, None))
-        pieces = [kind.q_index, kind.real, kind.unit_tile, kind.empty, masked.tile, masked.blocks, masked.mask,
-                  full.tile, full.blocks]
+        pieces = [kind.q_index, kind.real, kind.empty, masked.tile, masked.blocks, masked.mask, full.tile, full.blocks]
         out += [z(kind.tiles, queries)] + [a if p is None else p for p, a in zip(pieces, absent)]
-    return out
+        layout.append((kind.q_index is not None, kind.real is not None, kind.empty is not None, masked.blocks is not None,
+                       full.blocks is not None, kind.merged) + (tuple(masked.mask.shape[1:3]) if masked.mask is not None
+                                                                else (0, 0)))
+    return out, tuple(layout)
 
 
-def _unpack(plan: list[torch.Tensor]) -> list[Kind]:
+def _unpack(plan: list[torch.Tensor], layout: tuple) -> list[Kind]:
     kinds = []
-    for i in range(0, len(plan), FIELDS):
-        count, q_index, real, unit_tile, empty, mt, mb, mm, ft, fb = plan[i:i + FIELDS]
-        tiles, queries = count.shape
-        if tiles == 0:
+    for i, present in zip(range(0, len(plan), FIELDS), layout):
+        if present is None:
             continue
-        parts = ([Units(mt, mb, mm)] if mt.numel() else []) + ([Units(ft, fb, None)] if ft.numel() else [])
-        kinds.append(Kind(tiles, queries, q_index if q_index.numel() else None, real if real.numel() else None,
-                          unit_tile if unit_tile.numel() else None, empty if empty.numel() else None, parts))
+        count, q_index, real, empty, mt, mb, mm, ft, fb = plan[i:i + FIELDS]
+        has_q, has_real, has_empty, has_masked, has_full, merged, heads, rows = present
+        tiles, queries = count.shape
+        if has_masked:  # the mask's broadcast dimensions, as the layout says: 1 must read as 1 in a trace
+            mm = mm.view(mm.shape[0], heads, rows, mm.shape[-1])
+        parts = ([Units(mt, mb, mm)] if has_masked else []) + ([Units(ft, fb, None)] if has_full else [])
+        kinds.append(Kind(tiles, queries, q_index if has_q else None, real if has_real else None, merged,
+                          empty if has_empty else None, parts))
     return kinds
 
 
@@ -341,8 +349,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q (T, H, hd) for the step's flat tokens, whose keys and values are already in the cache ->
     (T, H * hd). Grouped query heads are folded into the query rows, so keys are never repeated."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if torch.compiler.is_compiling():  # one opaque op in the graph; eagerly, the op's dispatch cost 0.15 ms a call
-        return torch.ops.branchserve.paged_attention(q, k_cache, v_cache, batch.packed, scale)
+    if torch.compiler.is_compiling():
+        # A compiled step of one decode row traces its attention (the fused kernel's place taken by inductor's
+        # own softmax): SmolLM2, 1.12x the opaque op's step. With more rows the fused kernel's speed wins (16
+        # rows: the traced step 0.91x), so attention stays one opaque op, whose plan is tensors and a layout.
+        if TRACE_ONE_ROW and q.shape[0] == 1:
+            return attend_units(q, k_cache, v_cache, _unpack(batch.packed, batch.layout), scale)
+        flags = [int(f) for kind in batch.layout for f in ((1,) + kind if kind else (0,) * 9)]
+        return torch.ops.branchserve.paged_attention(q, k_cache, v_cache, batch.packed, flags, scale)
     return attend_units(q, k_cache, v_cache, batch.kinds, scale)
 
 
@@ -355,22 +369,34 @@ def write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torc
         _write(k_cache, v_cache, k, v, batch.slots)
 
 
-@torch.library.custom_op("branchserve::write_kv", mutates_args=("k_cache", "v_cache"))
-def _write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              slots: torch.Tensor) -> None:
-    _write(k_cache, v_cache, k, v, slots)
-
-
 def _write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     kv, hd = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, kv, hd).index_copy_(0, slots, k)
     v_cache.view(-1, kv, hd).index_copy_(0, slots, v)
 
 
-@torch.library.custom_op("branchserve::paged_attention", mutates_args=())
+# The two opaque ops of a compiled step, defined through torch.library directly: a torch.library.custom_op's
+# Python wrapper (schema defaults, alias checks, autograd) cost 45 us a call over the body here, 30 layers x 2
+# calls a step; these cost 20 and 4.
+_LIB = torch.library.Library("branchserve", "DEF")
+_LIB.define("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor[] plan, int[] flags, float scale) "
+            "-> Tensor")
+_LIB.define("write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()")
+
+
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: list[torch.Tensor],
-                     scale: float) -> torch.Tensor:
-    return attend_units(q, k_cache, v_cache, _unpack(plan), scale)
+                     flags: list[int], scale: float) -> torch.Tensor:
+    # flags: per kind, whether it is present, then its layout
+    layout = tuple(tuple(flags[i + 1:i + 9]) if flags[i] else None for i in range(0, len(flags), 9))
+    return attend_units(q, k_cache, v_cache, _unpack(plan, layout), scale)
+
+
+_LIB.impl("paged_attention", _paged_attention, "CompositeExplicitAutograd")
+_LIB.impl("write_kv", lambda k_cache, v_cache, k, v, slots: _write(k_cache, v_cache, k, v, slots),
+          "CompositeExplicitAutograd")
+torch.library.register_fake("branchserve::paged_attention", lambda q, k_cache, v_cache, plan, flags, scale:
+                            q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
+torch.library.register_fake("branchserve::write_kv", lambda k_cache, v_cache, k, v, slots: None)
 
 
 def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kinds: list[Kind],
@@ -390,26 +416,36 @@ def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             qt = q[kind.q_index].view(kind.tiles, Qt, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(kind.tiles, kv, g * Qt, hd)
         results = []
         for part in kind.parts:
-            qu = qt if kind.unit_tile is None else qt[part.tile]
+            qu = qt[part.tile] if kind.merged else qt
             U, chunk = part.blocks.shape[0], part.blocks.shape[1] * block_size
-            blocks = part.blocks.view(-1)  # index_select copies whole blocks: 3x aten.index's speed here
-            keys = k_cache.index_select(0, blocks).view(U, chunk, kv, hd).transpose(1, 2)
-            values = v_cache.index_select(0, blocks).view(U, chunk, kv, hd).transpose(1, 2)
+            torch._check(qu.shape[0] == U)  # shapes the plan's tensors share, for a compiled step's trace
+            if part.mask is not None:
+                torch._check(part.mask.shape[0] == U)
+                torch._check(part.mask.shape[-1] == chunk)
+            if torch.compiler.is_compiling():  # a gather that tells the trace nothing of the units' count
+                keys = k_cache[part.blocks].flatten(1, 2).transpose(1, 2)  # (flattening the table made one
+                values = v_cache[part.blocks].flatten(1, 2).transpose(1, 2)  # version per count of 1 or more)
+            else:
+                blocks = part.blocks.view(-1)  # index_select copies whole blocks: 3x aten.index's speed here
+                keys = k_cache.index_select(0, blocks).view(U, chunk, kv, hd).transpose(1, 2)
+                values = v_cache.index_select(0, blocks).view(U, chunk, kv, hd).transpose(1, 2)
             results.append(_unit_attention(qu, keys, values, part.mask, scale))
-        if kind.unit_tile is None:
+        if not kind.merged:
             o = results[0][0]
         else:  # several units per tile: merge their partial softmaxes by log-sum-exp
+            unit_tile = torch.cat([part.tile for part in kind.parts])  # (U,): each unit's tile
             o = torch.cat([r[0] for r in results])
             lse = torch.cat([r[1] for r in results])
             if kind.empty is not None:
+                torch._check(kind.empty.shape[0] == kind.parts[0].tile.shape[0])
                 lse[:kind.empty.shape[0]].masked_fill_(kind.empty, float("-inf"))
-            per_unit = kind.unit_tile.view(-1, 1, 1).expand_as(lse)
+            per_unit = unit_tile.view(-1, 1, 1).expand_as(lse)
             best = lse.new_full((kind.tiles,) + lse.shape[1:], float("-inf")).scatter_reduce_(
                 0, per_unit, lse, "amax")
-            w = torch.exp(lse - best[kind.unit_tile])
-            total = torch.zeros_like(best).index_add_(0, kind.unit_tile, w)
+            w = torch.exp(lse - best[unit_tile])
+            total = torch.zeros_like(best).index_add_(0, unit_tile, w)
             o = torch.zeros((kind.tiles,) + o.shape[1:], dtype=torch.float32, device=o.device).index_add_(
-                0, kind.unit_tile, o.float() * w[..., None])
+                0, unit_tile, o.float() * w[..., None])
             o = (o / total[..., None]).to(q.dtype)
         if Qt == 1:
             outs.append(o.reshape(kind.tiles, H * hd))
@@ -419,11 +455,6 @@ def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return outs[0].contiguous() if len(outs) == 1 else torch.cat(outs)  # the fake says contiguous
 
 
-
-
-@_paged_attention.register_fake
-def _(q, k_cache, v_cache, plan, scale):
-    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -442,3 +473,4 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         mask = (causal & pattern.allows(pos, pos, H)).reshape(1, kv, g * L, L)
     out = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return out.view(B, kv, g, L, hd).permute(0, 3, 1, 2, 4).reshape(B, L, H * hd)
+
