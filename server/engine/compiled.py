@@ -1,9 +1,10 @@
 """``limits.compile``: decode steps through torch.compile, compiled before the server says it is ready.
 
 A step whose rows all decode (the steady state) runs the model compiled, with dynamic shapes over its rows;
-a step that carries prompt chunks runs eagerly, as prefill always has. Attention and the cache write are
-opaque ops (server/engine/kv_cache.py) whose plan is tensors only, so the whole decode step is one graph
-with no break, whatever the rows' lengths. The lm_heads run after it, eagerly, on the branches present.
+a step that carries prompt chunks runs eagerly, as prefill always has. The cache write is an opaque op, and
+so is attention for several rows (server/engine/kv_cache.py); their plan is tensors plus a layout of a few
+booleans, so the whole decode step is one graph with no break, whatever the rows' lengths. A step of one row
+traces its attention into the graph. The lm_heads run after it, eagerly, on the branches present.
 
 The warm-up runs decode steps of one row and of several, short and long (a row past one chunk of keys), for
 every branch and the mix, so that every version dynamo makes is made at start; serving compiles nothing.
