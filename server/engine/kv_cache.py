@@ -167,7 +167,8 @@ class Kind:
     queries: int  # per tile
     q_index: torch.Tensor | None  # (tiles, queries) flat token of each query; None: tiles are tokens 0..tiles-1
     real: torch.Tensor | None  # (tokens,) the tile-major query slots that are real tokens, in token order
-    merged: bool  # a tile has several units (or the units are out of tile order): partial results are merged
+    unit_tile: torch.Tensor | None  # (U,) each unit's tile, masked units then unmasked ones; None: one unit per
+    # tile, in order (nothing to merge)
     empty: torch.Tensor | None  # (U_masked, 1 or kv, G * queries): queries of a masked unit that see none of its keys
     parts: list[Units]  # the masked units first, then the unmasked ones
 
@@ -250,7 +251,8 @@ class StepBatch:
         dev = self.device
         decoding = tile == 1  # decode rows are the batch's first tokens, one per tile, in order
         kind = Kind(tiles, tile, None if decoding else _device(q_index, dev),
-                    None if decoding else _device(real, dev), not in_order, None, [])
+                    None if decoding else _device(real, dev),
+                    None if in_order else _device([u[0] for u in diag + full], dev), None, [])
         if diag:
             qpos = _device([tile_pos[u[0]] for u in diag], dev)  # (U, Qt)
             keys = _device([u[1] for u in diag], dev)[:, None] + torch.arange(chunk, device=dev)  # (U, chunk)
@@ -302,6 +304,7 @@ def _unit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 # masked units' (tile, blocks, mask) and the unmasked units' (tile, blocks); an absent piece is an empty
 # tensor of its rank and dtype.
 FIELDS = 9
+LAYOUT = 8  # a present kind's layout: q_index, real, empty, masked units, unmasked units, merged; the mask's dims 1-2
 
 
 def _pack(kinds: list[Kind], device, dtype: torch.dtype) -> tuple[list[torch.Tensor], tuple]:
@@ -323,7 +326,7 @@ def _pack(kinds: list[Kind], device, dtype: torch.dtype) -> tuple[list[torch.Ten
         pieces = [kind.q_index, kind.real, kind.empty, masked.tile, masked.blocks, masked.mask, full.tile, full.blocks]
         out += [z(kind.tiles, queries)] + [a if p is None else p for p, a in zip(pieces, absent)]
         layout.append((kind.q_index is not None, kind.real is not None, kind.empty is not None, masked.blocks is not None,
-                       full.blocks is not None, kind.merged) + (tuple(masked.mask.shape[1:3]) if masked.mask is not None
+                       full.blocks is not None, kind.unit_tile is not None) + (tuple(masked.mask.shape[1:3]) if masked.mask is not None
                                                                 else (0, 0)))
     return out, tuple(layout)
 
@@ -339,7 +342,8 @@ def _unpack(plan: list[torch.Tensor], layout: tuple) -> list[Kind]:
         if has_masked:  # the mask's broadcast dimensions, as the layout says: 1 must read as 1 in a trace
             mm = mm.view(mm.shape[0], heads, rows, mm.shape[-1])
         parts = ([Units(mt, mb, mm)] if has_masked else []) + ([Units(ft, fb, None)] if has_full else [])
-        kinds.append(Kind(tiles, queries, q_index if has_q else None, real if has_real else None, merged,
+        unit_tile = torch.cat([part.tile for part in parts]) if merged else None  # its shape follows the parts'
+        kinds.append(Kind(tiles, queries, q_index if has_q else None, real if has_real else None, unit_tile,
                           empty if has_empty else None, parts))
     return kinds
 
@@ -355,7 +359,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         # rows: the traced step 0.91x), so attention stays one opaque op, whose plan is tensors and a layout.
         if TRACE_ONE_ROW and q.shape[0] == 1:
             return attend_units(q, k_cache, v_cache, _unpack(batch.packed, batch.layout), scale)
-        flags = [int(f) for kind in batch.layout for f in ((1,) + kind if kind else (0,) * 9)]
+        flags = [int(f) for kind in batch.layout for f in ((1,) + kind if kind else (0,) * (1 + LAYOUT))]
         return torch.ops.branchserve.paged_attention(q, k_cache, v_cache, batch.packed, flags, scale)
     return attend_units(q, k_cache, v_cache, batch.kinds, scale)
 
@@ -377,7 +381,7 @@ def _write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: tor
 
 # The two opaque ops of a compiled step, defined through torch.library directly: a torch.library.custom_op's
 # Python wrapper (schema defaults, alias checks, autograd) cost 45 us a call over the body here, 30 layers x 2
-# calls a step; these cost 20 and 4.
+# calls a step; these cost about 20 and 5.
 _LIB = torch.library.Library("branchserve", "DEF")
 _LIB.define("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor[] plan, int[] flags, float scale) "
             "-> Tensor")
@@ -387,7 +391,8 @@ _LIB.define("write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: list[torch.Tensor],
                      flags: list[int], scale: float) -> torch.Tensor:
     # flags: per kind, whether it is present, then its layout
-    layout = tuple(tuple(flags[i + 1:i + 9]) if flags[i] else None for i in range(0, len(flags), 9))
+    width = 1 + LAYOUT
+    layout = tuple(tuple(flags[i + 1:i + width]) if flags[i] else None for i in range(0, len(flags), width))
     return attend_units(q, k_cache, v_cache, _unpack(plan, layout), scale)
 
 
@@ -416,13 +421,13 @@ def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             qt = q[kind.q_index].view(kind.tiles, Qt, kv, g, hd).permute(0, 2, 3, 1, 4).reshape(kind.tiles, kv, g * Qt, hd)
         results = []
         for part in kind.parts:
-            qu = qt[part.tile] if kind.merged else qt
+            qu = qt if kind.unit_tile is None else qt[part.tile]
             U, chunk = part.blocks.shape[0], part.blocks.shape[1] * block_size
-            torch._check(qu.shape[0] == U)  # shapes the plan's tensors share, for a compiled step's trace
-            if part.mask is not None:
-                torch._check(part.mask.shape[0] == U)
-                torch._check(part.mask.shape[-1] == chunk)
             if torch.compiler.is_compiling():  # a gather that tells the trace nothing of the units' count
+                torch._check(qu.shape[0] == U)  # shapes the plan's tensors share, which the trace cannot see
+                if part.mask is not None:
+                    torch._check(part.mask.shape[0] == U)
+                    torch._check(part.mask.shape[-1] == chunk)
                 keys = k_cache[part.blocks].flatten(1, 2).transpose(1, 2)  # (flattening the table made one
                 values = v_cache[part.blocks].flatten(1, 2).transpose(1, 2)  # version per count of 1 or more)
             else:
@@ -430,14 +435,15 @@ def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                 keys = k_cache.index_select(0, blocks).view(U, chunk, kv, hd).transpose(1, 2)
                 values = v_cache.index_select(0, blocks).view(U, chunk, kv, hd).transpose(1, 2)
             results.append(_unit_attention(qu, keys, values, part.mask, scale))
-        if not kind.merged:
+        if kind.unit_tile is None:
             o = results[0][0]
         else:  # several units per tile: merge their partial softmaxes by log-sum-exp
-            unit_tile = torch.cat([part.tile for part in kind.parts])  # (U,): each unit's tile
+            unit_tile = kind.unit_tile
             o = torch.cat([r[0] for r in results])
             lse = torch.cat([r[1] for r in results])
             if kind.empty is not None:
-                torch._check(kind.empty.shape[0] == kind.parts[0].tile.shape[0])
+                if torch.compiler.is_compiling():
+                    torch._check(kind.empty.shape[0] == kind.parts[0].tile.shape[0])
                 lse[:kind.empty.shape[0]].masked_fill_(kind.empty, float("-inf"))
             per_unit = unit_tile.view(-1, 1, 1).expand_as(lse)
             best = lse.new_full((kind.tiles,) + lse.shape[1:], float("-inf")).scatter_reduce_(
