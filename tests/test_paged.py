@@ -87,6 +87,41 @@ def test_attention_over_shuffled_blocks_equals_dense_causal_attention(flash, q_l
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["eager", "compiled"])
+def test_a_compiled_decode_steps_attention_equals_dense_causal_attention(how):
+    """The attention of a compiled step whose rows all decode (server/engine/kv_cache.py: decode_attention):
+    rows of 1 to 700 keys in shuffled blocks, the long ones split into several units, each row's output is
+    dense attention over its own keys, eagerly and through torch.compile as the engine runs it."""
+    from server.engine.compiled import tracing
+    from server.engine.kv_cache import decode_attention
+
+    torch.manual_seed(1)
+    heads, kv, hd = 6, 2, 16
+    pool = BlockPool(300)
+    random.Random(1).shuffle(pool.free)
+    kc, vc = (t[0] for t in allocate(1, 300, kv, hd, torch.float32, "cpu"))
+    lengths = [1, 5, 700, 17, 257, 256, 40]
+    rows, want = [], []
+    q = torch.randn(len(lengths), heads, hd)
+    for i, n in enumerate(lengths):
+        table = []
+        assert pool.grow(table, n)
+        K, V = torch.randn(n, kv, hd), torch.randn(n, kv, hd)
+        slots = torch.tensor([table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(n)])
+        kc.view(-1, kv, hd)[slots], vc.view(-1, kv, hd)[slots] = K, V
+        rows.append((table, n - 1, 1))
+        k, v = (t.repeat_interleave(heads // kv, 1).transpose(0, 1) for t in (K, V))
+        want.append(torch.nn.functional.scaled_dot_product_attention(q[i][:, None], k, v).reshape(heads * hd))
+    step = StepBatch(rows, len(rows), BLOCK_SIZE, heads, kv, torch.float32, torch.device("cpu"), compiled=True)
+    assert step.units.blocks.shape[0] > len(rows)  # the long rows are split
+    attend = decode_attention
+    if how == "compiled":
+        attend = torch.compile(decode_attention, dynamic=True, fullgraph=True)
+    with tracing():
+        got = attend(q, kc, vc, step.units, hd ** -0.5)
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
+
+
 class CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -234,15 +269,3 @@ def test_kv_cache_memory_sizes():
     with pytest.raises(ValueError, match="not a size"):
         Limits(kv_cache_memory="lots")
 
-
-def test_a_compiled_steps_plan_has_the_same_ranks_and_dtypes_whatever_the_rows():
-    """A compiled decode step guards on each plan tensor's rank and dtype: decode rows that fit one chunk of
-    keys, and rows long enough for unmasked units too, must pack into tensors of the same ranks and dtypes,
-    or serving makes a new version of the step (minutes on a CPU) whenever the mix of lengths changes."""
-    table = list(range(40))
-    plans = [StepBatch([(table, length - 1, 1) for length in lengths], len(lengths), BLOCK_SIZE, 8, 2,
-                       torch.bfloat16, torch.device("cpu")).pack().packed
-             for lengths in ([3], [3, 5], [600], [3, 600])]
-    assert len({len(p) for p in plans}) == 1
-    for field in zip(*plans):
-        assert len({(t.dim(), t.dtype) for t in field}) == 1, [(t.shape, t.dtype) for t in field]

@@ -105,8 +105,6 @@ def kv_copied_bytes(runner: FamilyRunner, step) -> int:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if str(func.overloadpacket) == "branchserve.paged_attention":  # gathers each unit's blocks inside
-                Watch.copied += paged_gather_bytes(args[1], args[3])
             if str(func.overloadpacket) in COPY_OPS and reads_cache(func, args, kwargs or {}):
                 for t in torch.utils._pytree.tree_leaves(out):
                     if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in caches:
@@ -116,14 +114,6 @@ def kv_copied_bytes(runner: FamilyRunner, step) -> int:
     with Watch():
         step()
     return Watch.copied
-
-
-def paged_gather_bytes(k_cache: torch.Tensor, plan: list[torch.Tensor]) -> int:
-    """Bytes of keys and values one paged attention call gathers: every unit's blocks, keys and values."""
-    from server.engine.kv_cache import FIELDS
-
-    blocks = sum(plan[i + j].numel() for i in range(0, len(plan), FIELDS) for j in (6, 9))
-    return 2 * blocks * k_cache[0].numel() * k_cache.element_size()
 
 
 class RandomFamily:

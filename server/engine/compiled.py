@@ -1,13 +1,14 @@
 """``limits.compile``: decode steps through torch.compile, compiled before the server says it is ready.
 
 A step whose rows all decode (the steady state) runs the model compiled, with dynamic shapes over its rows;
-a step that carries prompt chunks runs eagerly, as prefill always has. The cache write is an opaque op, and
-so is attention for several rows (server/engine/kv_cache.py); their plan is tensors plus a layout of a few
-booleans, so the whole decode step is one graph with no break, whatever the rows' lengths. A step of one row
-traces its attention into the graph. The lm_heads run after it, eagerly, on the branches present.
+a step that carries prompt chunks runs eagerly, as prefill always has. Everything of a compiled step is in
+its graph: the cache write is an index copy into the cache tensors, and attention is
+``kv_cache.decode_attention``, written for inductor to fuse with the block gathers (no opaque op, no plan
+read in Python). The lm_heads run after it, eagerly, on the branches present.
 
-The warm-up runs decode steps of one row and of several, short and long (a row past one chunk of keys), for
-every branch and the mix, so that every version dynamo makes is made at start; serving compiles nothing.
+The warm-up runs decode steps of one short row and of several long ones (rows split into several units of
+keys), for every branch and the mix, so that every version dynamo makes is made at start; serving compiles
+nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def warm_up(runner) -> None:
     branches = list(range(len(getattr(runner.model, "branches", [0]))))
     mixes = [[b] for b in branches] + ([branches] if len(branches) > 1 else [])
     longest = min(runner.max_seq - 1, 600)
-    shapes = ((1, 3), (2, 3), (3, 3), (1, longest), (3, longest))
+    shapes = ((1, 3), (3, longest))
     total, done = len(mixes) * len(shapes), 0
     name = type(runner.model).__name__
     log.info("compiling %s's decode steps: %d shapes (torch.compile; minutes on a CPU)", name, total)

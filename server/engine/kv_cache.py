@@ -15,6 +15,9 @@ one unit per chunk, and their partial results are merged by their log-sum-exps, 
 
 The number of kernels a layer launches depends on which kinds of units a step has, never on how many rows
 it has: a prefill of 16 rows issues the same calls as a prefill of one.
+
+A compiled step (limits.compile: decode rows only) plans differently, for inductor: ``DecodeUnits`` and
+``decode_attention``, where the gathers fuse into the products instead of copying each unit's keys.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 BLOCK_SIZE = 16  # tokens per block, vLLM's default
 TILE = 64  # prompt queries per attention unit
 MAX_CHUNK = 256  # key positions per attention unit
-TRACE_ONE_ROW = True  # a compiled step of one decode row traces its attention into the graph (see paged_attention)
+SPLIT_BLOCKS = 16  # most blocks one unit of a compiled decode step reads; a longer row is split (decode_attention)
 FLASH_ON_CPU = True  # the CPU's fused flash kernel (with log-sum-exp); False: the reference path every device has
 
 
@@ -173,6 +176,29 @@ class Kind:
     parts: list[Units]  # the masked units first, then the unmasked ones
 
 
+@dataclass
+class DecodeUnits:
+    """A compiled decode step's attention plan: each row's blocks in units of at most ``SPLIT_BLOCKS`` blocks,
+    all units as wide as the widest (short rows padded with block 0, whose keys they mask out)."""
+
+    blocks: torch.Tensor  # (U, C) the blocks each unit reads
+    row: torch.Tensor  # (U,) the row (the flat token) it belongs to
+    keys: torch.Tensor  # (U,) how many of its C * block_size keys are the row's: the rest are padding
+
+    @classmethod
+    def of(cls, rows: list[tuple[list[int], int, int]], block_size: int, device: torch.device) -> "DecodeUnits":
+        spans = [-(-(start + n) // block_size) for _, start, n in rows]  # blocks holding each row's keys
+        width = min(max(spans), SPLIT_BLOCKS)
+        blocks, row, keys = [], [], []
+        for r, ((table, start, n), span) in enumerate(zip(rows, spans)):
+            for first in range(0, span, width):
+                part = table[first:min(first + width, span)]
+                blocks.append(part + [0] * (width - len(part)))
+                row.append(r)
+                keys.append(min(width * block_size, start + n - first * block_size))
+        return cls(_device(blocks, device), _device(row, device), _device(keys, device))
+
+
 class StepBatch:
     """Everything a layer's attention needs for one step's flat batch, built once per step from the host's
     block tables, and moved to the device in one go (pinned, non-blocking on CUDA).
@@ -183,7 +209,7 @@ class StepBatch:
 
     def __init__(self, rows: list[tuple[list[int], int, int]], decode_rows: int, block_size: int, heads: int,
                  kv_heads: int, dtype: torch.dtype, device: torch.device, pattern: BlockSparse | None = None,
-                 lengths: list[int] | None = None):
+                 lengths: list[int] | None = None, compiled: bool = False):
         self.rows, self.decode_rows, self.heads, self.kv_heads = rows, decode_rows, heads, kv_heads
         self.lengths = lengths  # per row, its sequence's known length (prompt and output), when the runner gives it
         self.pattern = pattern
@@ -196,17 +222,20 @@ class StepBatch:
                  for table, start, n in rows for p in range(start, start + n)]
         self.slots = _device(slots, device)
         self.positions = _device([p for _, start, n in rows for p in range(start, start + n)], device)
+        self.kinds: list[Kind] = []
+        self.units: DecodeUnits | None = None
+        if compiled:  # a compiled step of decode rows only, no block-sparse pattern: see decode_attention
+            assert decode_rows == len(rows) and pattern is None
+            self.units = DecodeUnits.of(rows, block_size, device)
+            return
         decode, prefill = rows[:decode_rows], rows[decode_rows:]
         longest = max((s + n for _, s, n in decode), default=1)
         # A decode row's keys, rounded up to a chunk: short rows read little, whatever a long row beside them reads.
         dchunk = min(MAX_CHUNK, max(4 * block_size, 1 << (longest - 1).bit_length()))
-        self.kinds: list[Kind] = []
         if decode:
             self.kinds.append(self._kind(decode, 0, 1, dchunk))
         if prefill:
             self.kinds.append(self._kind(prefill, decode_rows, TILE, MAX_CHUNK))
-        self.packed: list[torch.Tensor] | None = None  # see pack()
-        self.layout: tuple = ()
 
     def sparse(self, pattern: BlockSparse) -> "StepBatch":
         """The same step under a block-sparse pattern (built once per step, shared by the layers that use it): a
@@ -216,12 +245,6 @@ class StepBatch:
             self._sparse[pattern] = StepBatch(self.rows, self.decode_rows, self.block_size, self.heads, self.kv_heads,
                                               self.dtype, self.device, pattern, self.lengths)
         return self._sparse[pattern]
-
-    def pack(self) -> "StepBatch":
-        """The plan as tensors and a layout of booleans, for the attention of a compiled step (limits.compile);
-        built before the compiled call, so that nothing of it is traced."""
-        self.packed, self.layout = _pack(self.kinds, self.device, self.dtype)
-        return self
 
     def _kind(self, rows, first_token: int, tile: int, chunk: int) -> Kind:
         bs, per_chunk = self.block_size, chunk // self.block_size
@@ -286,7 +309,7 @@ def _device(values, device: torch.device) -> torch.Tensor:
 def _unit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q (U, kv, R, hd) against k/v (U, kv, C, hd) -> (out (U, kv, R, hd), log-sum-exp (U, kv, R) fp32)."""
-    if q.device.type == "cpu" and FLASH_ON_CPU and not torch.compiler.is_compiling():
+    if q.device.type == "cpu" and FLASH_ON_CPU:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
                                                                                scale=scale)
         return out, lse.float()
@@ -298,110 +321,56 @@ def _unit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return (torch.exp(s - finite[..., None]).to(v.dtype) @ v), lse
 
 
-# The plan as tensors only, so that attention in a compiled step (limits.compile) reads no Python value of
-# the step but its layout, a few booleans that the compiled step specializes on (one version each). Per kind
-# (decode rows, then prompt chunks): (tiles, queries) as an empty tensor's shape, q_index, real, empty, then the
-# masked units' (tile, blocks, mask) and the unmasked units' (tile, blocks); an absent piece is an empty
-# tensor of its rank and dtype.
-FIELDS = 9
-LAYOUT = 8  # a present kind's layout: q_index, real, empty, masked units, unmasked units, merged; the mask's dims 1-2
-
-
-def _pack(kinds: list[Kind], device, dtype: torch.dtype) -> tuple[list[torch.Tensor], tuple]:
-    """-> (tensors, layout): which pieces are present, and whether a kind's units are merged."""
-    def z(*shape, dtype=torch.long):
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    # q_index, real, empty, masked (tile, blocks, mask), unmasked (tile, blocks), when absent
-    absent = [z(0, 0), z(0), z(0, 0, 0, dtype=torch.bool), z(0), z(0, 0), z(0, 0, 0, 0, dtype=dtype), z(0), z(0, 0)]
-    out, layout = [], []
-    for queries in (1, TILE):
-        kind = next((k for k in kinds if k.queries == queries), None)
-        if kind is None:
-            out += [z(0, queries)] + absent
-            layout.append(None)
-            continue
-        masked = next((p for p in kind.parts if p.mask is not None), Units(None, None, None))
-        full = next((p for p in kind.parts if p.mask is None), Units(None, None, None))
-        pieces = [kind.q_index, kind.real, kind.empty, masked.tile, masked.blocks, masked.mask, full.tile, full.blocks]
-        out += [z(kind.tiles, queries)] + [a if p is None else p for p, a in zip(pieces, absent)]
-        layout.append((kind.q_index is not None, kind.real is not None, kind.empty is not None, masked.blocks is not None,
-                       full.blocks is not None, kind.unit_tile is not None) + (tuple(masked.mask.shape[1:3]) if masked.mask is not None
-                                                                else (0, 0)))
-    return out, tuple(layout)
-
-
-def _unpack(plan: list[torch.Tensor], layout: tuple) -> list[Kind]:
-    kinds = []
-    for i, present in zip(range(0, len(plan), FIELDS), layout):
-        if present is None:
-            continue
-        count, q_index, real, empty, mt, mb, mm, ft, fb = plan[i:i + FIELDS]
-        has_q, has_real, has_empty, has_masked, has_full, merged, heads, rows = present
-        tiles, queries = count.shape
-        if has_masked:  # the mask's broadcast dimensions, as the layout says: 1 must read as 1 in a trace
-            mm = mm.view(mm.shape[0], heads, rows, mm.shape[-1])
-        parts = ([Units(mt, mb, mm)] if has_masked else []) + ([Units(ft, fb, None)] if has_full else [])
-        unit_tile = torch.cat([part.tile for part in parts]) if merged else None  # its shape follows the parts'
-        kinds.append(Kind(tiles, queries, q_index if has_q else None, real if has_real else None, unit_tile,
-                          empty if has_empty else None, parts))
-    return kinds
-
-
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
                     scale: float | None = None) -> torch.Tensor:
     """q (T, H, hd) for the step's flat tokens, whose keys and values are already in the cache ->
     (T, H * hd). Grouped query heads are folded into the query rows, so keys are never repeated."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if torch.compiler.is_compiling():
-        # A compiled step of one decode row traces its attention (the fused kernel's place taken by inductor's
-        # own softmax): SmolLM2, 1.12x the opaque op's step. With more rows the fused kernel's speed wins (16
-        # rows: the traced step 0.91x), so attention stays one opaque op, whose plan is tensors and a layout.
-        if TRACE_ONE_ROW and q.shape[0] == 1:
-            return attend_units(q, k_cache, v_cache, _unpack(batch.packed, batch.layout), scale)
-        flags = [int(f) for kind in batch.layout for f in ((1,) + kind if kind else (0,) * (1 + LAYOUT))]
-        return torch.ops.branchserve.paged_attention(q, k_cache, v_cache, batch.packed, flags, scale)
+    if batch.units is not None:
+        return decode_attention(q, k_cache, v_cache, batch.units, scale)
     return attend_units(q, k_cache, v_cache, batch.kinds, scale)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, units: DecodeUnits,
+                     scale: float) -> torch.Tensor:
+    """Attention of a compiled step whose rows all decode: q (R, H, hd) -> (R, H * hd).
+
+    Written for inductor to fuse: each unit's scores are a product summed over the head dimension and its
+    output one summed over its keys, so the gather of its blocks (``k_cache[blocks]``) becomes the loads of
+    those loops and no unit's keys are ever copied; the padded width costs arithmetic on block 0, not
+    memory traffic. The units' partial softmaxes merge per row by their maxima and sums (flash-decoding's
+    split). Eagerly it materializes every product: steps that run eagerly use ``attend_units``."""
+    R, H, hd = q.shape
+    block_size, kv = k_cache.shape[1], k_cache.shape[2]
+    U, width = units.blocks.shape
+    span = width * block_size
+    # The queries are stored once before the products read them: left fused, whatever computed them (the
+    # rotary embedding, its cos and sin) would be recomputed for every key.
+    qf = q.reshape(R * H, hd).float()
+    qf = torch.zeros_like(qf).index_copy(0, torch.arange(R * H, device=q.device), qf)
+    qu = qf.view(R, kv, H // kv, hd)[units.row][:, None]  # (U, 1, kv, g, hd)
+    keys = k_cache[units.blocks].view(U, span, kv, 1, hd)
+    s = (qu * keys).sum(-1) * scale  # (U, span, kv, g), fp32
+    padding = torch.arange(span, device=q.device)[None, :] >= units.keys[:, None]  # (U, span)
+    s = s.masked_fill(padding[:, :, None, None], float("-inf"))
+    top = s.amax(1)  # (U, kv, g): finite, every unit holds at least one of its row's keys
+    p = torch.exp(s - top[:, None])
+    out = (p[..., None] * v_cache[units.blocks].view(U, span, kv, 1, hd)).sum(1)  # (U, kv, g, hd)
+    total = p.sum(1)
+    # merge the units of each row: rescale each to the row's largest maximum, then add
+    index = units.row.view(U, 1, 1).expand_as(top)
+    best = torch.full((R,) + top.shape[1:], float("-inf"), device=q.device).scatter_reduce(0, index, top, "amax")
+    w = torch.exp(top - best[units.row])
+    total = torch.zeros_like(best).index_add(0, units.row, total * w)
+    out = torch.zeros((R,) + out.shape[1:], device=q.device).index_add(0, units.row, out * w[..., None])
+    return (out / total[..., None]).to(q.dtype).reshape(R, H * hd)
 
 
 def write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
     """The step's new keys and values (T, kv, hd) into their slots."""
-    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-    if torch.compiler.is_compiling():
-        torch.ops.branchserve.write_kv(k_cache, v_cache, k, v, batch.slots)
-    else:
-        _write(k_cache, v_cache, k, v, batch.slots)
-
-
-def _write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     kv, hd = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, kv, hd).index_copy_(0, slots, k)
-    v_cache.view(-1, kv, hd).index_copy_(0, slots, v)
-
-
-# The two opaque ops of a compiled step, defined through torch.library directly: a torch.library.custom_op's
-# Python wrapper (schema defaults, alias checks, autograd) cost 45 us a call over the body here, 30 layers x 2
-# calls a step; these cost about 20 and 5.
-_LIB = torch.library.Library("branchserve", "DEF")
-_LIB.define("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor[] plan, int[] flags, float scale) "
-            "-> Tensor")
-_LIB.define("write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()")
-
-
-def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: list[torch.Tensor],
-                     flags: list[int], scale: float) -> torch.Tensor:
-    # flags: per kind, whether it is present, then its layout
-    width = 1 + LAYOUT
-    layout = tuple(tuple(flags[i + 1:i + width]) if flags[i] else None for i in range(0, len(flags), width))
-    return attend_units(q, k_cache, v_cache, _unpack(plan, layout), scale)
-
-
-_LIB.impl("paged_attention", _paged_attention, "CompositeExplicitAutograd")
-_LIB.impl("write_kv", lambda k_cache, v_cache, k, v, slots: _write(k_cache, v_cache, k, v, slots),
-          "CompositeExplicitAutograd")
-torch.library.register_fake("branchserve::paged_attention", lambda q, k_cache, v_cache, plan, flags, scale:
-                            q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
-torch.library.register_fake("branchserve::write_kv", lambda k_cache, v_cache, k, v, slots: None)
+    k_cache.view(-1, kv, hd).index_copy_(0, batch.slots, k.to(k_cache.dtype))
+    v_cache.view(-1, kv, hd).index_copy_(0, batch.slots, v.to(v_cache.dtype))
 
 
 def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kinds: list[Kind],
@@ -423,17 +392,9 @@ def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         for part in kind.parts:
             qu = qt if kind.unit_tile is None else qt[part.tile]
             U, chunk = part.blocks.shape[0], part.blocks.shape[1] * block_size
-            if torch.compiler.is_compiling():  # a gather that tells the trace nothing of the units' count
-                torch._check(qu.shape[0] == U)  # shapes the plan's tensors share, which the trace cannot see
-                if part.mask is not None:
-                    torch._check(part.mask.shape[0] == U)
-                    torch._check(part.mask.shape[-1] == chunk)
-                keys = k_cache[part.blocks].flatten(1, 2).transpose(1, 2)  # (flattening the table made one
-                values = v_cache[part.blocks].flatten(1, 2).transpose(1, 2)  # version per count of 1 or more)
-            else:
-                blocks = part.blocks.view(-1)  # index_select copies whole blocks: 3x aten.index's speed here
-                keys = k_cache.index_select(0, blocks).view(U, chunk, kv, hd).transpose(1, 2)
-                values = v_cache.index_select(0, blocks).view(U, chunk, kv, hd).transpose(1, 2)
+            blocks = part.blocks.view(-1)  # index_select copies whole blocks: 3x aten.index's speed here
+            keys = k_cache.index_select(0, blocks).view(U, chunk, kv, hd).transpose(1, 2)
+            values = v_cache.index_select(0, blocks).view(U, chunk, kv, hd).transpose(1, 2)
             results.append(_unit_attention(qu, keys, values, part.mask, scale))
         if kind.unit_tile is None:
             o = results[0][0]
@@ -442,8 +403,6 @@ def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             o = torch.cat([r[0] for r in results])
             lse = torch.cat([r[1] for r in results])
             if kind.empty is not None:
-                if torch.compiler.is_compiling():
-                    torch._check(kind.empty.shape[0] == kind.parts[0].tile.shape[0])
                 lse[:kind.empty.shape[0]].masked_fill_(kind.empty, float("-inf"))
             per_unit = unit_tile.view(-1, 1, 1).expand_as(lse)
             best = lse.new_full((kind.tiles,) + lse.shape[1:], float("-inf")).scatter_reduce_(
@@ -458,7 +417,7 @@ def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         else:
             o = o.view(kind.tiles, kv, g, Qt, hd).permute(0, 3, 1, 2, 4).reshape(kind.tiles * Qt, H * hd)
             outs.append(o[kind.real])
-    return outs[0].contiguous() if len(outs) == 1 else torch.cat(outs)  # the fake says contiguous
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 

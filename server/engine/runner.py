@@ -206,9 +206,10 @@ class Runner:
                 self.scheduler.finish(seq, "length")
 
     def _batch(self, scheduled: list[tuple[Sequence, int]], decode_rows: int, heads: int, kv_heads: int,
-               dtype: torch.dtype) -> StepBatch:
+               dtype: torch.dtype, compiled: bool = False) -> StepBatch:
         return StepBatch([(seq.blocks, seq.computed, n) for seq, n in scheduled], decode_rows, self.pool.block_size,
-                         heads, kv_heads, dtype, self.device, lengths=[seq.length for seq, _ in scheduled])
+                         heads, kv_heads, dtype, self.device, lengths=[seq.length for seq, _ in scheduled],
+                         compiled=compiled)
 
     @staticmethod
     def _flat(scheduled: list[tuple[Sequence, int]], sampling: list[Sequence]) -> tuple[list[int], list[int]]:
@@ -263,12 +264,12 @@ class FamilyRunner(Runner):
         branches = [seq.branch for seq, n in scheduled for _ in range(n)]
         single = single_branch(branches)
         cfg = self.model.cfg
-        batch = self._batch(scheduled, decode_rows, cfg.num_heads, cfg.num_kv_heads, self.model.dtype)
         groups = row_groups(branches, self.device) if single is None and self.model.row_grouped else None
-        if self.decode_forward is not None and decode_rows == len(scheduled) and groups is None:
+        compiled = self.decode_forward is not None and decode_rows == len(scheduled) and groups is None
+        batch = self._batch(scheduled, decode_rows, cfg.num_heads, cfg.num_kv_heads, self.model.dtype, compiled)
+        if compiled:
             branch = to_device(branches, self.device)  # every row decodes, and samples: heads after the graph
-            hidden = self.decode_forward(to_device(tokens, self.device), branch, batch.pack(), single=single,
-                                         head=False)
+            hidden = self.decode_forward(to_device(tokens, self.device), branch, batch, single=single, head=False)
             return self.model.project(hidden, branch, branches)
         return self.step_forward(to_device(tokens, self.device), to_device(branches, self.device), batch,
                                  single=single, groups=groups, last=to_device(last, self.device),
@@ -329,12 +330,10 @@ class StandaloneRunner(Runner):
     @torch.inference_mode()
     def _forward(self, scheduled, decode_rows, sampling):
         tokens, last = self._flat(scheduled, sampling)
-        batch = self._batch(scheduled, decode_rows, self.heads, self.kv_heads, self.model.dtype)
+        compiled = self.decode_forward is not None and decode_rows == len(scheduled)
+        batch = self._batch(scheduled, decode_rows, self.heads, self.kv_heads, self.model.dtype, compiled)
         self.cache.batch = batch
-        forward = self.step_forward
-        if self.decode_forward is not None and decode_rows == len(scheduled):
-            forward = self.decode_forward
-            batch.pack()
+        forward = self.decode_forward if compiled else self.step_forward
         out = forward(input_ids=to_device(tokens, self.device)[None], position_ids=batch.positions[None],
                                 use_cache=True, **{self.cache_arg: self.cache},
                                 logits_to_keep=to_device(last, self.device), paged=batch)
