@@ -349,8 +349,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     qf = q.reshape(R * H, hd).float()
     qf = torch.zeros_like(qf).index_copy(0, torch.arange(R * H, device=q.device), qf)
     qu = qf.view(R, kv, H // kv, hd)[units.row][:, None]  # (U, 1, kv, g, hd)
-    keys = k_cache[units.blocks].view(U, span, kv, 1, hd)
-    s = (qu * keys).sum(-1) * scale  # (U, span, kv, g), fp32
+    k = k_cache[units.blocks].view(U, span, kv, 1, hd)
+    s = (qu * k).sum(-1) * scale  # (U, span, kv, g), fp32
     padding = torch.arange(span, device=q.device)[None, :] >= units.keys[:, None]  # (U, span)
     s = s.masked_fill(padding[:, :, None, None], float("-inf"))
     top = s.amax(1)  # (U, kv, g): finite, every unit holds at least one of its row's keys
