@@ -332,6 +332,26 @@ def test_every_step_is_compiled_at_start_and_never_while_serving(paths):
     assert dict(counters["stats"]) == made  # nothing compiled while serving
 
 
+def test_compiled_steps_build_on_a_torch_without_torch_compiles_recompile_limit(monkeypatch):
+    """torch 2.11 (the CUDA images' torch) has no ``recompile_limit`` argument to torch.compile: the step is
+    still compiled, the limit set as dynamo's own, and Triton's tiling analysis is off (it failed an assertion
+    on these steps' dynamic shapes there)."""
+    from server.engine import compiled
+
+    seen = {}
+
+    def old_compile(fn, *, dynamic=None, fullgraph=False, options=None):
+        seen.update(dynamic=dynamic, fullgraph=fullgraph, options=options)
+        return fn
+
+    monkeypatch.setattr(compiled.torch, "compile", old_compile)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        step = compiled.compile_step(len, 20)
+        assert torch._dynamo.config.recompile_limit == 20
+    assert step is len and seen["dynamic"] and seen["fullgraph"]
+    assert seen["options"]["triton.coalesce_tiling_analysis"] is False
+
+
 def test_a_compiled_standalone_model_decodes_the_same_tokens_and_compiles_only_at_start(paths):
     """limits.compile for a transformers model: its steps compiled by warm_up (dynamic shapes), the same greedy
     tokens as eager for rows alone and together, and nothing compiled while serving."""
@@ -405,7 +425,7 @@ def test_bench_engine_reports_bytes_bandwidth_ttft_and_memory():
     from tests.conftest import run_cli
 
     out = run_cli("bench", "engine", "--shape", "tiny", "--batch", "4", "--prompt", "4", "--new-tokens", "4",
-                  "--ttft-prompt", "16", "--standalone", "small", "--long", "40", "--json")
+                  "--ttft-prompt", "16", "--standalone", "small", "--long", "1100", "--long-rows", "2", "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     by = {(r["config"], r["batch"]): r for r in report["results"]}
@@ -415,9 +435,11 @@ def test_bench_engine_reports_bytes_bandwidth_ttft_and_memory():
     assert read == sorted(set(read))
     assert all(r["ttft_s"] > 0 for r in report["results"] if r["batch"] == 1)
     assert report["copy_bytes_per_s"] > 0 and report["memory"]["bytes"]["standalone weights"] > 0
+    # the long rows take three prefill steps (chunks of 512): they are in the cache before the timed rows come
     assert report["mixed_lengths"]["beside_long"] > 0 and report["mixed_lengths"]["beside_short"] > 0
-    bad = run_cli("bench", "engine", "--shape", "tiny", "--ttft-prompt", "0")
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    for flags in (["--ttft-prompt", "0"], ["--batch", "4", "--long", "100", "--long-rows", "4"]):
+        bad = run_cli("bench", "engine", "--shape", "tiny", *flags)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
 
 
 def test_bfloat16_tokens_do_not_depend_on_the_neighbours(paths):

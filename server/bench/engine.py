@@ -120,10 +120,12 @@ class RandomFamily:
     """An in-memory family with the Artifact interface: random trunk, scales and rank-r residuals."""
 
     def __init__(self, shape: str, branches: int, rate: float | None, device, dtype, seed: int = 0,
-                 embeddings: bool = False):
+                 embeddings: bool = False, overrides: dict | None = None):
+        """``overrides``: config keys over the shape's (another layer count, say)."""
         self.embeddings = embeddings
         self.config = dict(SHAPES[shape], model_type="llama", architectures=["LlamaForCausalLM"],
-                           rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False)
+                           rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False,
+                           **(overrides or {}))
         self.branches = [f"branch{i}" for i in range(branches)]
         self.dtype, self.device, self.rate = dtype, device, rate
         self.gen = torch.Generator(device=device).manual_seed(seed)
@@ -246,7 +248,7 @@ def cache_tokens(args, batch: int, mixed: bool) -> int:
     if batch == 1:
         need = max(need, blocks(args.ttft_prompt))
     if mixed and args.long and batch == args.batch:
-        need += blocks(args.long + args.new_tokens)
+        need += args.long_rows * blocks(args.long + beside_tokens(args))
     return need
 
 
@@ -259,7 +261,7 @@ def bench_engine(args) -> dict:
     torch.manual_seed(0)
     copy_bw = copy_bandwidth(device)
     results = []
-    max_seq = max(args.prompt + args.new_tokens, args.ttft_prompt, args.long + args.new_tokens) + 1
+    max_seq = max(args.prompt + args.new_tokens, args.ttft_prompt, args.long + beside_tokens(args)) + 1
     configs = [("dense", None, 1), ("one branch", args.rate, 1), (f"{args.branches} branches mixed", args.rate,
                                                                      args.branches)]
     models = {}
@@ -355,11 +357,12 @@ def print_engine_report(report: dict, args, device: torch.device) -> None:
           f"measured on one decode step by watching the aten ops that read the cache")
     if "mixed_lengths" in report:
         m = report["mixed_lengths"]
-        print(f"\nmixed lengths, {args.branches} branches mixed: decode tok/s of {args.batch - 1} rows of "
-              f"{args.prompt} prompt tokens beside one more row")
+        n = args.long_rows
+        print(f"\nmixed lengths, {args.branches} branches mixed: decode tok/s of {args.batch - n} rows of "
+              f"{args.prompt} prompt tokens beside {n} more row{'s' if n > 1 else ''}")
         print(text_table(["beside", "decode tok/s", "ratio"],
-                         [[f"a {args.prompt}-token row", f"{m['beside_short']:.1f}", "1.00x"],
-                          [f"a {args.long}-token row", f"{m['beside_long']:.1f}", f"{m['ratio']:.2f}x"]]))
+                         [[f"{n} x {args.prompt} tokens", f"{m['beside_short']:.1f}", "1.00x"],
+                          [f"{n} x {args.long} tokens", f"{m['beside_long']:.1f}", f"{m['ratio']:.2f}x"]]))
     if "memory" in report:
         m = report["memory"]
         print(f"\nmemory: {args.branches}-branch family + {args.standalone} standalone, {args.dtype}")
@@ -377,17 +380,65 @@ def print_engine_report(report: dict, args, device: torch.device) -> None:
               f"{args.batch} concurrent vs one after another: {b['concurrent_vs_sequential']:.2f}x")
 
 
+def beside_tokens(args) -> int:
+    """Tokens each of the mixed-lengths run's other rows generates at most: enough to go on decoding through
+    the steps that prefill the others after it (they take turns by chunk), the timed rows' prefill steps and
+    all their decode steps."""
+    chunk = max(512, args.prompt, args.ttft_prompt)
+    others = -(-args.long_rows * max(args.long, args.prompt) // chunk) + args.long_rows
+    return args.new_tokens + others + -(-args.batch * args.prompt // chunk) + 4
+
+
 def mixed_lengths(runner: FamilyRunner, args, vocab: int, branches: list[int]) -> dict:
-    """Decode tok/s of batch - 1 short rows beside one short row, then beside one row of ``args.long`` prompt
-    tokens: a paged step reads each row's own context, so the long row costs its own keys, not everyone's."""
-    short = _prompts(args.batch - 1, args.prompt, vocab, 5)
+    """Decode tok/s of batch - N short rows beside N more short rows, then beside N rows of ``args.long`` prompt
+    tokens (N = ``args.long_rows``): a paged step reads each row's own context, so the long rows cost their own
+    keys, not everyone's."""
+    n = args.long_rows
+    short = _prompts(args.batch - n, args.prompt, vocab, 5)
     out = {}
-    for key, last in (("beside_short", _prompts(1, args.prompt, vocab, 6)[0]),
-                      ("beside_long", _prompts(1, args.long, vocab, 7)[0])):
-        run_batch(runner, short[:2] + [last], branches[:3], 2)  # warm-up at this length
-        out[key] = run_batch(runner, short + [last], branches, args.new_tokens, counted=args.batch - 1)["decode_tok_s"]
+    for key, others in (("beside_short", _prompts(n, args.prompt, vocab, 6)),
+                        ("beside_long", _prompts(n, args.long, vocab, 7))):
+        decode_beside(runner, others[:1], short[:2], branches[:3], 2)  # warm-up at this length
+        out[key] = decode_beside(runner, others, short, branches, args.new_tokens, beside_tokens(args))
     out["ratio"] = out["beside_long"] / out["beside_short"]
     return out
+
+
+def decode_beside(runner: FamilyRunner, others: list[list[int]], timed: list[list[int]], branches: list[int],
+                  new_tokens: int, others_tokens: int | None = None) -> float:
+    """Decode tok/s of the ``timed`` rows while the ``others`` decode beside them: the others come first and
+    are stepped until their prompts are in the cache (a long prompt takes many steps), then the timed rows
+    arrive. Only steps in which every row decodes are timed, and only the timed rows' tokens counted; once
+    those are done the others are cancelled."""
+    def queue(prompts, offset, max_tokens):
+        seqs = [Sequence(str(offset + i), p, SamplingParams(max_tokens=max_tokens, temperature=0), lambda ev: None,
+                         branches[(offset + i) % len(branches)]) for i, p in enumerate(prompts)]
+        for seq in seqs:
+            runner.add(seq)
+        return seqs
+
+    beside = queue(others, len(timed), others_tokens or new_tokens + 8)
+    while runner.waiting or any(s.computed < len(s.prompt) for s in beside):
+        runner.step()
+    seqs = queue(timed, 0, new_tokens)
+    seconds = tokens = 0.0
+    while not all(s.finished for s in seqs):
+        prefilling = bool(runner.waiting) or any(s.length - s.computed > 1 for s in runner.running)
+        before = sum(len(s.output) for s in seqs)
+        _sync(runner.device)
+        t0 = time.perf_counter()
+        runner.step()
+        _sync(runner.device)
+        if not prefilling:
+            seconds += time.perf_counter() - t0
+            tokens += sum(len(s.output) for s in seqs) - before
+    if any(s.finished for s in beside):
+        raise RuntimeError("a row beside the timed ones ended before them: beside_tokens is too small")
+    for seq in beside:
+        seq.cancelled.set()
+    while runner.has_work():
+        runner.step()
+    return tokens / seconds
 
 
 # Standalone models of another architecture served next to the family (random weights, transformers' Mistral).
