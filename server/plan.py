@@ -24,6 +24,11 @@ from server.engine.kv_cache import BLOCK_SIZE, kv_bytes_per_token, split_kv
 
 GiB = 2**30
 CONTEXTS = (1024, 4096, 8192)  # context lengths the table counts sequences at
+# What a CUDA process holds beyond its tensors once the models are loaded (the CUDA context, the libraries'
+# workspaces, the allocator's cache): the engine's budget is what is free then, so the plan leaves this out of it.
+# Measured on an H200 (torch 2.11, driver 580) with the paper's deployment loaded: total - free - allocated was
+# 871781888 bytes (bench/RESULTS.md, "On an H200").
+CUDA_CONTEXT_BYTES = 832 * 2**20
 
 
 @dataclass
@@ -186,12 +191,12 @@ def make_plan(config: ServerConfig, device_memory: int | None = None) -> Plan:
             if total is None:
                 raise UserError(f"the size of {device} is unknown here (no such CUDA device): give --device-memory")
             memory[device] = total
-            usable = int(GPU_MEMORY_UTILIZATION * total)
+            usable = int(GPU_MEMORY_UTILIZATION * total) - CUDA_CONTEXT_BYTES
             if weights > usable:
                 shortfall[device] = weights - usable
             budget = limits.kv_cache_memory if limits.kv_cache_memory is not None else max(0, usable - weights)
-            if limits.kv_cache_memory is not None and weights + budget > total:
-                shortfall[device] = weights + budget - total
+            if limits.kv_cache_memory is not None and weights + budget + CUDA_CONTEXT_BYTES > total:
+                shortfall[device] = weights + budget + CUDA_CONTEXT_BYTES - total
         else:
             budget = limits.kv_cache_memory if limits.kv_cache_memory is not None else DEFAULT_CPU_KV_BYTES
         budgets[device] = budget
@@ -239,7 +244,8 @@ def table(plan: Plan) -> list[str]:
         weights = sum(m.weight_bytes for m in plan.models if m.device == device)
         line = f"{device}: weights {_gib(weights)} GiB, KV cache {_gib(budget)} GiB"
         if device in plan.device_memory:
-            line += f" (of {_gib(plan.device_memory[device])} GiB, 90% usable)"
+            line += (f" (of {_gib(plan.device_memory[device])} GiB: 90% usable, less {_gib(CUDA_CONTEXT_BYTES)} GiB "
+                     f"for CUDA itself)")
         tokens = sum(m.kv_tokens for m in plan.models if m.device == device)
         line += f": {tokens} tokens, {tokens // 1024} sequences of 1k, {tokens // 8192} of 8k"
         if device in plan.shortfall:

@@ -286,6 +286,7 @@ class Engine(EngineBase):
         for device, runners in by_device.items():
             budget = self.kv_cache_memory
             if budget is None and device.startswith("cuda"):
+                torch.cuda.empty_cache()  # what loading's temporaries left in torch's cache is free for the KV
                 free, total = torch.cuda.mem_get_info(torch.device(device))
                 budget = int(free - (1 - GPU_MEMORY_UTILIZATION) * total)
             elif budget is None:
