@@ -178,6 +178,8 @@ def cmd_bench_engine(args) -> int:
                         "for KV copies, and at least one more is timed")
     if not 0 < args.rate < 1:
         raise UserError(f"--rate must be within (0, 1) for the engine benchmark, got {args.rate}")
+    if args.long_only and not args.long:
+        raise UserError("--long-only needs --long TOKENS")
     if args.long and not 1 <= args.long_rows < args.batch:
         raise UserError(f"--long-rows must be at least 1 and below --batch ({args.batch}), got {args.long_rows}")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -286,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "against the same rows beside a short row (paged attention: a row reads its own context)")
     be.add_argument("--long-rows", type=int, default=1, metavar="N",
                     help="with --long: N rows of that many prompt tokens beside batch - N short rows (default 1)")
+    be.add_argument("--long-only", action="store_true",
+                    help="with --long: only that run, on the mixed family (one model loaded, one warm-up)")
     be.add_argument("--ttft-prompt", type=int, default=512, help="prompt tokens for the time-to-first-token column")
     be.add_argument("--standalone", choices=["small", "7b"], default=None,
                     help="also load a random standalone model of this shape next to the mixed family and report "

@@ -437,7 +437,11 @@ def test_bench_engine_reports_bytes_bandwidth_ttft_and_memory():
     assert report["copy_bytes_per_s"] > 0 and report["memory"]["bytes"]["standalone weights"] > 0
     # the long rows take three prefill steps (chunks of 512): they are in the cache before the timed rows come
     assert report["mixed_lengths"]["beside_long"] > 0 and report["mixed_lengths"]["beside_short"] > 0
-    for flags in (["--ttft-prompt", "0"], ["--batch", "4", "--long", "100", "--long-rows", "4"]):
+    alone = run_cli("bench", "engine", "--shape", "tiny", "--batch", "4", "--prompt", "4", "--new-tokens", "4",
+                    "--long", "600", "--long-rows", "2", "--long-only", "--rounds", "1", "--json")
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout)["mixed_lengths"]["beside_long"] > 0
+    for flags in (["--ttft-prompt", "0"], ["--batch", "4", "--long", "100", "--long-rows", "4"], ["--long-only"]):
         bad = run_cli("bench", "engine", "--shape", "tiny", *flags)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
 

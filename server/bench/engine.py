@@ -259,6 +259,8 @@ def bench_engine(args) -> dict:
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
+    if args.long_only:
+        return bench_mixed_lengths(args, device, dtype)
     copy_bw = copy_bandwidth(device)
     results = []
     max_seq = max(args.prompt + args.new_tokens, args.ttft_prompt, args.long + beside_tokens(args)) + 1
@@ -334,6 +336,48 @@ def bench_engine(args) -> dict:
     return report
 
 
+def bench_mixed_lengths(args, device: torch.device, dtype: torch.dtype) -> dict:
+    """``--long-only``: the mixed-lengths run alone, on the N-branch mixed family (one model loaded, one
+    warm-up: what a device lent for minutes has time for)."""
+    source = RandomFamily(args.shape, args.branches, args.rate, device, dtype, embeddings=args.compress_embeddings)
+    model = FamilyModel.from_artifact(source, device=device, dtype=dtype)
+    max_seq = max(args.prompt + args.new_tokens, args.long + beside_tokens(args)) + 1
+    runner = FamilyRunner(model, max_batch=args.batch, max_seq=max_seq,
+                          prefill_chunk=max(512, args.prompt, args.ttft_prompt), compile=args.compile)
+    runner.allocate(cache_tokens(args, args.batch, True) * runner.kv_bytes_per_token())
+    t0 = time.perf_counter()
+    runner.warm_up()
+    warm_s = time.perf_counter() - t0
+    branches = [i % args.branches for i in range(args.batch)]
+    rounds = [mixed_lengths(runner, args, SHAPES[args.shape]["vocab_size"], branches) for _ in range(args.rounds)]
+    report = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "rate": args.rate,
+              "compile": args.compile, "branches": args.branches, "batch": args.batch, "prompt": args.prompt,
+              "new_tokens": args.new_tokens, "long": args.long, "long_rows": args.long_rows, "warm_up_s": warm_s,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": rounds,
+              "mixed_lengths": {k: statistics.median(r[k] for r in rounds)
+                                for k in ("beside_short", "beside_long", "ratio")}}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return report
+    where = report.get("gpu", f"{device}, {report['threads']} threads")
+    print(f"engine, shape {args.shape}, {args.dtype} on {where}, rate {args.rate}"
+          f"{', torch.compile' if args.compile else ''}, torch {torch.__version__}, {args.rounds} rounds "
+          f"(median), warm-up {warm_s:.1f} s")
+    print_mixed_lengths(report["mixed_lengths"], args)
+    return report
+
+
+def print_mixed_lengths(m: dict, args) -> None:
+    n = args.long_rows
+    print(f"\nmixed lengths, {args.branches} branches mixed: decode tok/s of {args.batch - n} rows of "
+          f"{args.prompt} prompt tokens beside {n} more row{'s' if n > 1 else ''}")
+    print(text_table(["beside", "decode tok/s", "ratio"],
+                     [[f"{n} x {args.prompt} tokens", f"{m['beside_short']:.1f}", "1.00x"],
+                      [f"{n} x {args.long} tokens", f"{m['beside_long']:.1f}", f"{m['ratio']:.2f}x"]]))
+
+
 def print_engine_report(report: dict, args, device: torch.device) -> None:
     gb = 1e9
     rows = [[r["config"], str(r["batch"]), f"{r['decode_tok_s']:.1f}", f"{r['vs_dense']:.2f}x",
@@ -356,13 +400,7 @@ def print_engine_report(report: dict, args, device: torch.device) -> None:
           f"step's branches use + every row's KV over the step's span at the mean context + KV copied; KV copied: "
           f"measured on one decode step by watching the aten ops that read the cache")
     if "mixed_lengths" in report:
-        m = report["mixed_lengths"]
-        n = args.long_rows
-        print(f"\nmixed lengths, {args.branches} branches mixed: decode tok/s of {args.batch - n} rows of "
-              f"{args.prompt} prompt tokens beside {n} more row{'s' if n > 1 else ''}")
-        print(text_table(["beside", "decode tok/s", "ratio"],
-                         [[f"{n} x {args.prompt} tokens", f"{m['beside_short']:.1f}", "1.00x"],
-                          [f"{n} x {args.long} tokens", f"{m['beside_long']:.1f}", f"{m['ratio']:.2f}x"]]))
+        print_mixed_lengths(report["mixed_lengths"], args)
     if "memory" in report:
         m = report["memory"]
         print(f"\nmemory: {args.branches}-branch family + {args.standalone} standalone, {args.dtype}")
