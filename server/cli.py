@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-branch lm_heads as trunk + residual (one trunk head read per step, not N heads)")
     be.add_argument("--compile", action="store_true", help="steps through torch.compile (inductor)")
     be.add_argument("--long", type=int, default=0, metavar="TOKENS",
-                    help="also time decode steps of batch - 1 short rows beside one row of this many prompt tokens, "
-                         "against the same rows beside a short row (paged attention: a row reads its own context)")
+                    help="also time decode steps of short rows beside --long-rows rows of this many prompt tokens, "
+                         "against the same rows beside short ones (paged attention: a row reads its own context)")
     be.add_argument("--long-rows", type=int, default=1, metavar="N",
                     help="with --long: N rows of that many prompt tokens beside batch - N short rows (default 1)")
     be.add_argument("--long-only", action="store_true",
