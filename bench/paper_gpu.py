@@ -187,7 +187,8 @@ def main() -> int:
         t = time.perf_counter()
         family = random_family(llama, device, dtype)
         after_family = allocated(device)
-        model = random_phi3small(phi, device, dtype, Path(tmp))
+        (Path(tmp) / "phi").mkdir()  # its config.json: the model's, and the plan's Phi-3-small
+        model = random_phi3small(phi, device, dtype, Path(tmp) / "phi")
         weights = allocated(device)
         out["load_s"] = round(time.perf_counter() - t, 1)
         out["weights"] = {"family": loaded_bytes(family), "phi3": loaded_bytes(model),
@@ -196,8 +197,6 @@ def main() -> int:
             free, _ = torch.cuda.mem_get_info(device)
             out["weights"].update(cuda_free=free, cuda_total=total)
         # the plan of the same deployment, on a device of this one's memory
-        (Path(tmp) / "phi").mkdir()
-        (Path(tmp) / "phi" / "config.json").write_text(json.dumps(phi))
         write_manifest(Path(tmp) / "family", llama, BRANCHES, 0.95)
         config = {"families": [{"artifact": str(Path(tmp) / "family"), "device": "cuda", "dtype": "bfloat16",
                                 "branches": {f"llama-{b}": b for b in BRANCHES}}],
@@ -225,7 +224,6 @@ def main() -> int:
                                           paper["prefill_chunk"], kv)
             row = capacity_row(label, runners, "default" if kv is None else f"{kv / GB:.2f} GiB")
             planned = plan(max_batch, kv)
-            row["planned_tokens"] = planned["tokens"]
             row["planned"] = planned
             if device.type == "cuda":
                 row["cuda_allocated"] = torch.cuda.memory_allocated(device)
@@ -240,7 +238,7 @@ def main() -> int:
               f"{'seq@1k':>7} {'seq@8k':>7}")
         for r in rows:
             print(f"{r['setting']:<48} {r['budget']:>10} {r['family_tokens']:>11} {r['phi3_tokens']:>10} "
-                  f"{str(tuple(r['planned_tokens'])):>22} {r['sequences_at_1k']:>7} {r['sequences_at_8k']:>7}")
+                  f"{str(tuple(r['planned']['tokens'])):>22} {r['sequences_at_1k']:>7} {r['sequences_at_8k']:>7}")
         if not args.skip_load:
             engine = runners = None
             gc.collect()  # the runners hold reference cycles: their caches go only with a collection
