@@ -334,8 +334,8 @@ def test_every_step_is_compiled_at_start_and_never_while_serving(paths):
 
 def test_compiled_steps_build_on_a_torch_without_torch_compiles_recompile_limit(monkeypatch):
     """torch 2.11 (the CUDA images' torch) has no ``recompile_limit`` argument to torch.compile: the step is
-    still compiled, the limit set as dynamo's own, and Triton's tiling analysis is off (it failed an assertion
-    on these steps' dynamic shapes there)."""
+    still compiled, the limit set as dynamo's own, and on CUDA Triton's tiling analysis is off (it failed an
+    assertion on these steps' dynamic shapes there); a CPU step's inductor options are left alone."""
     from server.engine import compiled
 
     seen = {}
@@ -346,10 +346,12 @@ def test_compiled_steps_build_on_a_torch_without_torch_compiles_recompile_limit(
 
     monkeypatch.setattr(compiled.torch, "compile", old_compile)
     with torch._dynamo.config.patch(recompile_limit=8):
-        step = compiled.compile_step(len, 20)
+        step = compiled.compile_step(len, 20, torch.device("cuda"))
         assert torch._dynamo.config.recompile_limit == 20
     assert step is len and seen["dynamic"] and seen["fullgraph"]
     assert seen["options"]["triton.coalesce_tiling_analysis"] is False
+    compiled.compile_step(len, 20, torch.device("cpu"))
+    assert "triton.coalesce_tiling_analysis" not in seen["options"]
 
 
 def test_a_compiled_standalone_model_decodes_the_same_tokens_and_compiles_only_at_start(paths):

@@ -23,14 +23,15 @@ import torch
 log = logging.getLogger("branchserve.engine")
 
 
-def compile_step(fn, recompile_limit: int):
+def compile_step(fn, recompile_limit: int, device: torch.device):
     """``fn`` through torch.compile, dynamic in its shapes. The weights of a served model never change after
     load, so the step does not re-check its modules' tensors on every call."""
-    # triton.coalesce_tiling_analysis (Triton, so CUDA only): its tiling analysis fails an assertion on this
-    # step's dynamic shapes in torch 2.11 (InductorError "failed to set ranges [1, 1, 1, 16*s19]", seen on an
-    # H200); without it inductor tiles as it did before that analysis existed.
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-               "triton.coalesce_tiling_analysis": False}
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if device.type == "cuda":
+        # Triton's tiling analysis fails an assertion on this step's dynamic shapes in torch 2.11 (InductorError
+        # "failed to set ranges [1, 1, 1, 16*s19]", seen on an H200); without it inductor tiles as it did before
+        # that analysis existed. Triton only: the CPU's compiled step is left as it was measured.
+        options["triton.coalesce_tiling_analysis"] = False
     if "recompile_limit" in inspect.signature(torch.compile).parameters:
         return torch.compile(fn, dynamic=True, fullgraph=True, recompile_limit=recompile_limit, options=options)
     # torch before 2.12 (2.11 is what the CUDA images here carry): the limit is dynamo's global setting

@@ -239,7 +239,7 @@ class FamilyRunner(Runner):
         if compile:
             from server.engine.compiled import compile_step
 
-            self.decode_forward = compile_step(model, 8 + 4 * len(model.branches))
+            self.decode_forward = compile_step(model, 8 + 4 * len(model.branches), self.device)
 
     @property
     def vocab_size(self) -> int:
@@ -310,7 +310,7 @@ class StandaloneRunner(Runner):
         if compile:
             from server.engine.compiled import compile_step
 
-            self.decode_forward = compile_step(model, 16)
+            self.decode_forward = compile_step(model, 16, self.device)
 
     def kv_bytes_per_token(self) -> int:
         return kv_bytes_per_token(self.model.config.num_hidden_layers, self.kv_heads, self.head_dim,
