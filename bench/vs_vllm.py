@@ -10,8 +10,9 @@ one after the other, each on its own port, ``--rounds`` times in turn:
 - vLLM (``python -m vllm.entrypoints.openai.api_server``, its own venv);
 - branchserve serving the checkpoint as a standalone model;
 - branchserve serving it as one branch of a family: the checkpoint and a copy of it compressed at rate 0.95
-  (their residuals are zero but stored at the rate's rank, so every layer pays the residual path's cost),
-  with only that branch loaded.
+  with only that branch loaded. The two are equal, so their residuals are zero and the artifact stores none
+  (rank 0 in its manifest): this server runs the family model's trunk path and per-branch scales, not the
+  residual products (``branchserve bench engine`` times those).
 
 For each, 32 chat prompts, greedy, 64 max tokens, streamed through the official
 ``openai`` client at concurrency 1, 4 and 16: output tokens per second (usage
