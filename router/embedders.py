@@ -28,6 +28,7 @@ from typing import Callable, Protocol
 import torch
 
 from compression.errors import UserError
+from server.engine.openmp import release_team
 
 
 class Embedder(Protocol):
@@ -127,9 +128,13 @@ class SentenceTransformerEmbedder:
         self.batcher: Batcher | None = None  # made on first use, by the loop that serves requests
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        out = self.model.encode([tail(t, self.max_chars)[0] for t in texts], normalize_embeddings=True,
-                                convert_to_tensor=True, show_progress_bar=False)
-        return out.detach().float().cpu()
+        """Called off the engine thread (the router's batcher, a request's worker thread, a load)."""
+        try:
+            out = self.model.encode([tail(t, self.max_chars)[0] for t in texts], normalize_embeddings=True,
+                                    convert_to_tensor=True, show_progress_bar=False)
+            return out.detach().float().cpu()
+        finally:
+            release_team()  # this thread's OpenMP workers would slow the engine's steps (server/engine/openmp.py)
 
     def with_context(self, text: str, context: str) -> str:
         """The context's last tokens, as many as fit before the text in the model's window (it cuts the end)."""
@@ -237,9 +242,12 @@ def hf_hidden(model) -> Callable[[list[int], int], torch.Tensor]:
 
     @torch.inference_mode()
     def hidden(ids: list[int], layer: int) -> torch.Tensor:
-        out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True, use_cache=False,
-                    logits_to_keep=1)
-        return out.hidden_states[layer][0]
+        try:
+            out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True,
+                        use_cache=False, logits_to_keep=1)
+            return out.hidden_states[layer][0]
+        finally:
+            release_team()  # run off the engine thread: its OpenMP workers go (server/engine/openmp.py)
 
     return hidden
 

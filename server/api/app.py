@@ -25,6 +25,7 @@ from server.api.protocol import HealthBody, ModelCard, ModelList, now
 from server.api.router_routes import install_router_routes
 from server.config import ServerConfig
 from server.engine.core import Engine
+from server.engine.openmp import release_team
 from server.metrics import Metrics
 from server.pipelines import Pipeline
 
@@ -83,6 +84,8 @@ class State:
         except BaseException:
             engine.stop()
             raise
+        finally:
+            release_team()  # what this thread ran (exemplar embeddings, say): the engine's team is the only one
         self.engine, self.router = engine, router
         log.info("ready: serving %s", ", ".join(engine.targets))
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from server.api import errors
 from server.api.common import ClientGone, unless_gone, within
 from server.api.protocol import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
+from server.engine.openmp import release_team
 
 MAX_EMBED_INPUTS = 256
 
@@ -59,8 +60,11 @@ class Embedders:
             if self.state.router is not None and rc is not None and rc.embedder == name:
                 embedder = self.state.router.embedder  # the very one that routes
             else:
-                embedder = build_embedder(name, rc.layer if rc else -1, engine=self.state.engine,
-                                          max_tokens=rc.max_input_tokens if rc else 512)
+                try:
+                    embedder = build_embedder(name, rc.layer if rc else -1, engine=self.state.engine,
+                                              max_tokens=rc.max_input_tokens if rc else 512)
+                finally:
+                    release_team()  # a worker thread loaded it: the engine's OpenMP team stays the only one
             self._built[name] = embedder
             return embedder
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from server.engine.kv_cache import BLOCK_SIZE, split_kv
+from server.engine.openmp import release_team
 from server.engine.runner import FamilyRunner, Runner, StandaloneRunner
 from server.engine.scheduler import Admission, Reservation
 from server.engine.sequence import Event, Sequence
@@ -319,6 +320,7 @@ class Engine(EngineBase):
         """Allocate the KV caches, then start the engine thread; it prepares every runner's steps (compile)
         before taking work, and ``ready`` is set once it has."""
         self.allocate_kv()
+        release_team()  # the loading thread's OpenMP workers: the engine thread's team is to be the only one
         self._thread = threading.Thread(target=self._loop, name="branchserve-engine", daemon=True)
         self._thread.start()
 

@@ -20,14 +20,24 @@ import torch
 from compression.errors import UserError
 from server.engine.kv_cache import BLOCK_SIZE, BlockPool, StepBatch, kv_bytes_per_token
 from server.engine.model import linear, row_groups, single_branch
+from server.engine.openmp import single_threaded
 from server.engine.sampling import forbid_stops, sample_rows, token_logprobs
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Event, Sequence
 from server.engine.structured import FILL_NICE, apply_masks, fill_masks, lower_priority
 
 log = logging.getLogger("branchserve.engine")
+
+
+def _fill_thread() -> None:
+    """The bitmask-fill thread: below the engine's priority, and its allocations run on it alone (an OpenMP
+    team of its own would slow every step: server/engine/openmp.py)."""
+    lower_priority(FILL_NICE)
+    single_threaded()
+
+
 _FILLS = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="branchserve-grammar",  # bitmask fills
-                                               initializer=lower_priority, initargs=(FILL_NICE,))
+                                               initializer=_fill_thread)
 
 
 @dataclass
