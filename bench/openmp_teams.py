@@ -90,7 +90,7 @@ def main() -> int:
               "step_ms": {w: statistics.median(r) for w, r in runs.items()}, "rounds_ms": runs}
     print(f"one-row decode step, SmolLM2-135M-Instruct fp32, {'compiled' if args.compile else 'eager'}; "
           f"median over {args.rounds} rounds of {args.steps} steps each")
-    print(f"| where the steps run | step ms | vs main | rounds |\n|---|---|---|---|")
+    print("| where the steps run | step ms | vs main | rounds |\n|---|---|---|---|")
     base = report["step_ms"]["main"]
     for way, ms in report["step_ms"].items():
         print(f"| {way} | {ms:.1f} | {ms / base:.2f}x | {', '.join(f'{x:.1f}' for x in runs[way])} |")

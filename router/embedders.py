@@ -222,8 +222,12 @@ class DecoderSuffixEmbedder:
         return torch.nn.functional.normalize(pooled, dim=0).cpu()
 
     def embed_one(self, text: str, context: str = "") -> tuple[torch.Tensor, bool]:
+        """Called off the engine thread; a model this embedder runs itself (not an engine job) ran here."""
         ids, n, truncated = self.prepare(text, context)
-        return self.pool(self.hidden(ids, self.layer), n), truncated
+        try:
+            return self.pool(self.hidden(ids, self.layer), n), truncated
+        finally:
+            release_team()  # this thread's OpenMP workers would slow the engine's steps (server/engine/openmp.py)
 
     async def aembed_one(self, text: str, context: str = "") -> tuple[torch.Tensor, bool]:
         if self.ahidden is None:
@@ -242,12 +246,9 @@ def hf_hidden(model) -> Callable[[list[int], int], torch.Tensor]:
 
     @torch.inference_mode()
     def hidden(ids: list[int], layer: int) -> torch.Tensor:
-        try:
-            out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True,
-                        use_cache=False, logits_to_keep=1)
-            return out.hidden_states[layer][0]
-        finally:
-            release_team()  # run off the engine thread: its OpenMP workers go (server/engine/openmp.py)
+        out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True, use_cache=False,
+                    logits_to_keep=1)
+        return out.hidden_states[layer][0]
 
     return hidden
 

@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent("""
     from server.engine.core import Engine
     from server.engine.sampling import SamplingParams
     from server.engine.runner import _FILLS
-    from router.embedders import SentenceTransformerEmbedder
+    from router.embedders import SentenceTransformerEmbedder, load_decoder_path
 
     def threads():
         return len(os.listdir("/proc/self/task"))
@@ -57,6 +57,10 @@ SCRIPT = textwrap.dedent("""
     print("main after loading the embedder and embedding", (embedder.embed(["warm"]), held())[1])
     print("a worker thread after embedding", on_thread(lambda: (embedder.embed(["what is 2 + 2?"]), held())[1]))
     print("the fill thread after a parallel op", _FILLS.submit(lambda: (parallel_op(), held())[1]).result())
+    decoder = load_decoder_path(sys.argv[1])  # a decoder the router runs itself, not through the engine
+    forward = decoder.hidden
+    decoder.hidden = lambda ids, layer: (parallel_op(), forward(ids, layer))[1]  # as large models' forwards do
+    print("a worker thread after a decoder embedding", on_thread(lambda: (decoder.embed_one("2 + 2"), held())[1]))
     engine.stop()
 """)
 
@@ -77,4 +81,5 @@ def test_only_the_engine_thread_keeps_openmp_workers(tmp_path):
         "main after loading the embedder and embedding": "0",
         "a worker thread after embedding": "0",  # the router's embedder releases its team
         "the fill thread after a parallel op": "0",  # the grammar fill thread never forms one
+        "a worker thread after a decoder embedding": "0",
     }, out.stdout
