@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--compress-embeddings", action="store_true",
                     help="per-branch lm_heads as trunk + residual (one trunk head read per step, not N heads)")
     be.add_argument("--compile", action="store_true", help="steps through torch.compile (inductor)")
+    be.add_argument("--cuda-graphs", action="store_true",
+                    help="decode steps replayed from CUDA graphs (limits.cuda_graphs); elsewhere, their padded "
+                         "static inputs without capture")
     be.add_argument("--long", type=int, default=0, metavar="TOKENS",
                     help="also time decode steps of short rows beside --long-rows rows of this many prompt tokens, "
                          "against the same rows beside short ones (paged attention: a row reads its own context)")

@@ -97,6 +97,9 @@ class Limits(_Strict):
     kv_cache_memory: int | str | None = None
     # Steps compiled by torch.compile (inductor, dynamic shapes) before the server is ready; every model.
     compile: bool = False
+    # Decode steps replayed from CUDA graphs captured before the server is ready (models on CUDA; not Phi-3-small).
+    # Off until measured on a GPU: see server/engine/graphs.py.
+    cuda_graphs: bool = False
     # Tokens a chat completion may generate when the request sets neither max_tokens nor max_completion_tokens
     # (never more than the context has left). Text completions keep OpenAI's default of 16.
     default_max_tokens: int = Field(1024, ge=1)

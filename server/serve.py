@@ -72,11 +72,12 @@ def build_engine(config: ServerConfig) -> Engine:
         engine.add_family(fam.artifact, fam.branches, device=fam.device,
                           dtype=DTYPES[fam.dtype] if fam.dtype else None,
                           defaults=fam.sampling.model_dump(exclude_none=True),
-                          compile=limits.compile, **common)
+                          compile=limits.compile, cuda_graphs=limits.cuda_graphs, **common)
     for sa in config.standalone:
         engine.add_standalone(sa.name, sa.path, device=sa.device, dtype=DTYPES[sa.dtype] if sa.dtype else None,
                               trust_remote_code=sa.trust_remote_code,
-                              defaults=sa.sampling.model_dump(exclude_none=True), compile=limits.compile, **common)
+                              defaults=sa.sampling.model_dump(exclude_none=True), compile=limits.compile,
+                              cuda_graphs=limits.cuda_graphs, **common)
     return engine
 
 

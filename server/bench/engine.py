@@ -277,7 +277,8 @@ def bench_engine(args) -> dict:
         runners, rounds = {}, {label: [] for label in models}
         for label, (model, n_branches) in models.items():
             runner = FamilyRunner(model, max_batch=batch, max_seq=max_seq,
-                                  prefill_chunk=max(512, args.prompt, args.ttft_prompt), compile=args.compile)
+                                  prefill_chunk=max(512, args.prompt, args.ttft_prompt), compile=args.compile,
+                                  graphs=args.cuda_graphs)
             # The three are held together: each cache holds what its runs use, not batch x max_seq (with --long
             # 8000 at llama3-8b's shape that would be 34 GB each).
             runner.allocate(cache_tokens(args, batch, label == configs[-1][0]) * runner.kv_bytes_per_token())
@@ -317,6 +318,7 @@ def bench_engine(args) -> dict:
         torch.cuda.empty_cache()
     report = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "rate": args.rate,
               "compress_embeddings": args.compress_embeddings, "compile": args.compile,
+              "cuda_graphs": args.cuda_graphs,
               "branches": args.branches, "prompt": args.prompt, "new_tokens": args.new_tokens,
               "ttft_prompt": args.ttft_prompt, "rounds": args.rounds, "copy_bytes_per_s": copy_bw,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
@@ -343,7 +345,8 @@ def bench_mixed_lengths(args, device: torch.device, dtype: torch.dtype) -> dict:
     model = FamilyModel.from_artifact(source, device=device, dtype=dtype)
     max_seq = max(args.prompt + args.new_tokens, args.long + beside_tokens(args)) + 1
     runner = FamilyRunner(model, max_batch=args.batch, max_seq=max_seq,
-                          prefill_chunk=max(512, args.prompt, args.ttft_prompt), compile=args.compile)
+                          prefill_chunk=max(512, args.prompt, args.ttft_prompt), compile=args.compile,
+                          graphs=args.cuda_graphs)
     runner.allocate(cache_tokens(args, args.batch, True) * runner.kv_bytes_per_token())
     t0 = time.perf_counter()
     runner.warm_up()
@@ -351,7 +354,8 @@ def bench_mixed_lengths(args, device: torch.device, dtype: torch.dtype) -> dict:
     branches = [i % args.branches for i in range(args.batch)]
     rounds = [mixed_lengths(runner, args, SHAPES[args.shape]["vocab_size"], branches) for _ in range(args.rounds)]
     report = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "rate": args.rate,
-              "compile": args.compile, "branches": args.branches, "batch": args.batch, "prompt": args.prompt,
+              "compile": args.compile, "cuda_graphs": args.cuda_graphs, "branches": args.branches,
+              "batch": args.batch, "prompt": args.prompt,
               "new_tokens": args.new_tokens, "long": args.long, "long_rows": args.long_rows, "warm_up_s": warm_s,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": rounds,
               "mixed_lengths": {k: statistics.median(r[k] for r in rounds)
@@ -363,7 +367,8 @@ def bench_mixed_lengths(args, device: torch.device, dtype: torch.dtype) -> dict:
         return report
     where = report.get("gpu", f"{device}, {report['threads']} threads")
     print(f"engine, shape {args.shape}, {args.dtype} on {where}, rate {args.rate}"
-          f"{', torch.compile' if args.compile else ''}, torch {torch.__version__}, {args.rounds} rounds "
+          f"{', torch.compile' if args.compile else ''}{', decode graphs' if args.cuda_graphs else ''}, "
+          f"torch {torch.__version__}, {args.rounds} rounds "
           f"(median), warm-up {warm_s:.1f} s")
     print_mixed_lengths(report["mixed_lengths"], args)
     return report
@@ -389,6 +394,8 @@ def print_engine_report(report: dict, args, device: torch.device) -> None:
     heads = "embeddings/heads compressed" if args.compress_embeddings else "per-branch embeddings/heads"
     if args.compile:
         heads += ", torch.compile"
+    if args.cuda_graphs:
+        heads += ", decode graphs" + (" (CUDA)" if device.type == "cuda" else " (static inputs, no capture)")
     where = report.get("gpu", f"{device}, {report['threads']} threads")
     print(f"engine, shape {args.shape}, {args.dtype} on {where}, rate {args.rate}, {heads}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, torch {torch.__version__}, {args.rounds} rounds in turn")

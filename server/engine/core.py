@@ -48,6 +48,13 @@ from server.engine.text import load_tokenizer, stop_token_ids
 log = logging.getLogger("branchserve.engine")
 
 
+def _graphs(wanted: bool, device: torch.device, name: str) -> bool:
+    """limits.cuda_graphs for one model: CUDA graphs exist on CUDA only; elsewhere its steps run as they did."""
+    if wanted and device.type != "cuda":
+        log.warning("%s: limits.cuda_graphs applies to models on CUDA; on %s its steps run eagerly", name, device)
+    return wanted and device.type == "cuda"
+
+
 class UnknownModel(KeyError):
     pass
 
@@ -233,7 +240,8 @@ class Engine(EngineBase):
 
     def add_family(self, artifact_dir: str | Path, names: dict[str, str] | None = None, device: str = "cpu",
                    dtype: torch.dtype | None = None, max_batch: int = 16, max_seq: int = 2048,
-                   prefill_chunk: int = 256, defaults: dict | None = None, compile: bool = False) -> FamilyRunner:
+                   prefill_chunk: int = 256, defaults: dict | None = None, compile: bool = False,
+                   cuda_graphs: bool = False) -> FamilyRunner:
         """Serve an artifact's branches; ``names`` maps exposed name -> branch (default: every branch as itself)."""
         from compression.artifact import Artifact
         from server.engine.model import FamilyModel
@@ -242,7 +250,8 @@ class Engine(EngineBase):
         names = names or {b: b for b in artifact.branches}
         branches = list(dict.fromkeys(names.values()))
         model = FamilyModel.from_artifact(artifact, branches, device=device, dtype=dtype)
-        runner = FamilyRunner(model, max_batch, max_seq, prefill_chunk, compile)
+        runner = FamilyRunner(model, max_batch, max_seq, prefill_chunk, compile,
+                              graphs=_graphs(cuda_graphs, model.device, str(artifact_dir)))
         tokenizers = {}
         for b in branches:
             path = artifact.branch_dir(b)
@@ -257,20 +266,24 @@ class Engine(EngineBase):
     def add_standalone(self, name: str, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                        max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
                        trust_remote_code: bool = False, defaults: dict | None = None,
-                       compile: bool = False) -> StandaloneRunner:
+                       compile: bool = False, cuda_graphs: bool = False) -> StandaloneRunner:
         from server.engine.phi3small import Phi3SmallForCausalLM, load_causal_lm
 
         model = load_causal_lm(path, dtype, device, trust_remote_code)
         if compile and isinstance(model, Phi3SmallForCausalLM):
             log.warning("%s: limits.compile does not apply to Phi-3-small yet; its steps run eagerly", name)
             compile = False
+        if cuda_graphs and isinstance(model, Phi3SmallForCausalLM):
+            log.warning("%s: limits.cuda_graphs does not apply to Phi-3-small yet; its steps run eagerly", name)
+            cuda_graphs = False
         window = getattr(model.config, "sliding_window", None)
         if window and getattr(model.config, "use_sliding_window", True) is not False and max_seq > window:
             # The engine's attention has no window: it is exact while nothing has slid out of it.
             log.warning("%s: context limited to its sliding window of %d tokens (configured %d)", name, window,
                         max_seq)
             max_seq = window
-        runner = StandaloneRunner(model, max_batch, max_seq, prefill_chunk, compile=compile)
+        runner = StandaloneRunner(model, max_batch, max_seq, prefill_chunk, compile=compile,
+                                  graphs=_graphs(cuda_graphs, model.device, name))
         tok = load_tokenizer(path)
         self._expose(Target(name, "standalone", runner, tok, frozenset(stop_token_ids(path, tok)), 0, defaults))
         self._add_runner(runner)
@@ -306,14 +319,14 @@ class Engine(EngineBase):
                 continue
             names = ", ".join(t.name for t in self.targets.values() if t.runner is runner)
             tokens = runner.pool.capacity
-            lines.append(f"KV cache for {names}: {tokens} tokens in {runner.pool.num_blocks} blocks of "
+            lines.append(f"KV cache for {names}: {tokens} tokens in {runner.pool.usable} blocks of "
                          f"{runner.pool.block_size} ({tokens * runner.kv_bytes_per_token() / 2**30:.2f} GiB); "
                          f"context {runner.max_seq}, {tokens // runner.max_seq} sequences at full context")
         return lines
 
     def kv_usage(self) -> list[tuple[str, int, int, int]]:
         """(model names, blocks in use, blocks, capacity in tokens) per runner: what /metrics reports."""
-        return [(",".join(t.name for t in self.targets.values() if t.runner is r), r.pool.used, r.pool.num_blocks,
+        return [(",".join(t.name for t in self.targets.values() if t.runner is r), r.pool.used, r.pool.usable,
                  r.pool.capacity) for r in self.runners if r.pool is not None]
 
     def start(self) -> None:

@@ -35,22 +35,34 @@ SPLIT_BLOCKS = 16  # most blocks one unit of a compiled decode step reads; a lon
 FLASH_ON_CPU = True  # the CPU's fused flash kernel (with log-sum-exp); False: the reference path every device has
 
 
-class BlockPool:
-    """The free blocks of one model's cache. Host side only: the engine thread allocates, nothing else."""
+NULL_BLOCK = 0  # the block a pool keeps back when asked (``reserved``): padding rows of captured steps write there
 
-    def __init__(self, num_blocks: int, block_size: int = BLOCK_SIZE):
+
+class BlockPool:
+    """The free blocks of one model's cache. Host side only: the engine thread allocates, nothing else.
+
+    ``reserved``: blocks from id 0 up that no sequence is ever given (1 when steps are replayed from CUDA
+    graphs: their padding rows write their keys to ``NULL_BLOCK``)."""
+
+    def __init__(self, num_blocks: int, block_size: int = BLOCK_SIZE, reserved: int = 0):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free = list(range(num_blocks - 1, -1, -1))  # popped from the end: low ids first
+        self.reserved = reserved
+        self.free = list(range(num_blocks - 1, reserved - 1, -1))  # popped from the end: low ids first
+
+    @property
+    def usable(self) -> int:
+        """Blocks sequences can hold."""
+        return self.num_blocks - self.reserved
 
     @property
     def capacity(self) -> int:
-        """Tokens the cache holds."""
-        return self.num_blocks * self.block_size
+        """Tokens the cache holds for sequences."""
+        return self.usable * self.block_size
 
     @property
     def used(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.usable - len(self.free)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -237,6 +249,14 @@ class StepBatch:
         if prefill:
             self.kinds.append(self._kind(prefill, decode_rows, TILE, MAX_CHUNK))
 
+    @classmethod
+    def of_units(cls, slots: torch.Tensor, positions: torch.Tensor, units: DecodeUnits) -> "StepBatch":
+        """A decode step given by device tensors that already hold its plan (a captured step's static inputs)."""
+        batch = cls.__new__(cls)
+        batch.slots, batch.positions, batch.units, batch.kinds = slots, positions, units, []
+        batch.rows, batch.lengths, batch.pattern = None, None, None
+        return batch
+
     def sparse(self, pattern: BlockSparse) -> "StepBatch":
         """The same step under a block-sparse pattern (built once per step, shared by the layers that use it): a
         unit whose keys the pattern shows whole stays unmasked, one it hides from every head is skipped, the
@@ -326,8 +346,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q (T, H, hd) for the step's flat tokens, whose keys and values are already in the cache ->
     (T, H * hd). Grouped query heads are folded into the query rows, so keys are never repeated."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if batch.units is not None:
-        return decode_attention(q, k_cache, v_cache, batch.units, scale)
+    if batch.units is not None:  # decode rows only, planned in units of one width: compiled, or captured
+        if torch.compiler.is_compiling():
+            return decode_attention(q, k_cache, v_cache, batch.units, scale)
+        return gathered_decode_attention(q, k_cache, v_cache, batch.units, scale)
     return attend_units(q, k_cache, v_cache, batch.kinds, scale)
 
 
@@ -353,8 +375,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     s = (qu * k).sum(-1) * scale  # (U, span, kv, g), fp32
     padding = torch.arange(span, device=q.device)[None, :] >= units.keys[:, None]  # (U, span)
     s = s.masked_fill(padding[:, :, None, None], float("-inf"))
-    top = s.amax(1)  # (U, kv, g): finite, every unit holds at least one of its row's keys
-    p = torch.exp(s - top[:, None])
+    top = s.amax(1)  # (U, kv, g): -inf only for a unit of no keys (padding of a captured step's plan)
+    p = torch.exp(s - torch.where(torch.isinf(top), 0.0, top)[:, None])
     out = (p[..., None] * v_cache[units.blocks].view(U, span, kv, 1, hd)).sum(1)  # (U, kv, g, hd)
     total = p.sum(1)
     # merge the units of each row: rescale each to the row's largest maximum, then add
@@ -364,6 +386,40 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     total = torch.zeros_like(best).index_add(0, units.row, total * w)
     out = torch.zeros((R,) + out.shape[1:], device=q.device).index_add(0, units.row, out * w[..., None])
     return (out / total[..., None]).to(q.dtype).reshape(R, H * hd)
+
+
+def gathered_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, units: DecodeUnits,
+                              scale: float) -> torch.Tensor:
+    """``decode_attention``'s plan run eagerly (a step replayed from a CUDA graph, whose shapes are its
+    plan's): each unit's blocks gathered, one fused attention call for all units, the partial results merged
+    per row by their log-sum-exps. A unit of no keys (padding) adds nothing. q (R, H, hd) -> (R, H * hd)."""
+    R, H, hd = q.shape
+    block_size, kv = k_cache.shape[1], k_cache.shape[2]
+    U, width = units.blocks.shape
+    span = width * block_size
+    blocks = units.blocks.view(-1)
+    keys = k_cache.index_select(0, blocks).view(U, span, kv, hd).transpose(1, 2)
+    values = v_cache.index_select(0, blocks).view(U, span, kv, hd).transpose(1, 2)
+    hidden = torch.arange(span, device=q.device)[None, :] >= units.keys[:, None]  # (U, span)
+    mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+    qu = q.contiguous().view(R, kv, H // kv, hd)[units.row]  # (U, kv, g, hd)
+    out, lse = _unit_attention(qu, keys, values, mask[:, None, None], scale)
+    empty = (units.keys == 0).view(U, 1, 1)
+    out = out.masked_fill(empty[..., None], 0.0)
+    lse = lse.masked_fill(empty, float("-inf"))
+    return _merge(out, lse, units.row, R).to(q.dtype).reshape(R, H * hd)
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Partial attention results of units out (U, ..., hd) with log-sum-exps lse (U, ...), unit i owned by
+    query tile owner[i] -> each tile's whole result (n, ..., hd), fp32. Every tile has a unit that sees a key."""
+    best = lse.new_full((n,) + lse.shape[1:], float("-inf")).scatter_reduce_(
+        0, owner.view((-1,) + (1,) * (lse.dim() - 1)).expand_as(lse), lse, "amax")
+    w = torch.exp(lse - best[owner])
+    total = torch.zeros_like(best).index_add_(0, owner, w)
+    merged = torch.zeros((n,) + out.shape[1:], dtype=torch.float32, device=out.device).index_add_(
+        0, owner, out.float() * w[..., None])
+    return merged / total[..., None]
 
 
 def write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
@@ -399,19 +455,11 @@ def attend_units(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         if kind.unit_tile is None:
             o = results[0][0]
         else:  # several units per tile: merge their partial softmaxes by log-sum-exp
-            unit_tile = kind.unit_tile
             o = torch.cat([r[0] for r in results])
             lse = torch.cat([r[1] for r in results])
             if kind.empty is not None:
                 lse[:kind.empty.shape[0]].masked_fill_(kind.empty, float("-inf"))
-            per_unit = unit_tile.view(-1, 1, 1).expand_as(lse)
-            best = lse.new_full((kind.tiles,) + lse.shape[1:], float("-inf")).scatter_reduce_(
-                0, per_unit, lse, "amax")
-            w = torch.exp(lse - best[unit_tile])
-            total = torch.zeros_like(best).index_add_(0, unit_tile, w)
-            o = torch.zeros((kind.tiles,) + o.shape[1:], dtype=torch.float32, device=o.device).index_add_(
-                0, unit_tile, o.float() * w[..., None])
-            o = (o / total[..., None]).to(q.dtype)
+            o = _merge(o, lse, kind.unit_tile, kind.tiles).to(q.dtype)
         if Qt == 1:
             outs.append(o.reshape(kind.tiles, H * hd))
         else:

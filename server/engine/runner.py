@@ -11,6 +11,7 @@ transformers causal LM through the same cache and attention (server/engine/paged
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ def to_device(values, device: torch.device) -> torch.Tensor:
 class Runner:
     def __init__(self, device: torch.device, max_batch: int, max_seq: int, prefill_chunk: int):
         self.device = device
+        self.decode_forward = None  # limits.compile: decode-only steps, compiled
+        self.graphs = None  # limits.cuda_graphs: decode steps over padded static inputs (server/engine/graphs.py)
         self.max_batch = max_batch
         self.max_context = max_seq  # as configured; max_seq is capped by the cache once it is allocated
         self.max_seq = max_seq
@@ -93,14 +96,15 @@ class Runner:
         """Size the cache to ``budget`` bytes, at most the worst case (None: the worst case), and allocate it.
         ``device_budget``: what the device's models share, for the error when this share holds no block."""
         per_block = self.kv_bytes_per_token() * BLOCK_SIZE
-        blocks = -(-self.worst_case_tokens() // BLOCK_SIZE)
+        reserved = 1 if self.graphs is not None else 0  # the padding rows' null block
+        blocks = -(-self.worst_case_tokens() // BLOCK_SIZE) + reserved
         if budget is not None:
             blocks = min(budget // per_block, blocks)
-        if blocks < 1:
+        if blocks < 1 + reserved:
             shared = budget if device_budget is None else device_budget
             raise UserError(f"a KV cache of {shared} bytes holds no block of {BLOCK_SIZE} tokens "
                             f"({per_block} bytes each) for every model; raise limits.kv_cache_memory")
-        self.pool = self.scheduler.pool = BlockPool(blocks)
+        self.pool = self.scheduler.pool = BlockPool(blocks, reserved=reserved)
         self._allocate_blocks(blocks)
         self.max_seq = min(self.max_context, self.pool.capacity)
 
@@ -120,7 +124,27 @@ class Runner:
         return self.model.config.vocab_size
 
     def warm_up(self) -> None:
-        """Compile whatever the runner's steps need, before the server says it is ready."""
+        """Compile and capture whatever the runner's steps need, before the server says it is ready."""
+        if self.decode_forward is not None:
+            from server.engine.compiled import tracing, warm_up
+
+            with tracing():
+                warm_up(self)
+        if self.graphs is not None:
+            self._prepare_graphs()
+
+    def _prepare_graphs(self) -> None:
+        from server.engine.compiled import tracing
+
+        with tracing() if self.decode_forward is not None else contextlib.nullcontext():
+            self.graphs.prepare(self.max_seq, self.pool.num_blocks, self.vocab_size)
+
+    def _graphed(self, scheduled: list[tuple[Sequence, int]], decode_rows: int, tokens: list[int], single):
+        """A decode-only step through its CUDA graph bucket -> (output, branches on the device), or None."""
+        if self.graphs is None or decode_rows != len(scheduled):
+            return None
+        return self.graphs.run([(seq.blocks, seq.computed, t, seq.branch) for (seq, _), t in zip(scheduled, tokens)],
+                               single)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -240,8 +264,10 @@ class FamilyRunner(Runner):
     """The family model, branches mixed in one forward."""
 
     def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
-                 compile: bool = False):
-        """``compile``: steps go through torch.compile (dynamic shapes), compiled by ``warm_up``."""
+                 compile: bool = False, graphs: bool = False, capture: bool | None = None):
+        """``compile``: steps go through torch.compile (dynamic shapes), compiled by ``warm_up``. ``graphs``:
+        decode steps replayed from CUDA graphs captured by ``warm_up`` (``capture=False``: their padded static
+        inputs without the graphs, on any device; default: capture on CUDA)."""
         super().__init__(model.device, max_batch, max_seq, prefill_chunk)
         self.model = model
         self.step_forward = model
@@ -250,6 +276,17 @@ class FamilyRunner(Runner):
             from server.engine.compiled import compile_step
 
             self.decode_forward = compile_step(model, 8 + 4 * len(model.branches), self.device)
+        if graphs:
+            from server.engine.graphs import DecodeGraphs
+
+            n = len(model.branches)  # the mixed forward needs the host's row groups with dense residuals
+            mixes = list(range(n)) + ([None] if n > 1 and not model.row_grouped else [])
+            self.graphs = DecodeGraphs(self._decode_step, mixes, max_batch, BLOCK_SIZE, self.device,
+                                       self.device.type == "cuda" if capture is None else capture)
+
+    def _decode_step(self, tokens, branch, batch, single):
+        forward = self.decode_forward or self.step_forward
+        return forward(tokens, branch, batch, single=single, head=False)
 
     @property
     def vocab_size(self) -> int:
@@ -262,17 +299,13 @@ class FamilyRunner(Runner):
     def _allocate_blocks(self, blocks: int) -> None:
         self.model.allocate_cache(blocks)
 
-    def warm_up(self) -> None:
-        if self.decode_forward is not None:
-            from server.engine.compiled import tracing, warm_up
-
-            with tracing():
-                warm_up(self)
-
     def _forward(self, scheduled, decode_rows, sampling):
         tokens, last = self._flat(scheduled, sampling)
         branches = [seq.branch for seq, n in scheduled for _ in range(n)]
         single = single_branch(branches)
+        graphed = self._graphed(scheduled, decode_rows, tokens, single)
+        if graphed is not None:  # every row decodes, and samples: the heads after the replay
+            return self.model.project(*graphed, branches)
         cfg = self.model.cfg
         groups = row_groups(branches, self.device) if single is None and self.model.row_grouped else None
         compiled = self.decode_forward is not None and decode_rows == len(scheduled) and groups is None
@@ -297,8 +330,10 @@ class StandaloneRunner(Runner):
     the flat batch, as one sequence of T tokens whose positions and cache slots the batch gives."""
 
     def __init__(self, model, max_batch: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
-                 compile: bool = False):
-        """``compile``: steps go through torch.compile (dynamic shapes), compiled by ``warm_up``."""
+                 compile: bool = False, graphs: bool = False, capture: bool | None = None):
+        """``compile``: steps go through torch.compile (dynamic shapes), compiled by ``warm_up``. ``graphs``:
+        decode steps replayed from CUDA graphs captured by ``warm_up`` (``capture=False``: their padded static
+        inputs without the graphs, on any device; default: capture on CUDA)."""
         from server.engine.paged_hf import ATTENTION, PagedCache
 
         super().__init__(model.device, max_batch, max_seq, prefill_chunk)
@@ -321,6 +356,18 @@ class StandaloneRunner(Runner):
             from server.engine.compiled import compile_step
 
             self.decode_forward = compile_step(model, 16, self.device)
+        if graphs:
+            from server.engine.graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self._decode_step, [0], max_batch, BLOCK_SIZE, self.device,
+                                       self.device.type == "cuda" if capture is None else capture)
+
+    def _decode_step(self, tokens, branch, batch, single):
+        self.cache.batch = batch
+        forward = self.decode_forward or self.step_forward
+        out = forward(input_ids=tokens[None], position_ids=batch.positions[None], use_cache=True,
+                      **{self.cache_arg: self.cache}, logits_to_keep=0, paged=batch)
+        return out.logits[0]
 
     def kv_bytes_per_token(self) -> int:
         return kv_bytes_per_token(self.model.config.num_hidden_layers, self.kv_heads, self.head_dim,
@@ -331,15 +378,14 @@ class StandaloneRunner(Runner):
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        if self.decode_forward is not None:
-            from server.engine.compiled import tracing, warm_up
-
-            with tracing():
-                warm_up(self)
+        super().warm_up()
 
     @torch.inference_mode()
     def _forward(self, scheduled, decode_rows, sampling):
         tokens, last = self._flat(scheduled, sampling)
+        graphed = self._graphed(scheduled, decode_rows, tokens, 0)
+        if graphed is not None:
+            return graphed[0]
         compiled = self.decode_forward is not None and decode_rows == len(scheduled)
         batch = self._batch(scheduled, decode_rows, self.heads, self.kv_heads, self.model.dtype, compiled)
         self.cache.batch = batch
