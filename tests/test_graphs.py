@@ -126,6 +126,33 @@ def test_decode_steps_over_padded_static_inputs_give_the_same_tokens(paths, kind
     assert len({r for r, _ in used}) >= 2 and any(u > r for r, u in used)
 
 
+def test_compiled_decode_steps_over_padded_static_inputs_give_eagers_tokens(paths):
+    """limits.compile with graphs: every bucket's step is compiled while the buckets are prepared, serving
+    compiles nothing more, and the tokens are eager's (padding units of no keys give 0, not NaN, in the
+    compiled attention)."""
+    from torch._dynamo.utils import counters
+
+    lengths = [5, 300, 17, 40, 3]
+    outputs = {}
+    for compiled in (False, True):
+        runner = FamilyRunner(FamilyModel.from_artifact(Artifact(paths["artifact"])), max_batch=4, max_seq=400,
+                              prefill_chunk=512, compile=compiled, graphs=compiled, capture=False)
+        runner.allocate()
+        runner.warm_up()
+        made = dict(counters["stats"])
+        seqs = [Sequence(str(i), [(5 * i + j) % 90 + 3 for j in range(n)], SamplingParams(max_tokens=10,
+                         temperature=0), lambda e: None, i % 3) for i, n in enumerate(lengths)]
+        for s in seqs:
+            runner.add(s)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            while runner.has_work():
+                runner.step()
+        outputs[compiled] = [s.output for s in seqs]
+        if compiled:
+            assert runner.graphs.replays >= 9 and dict(counters["stats"]) == made
+    assert outputs[True] == outputs[False]
+
+
 def test_cuda_graphs_on_the_cpu_warn_and_steps_run_as_before(paths, caplog):
     engine = Engine()
     with caplog.at_level(logging.WARNING, logger="branchserve.engine"):

@@ -17,7 +17,9 @@ The number of kernels a layer launches depends on which kinds of units a step ha
 it has: a prefill of 16 rows issues the same calls as a prefill of one.
 
 A compiled step (limits.compile: decode rows only) plans differently, for inductor: ``DecodeUnits`` and
-``decode_attention``, where the gathers fuse into the products instead of copying each unit's keys.
+``decode_attention``, where the gathers fuse into the products instead of copying each unit's keys. A decode
+step replayed from a CUDA graph (limits.cuda_graphs, server/engine/graphs.py) has the same plan, padded to
+its bucket; run eagerly, ``gathered_decode_attention`` copies its units' blocks and makes one fused call.
 """
 
 from __future__ import annotations

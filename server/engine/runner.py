@@ -285,7 +285,7 @@ class FamilyRunner(Runner):
                                        self.device.type == "cuda" if capture is None else capture)
 
     def _decode_step(self, tokens, branch, batch, single):
-        forward = self.decode_forward or self.step_forward
+        forward = self.step_forward if self.decode_forward is None else self.decode_forward
         return forward(tokens, branch, batch, single=single, head=False)
 
     @property
@@ -364,7 +364,7 @@ class StandaloneRunner(Runner):
 
     def _decode_step(self, tokens, branch, batch, single):
         self.cache.batch = batch
-        forward = self.decode_forward or self.step_forward
+        forward = self.step_forward if self.decode_forward is None else self.decode_forward
         out = forward(input_ids=tokens[None], position_ids=batch.positions[None], use_cache=True,
                       **{self.cache_arg: self.cache}, logits_to_keep=0, paged=batch)
         return out.logits[0]
