@@ -33,6 +33,8 @@ def test_buckets_cover_every_step_up_to_the_limits():
     # 8192 positions in blocks of 16: 512 blocks, 32 units of 16 blocks per row at most
     assert unit_buckets(4, 8192, 16) == [4, 8, 16, 32, 64, 128]
     assert unit_buckets(2, 100, 16) == [2]
+    # a pool of 100 blocks holds at most 7 units' worth of keys (and a partial unit per row), whatever max_seq
+    assert unit_buckets(4, 8192, 16, blocks=100) == [4, 8, 16]
     for rows in row_buckets(6):  # the largest bucket holds every row at the longest context, with padding rows
         assert units_needed([899] * rows, rows, BLOCK_SIZE) <= unit_buckets(rows, 900, BLOCK_SIZE)[-1]
 

@@ -44,15 +44,16 @@ def row_buckets(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
-def unit_buckets(rows: int, max_seq: int, block_size: int) -> list[int]:
-    """Units a step of ``rows`` rows may plan: rows times 1, 2, 4 ... up to the units of every row at max_seq."""
-    per_row = -(-(-(-max_seq // block_size)) // SPLIT_BLOCKS)
-    sizes, f = [], 1
-    while True:
-        sizes.append(rows * f)
-        if f >= per_row:
-            return sizes
-        f *= 2
+def unit_buckets(rows: int, max_seq: int, block_size: int, blocks: int | None = None) -> list[int]:
+    """Units a step of ``rows`` rows may plan: rows times 1, 2, 4 ... up to what every row at max_seq needs, or
+    what ``blocks`` blocks (the pool's, shared by the rows) can fill with a partial unit per row, if less."""
+    most = rows * -(-(-(-max_seq // block_size)) // SPLIT_BLOCKS)
+    if blocks is not None:
+        most = min(most, -(-blocks // SPLIT_BLOCKS) + rows)
+    sizes = [rows]
+    while sizes[-1] < most:
+        sizes.append(sizes[-1] * 2)
+    return sizes
 
 
 @dataclass
@@ -155,7 +156,8 @@ class DecodeGraphs:
     def prepare(self, max_seq: int, num_blocks: int, vocab: int) -> None:
         """Build (and capture) every bucket, largest first: a graph's memory comes from one pool, and the largest
         step's is enough for all."""
-        self.units = {r: unit_buckets(r, max_seq, self.block_size) for r in self.rows}
+        usable = num_blocks - (NULL_BLOCK + 1)
+        self.units = {r: unit_buckets(r, max_seq, self.block_size, usable) for r in self.rows}
         keys = [(mix, r, u) for mix in self.mixes for r in self.rows for u in self.units[r]]
         keys.sort(key=lambda k: (-k[1] * k[2], -k[1]))
         t0 = time.perf_counter()
