@@ -40,6 +40,8 @@ class ModelPlan:
     kv_per_token: int
     worst_case_tokens: int  # every sequence at full context: the cache never needs more
     kv_tokens: int = 0  # what its share of the budget holds
+    graphs: bool = True  # whether limits.cuda_graphs applies to it (on CUDA; not Phi-3-small)
+    reserved_blocks: int = 0  # with CUDA graphs, the null block its padding rows write
 
     @property
     def weight_bytes(self) -> int:
@@ -137,8 +139,10 @@ def standalone_plan(sa, max_batch: int, max_context: int) -> ModelPlan:
         numel = _config_numel(path, cfg)
     dtype = dtype or "float32"
     kv = _kv_per_token(cfg, dtype, path / "config.json")
+    from server.engine.phi3small_tokenizer import is_phi3small
+
     return ModelPlan(sa.name, "standalone", sa.device, {"weights": numel * _dtype(dtype).itemsize}, kv,
-                     max_batch * max_context)
+                     max_batch * max_context, graphs=not is_phi3small(path))
 
 
 def _config_numel(path: Path, cfg: dict) -> int:
@@ -183,6 +187,8 @@ def make_plan(config: ServerConfig, device_memory: int | None = None) -> Plan:
     models = [family_plan(f, limits.max_batch, limits.max_context) for f in config.families]
     models += [standalone_plan(s, limits.max_batch, limits.max_context) for s in config.standalone]
     memory, budgets, shortfall = {}, {}, {}
+    for m in models:
+        m.reserved_blocks = 1 if limits.cuda_graphs and m.graphs and m.device.startswith("cuda") else 0
     for device in dict.fromkeys(m.device for m in models):
         on = [m for m in models if m.device == device]
         weights = sum(m.weight_bytes for m in on)
@@ -200,9 +206,10 @@ def make_plan(config: ServerConfig, device_memory: int | None = None) -> Plan:
         else:
             budget = limits.kv_cache_memory if limits.kv_cache_memory is not None else DEFAULT_CPU_KV_BYTES
         budgets[device] = budget
-        blocks = split_kv(budget, [(m.worst_case_tokens, m.kv_per_token) for m in on])
+        blocks = split_kv(budget, [(m.worst_case_tokens + m.reserved_blocks * BLOCK_SIZE, m.kv_per_token)
+                                   for m in on])
         for m, b in zip(on, blocks):
-            m.kv_tokens = b * BLOCK_SIZE
+            m.kv_tokens = max(0, b - m.reserved_blocks) * BLOCK_SIZE
     return Plan(models, memory, budgets, shortfall)
 
 

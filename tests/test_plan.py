@@ -93,3 +93,24 @@ def test_cli_names_what_it_cannot_read(tmp_path):
     out = run_cli("plan", "--config", path)
     assert out.returncode == 2 and out.stderr.startswith(f"error: {art / 'manifest.json'}: unreadable")
     assert out.stderr.count("\n") == 1
+
+
+def test_cuda_graphs_null_block_is_planned_beside_every_sequences_place(models):
+    """limits.cuda_graphs keeps one block per graphed model on CUDA for padding rows: on a card with room, every
+    model still holds all its sequences at full context; on a tight budget the graphed models (not
+    Phi-3-small, which runs eagerly) hold one block fewer than their share."""
+    from server.plan import make_plan
+
+    def plan(**limits):
+        cfg = config(models, **limits)
+        for m in cfg["families"] + cfg["standalone"]:
+            m["device"] = "cuda"
+        return make_plan(ServerConfig.model_validate(cfg), device_memory=8 * 2**30)
+
+    roomy = plan(cuda_graphs=True)
+    assert [m.kv_tokens for m in roomy.models] == [4 * 256] * 3
+    assert [m.reserved_blocks for m in roomy.models] == [1, 1, 0]
+    tight, eager = plan(cuda_graphs=True, kv_cache_memory="1MiB"), plan(kv_cache_memory="1MiB")
+    assert [m.reserved_blocks for m in eager.models] == [0, 0, 0]
+    assert sum(m.kv_tokens * m.kv_per_token for m in tight.models) <= 2**20
+    assert tight.models[0].kv_tokens < eager.models[0].kv_tokens

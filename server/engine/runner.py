@@ -89,15 +89,20 @@ class Runner:
         raise NotImplementedError
 
     def worst_case_tokens(self) -> int:
-        """Tokens the cache would need for every sequence at its longest: more is never used."""
-        return self.max_batch * self.max_context
+        """Tokens the cache would need for every sequence at its longest, and the null block when decode steps
+        are padded (graphs): more is never used."""
+        return self.max_batch * self.max_context + self.reserved_blocks * BLOCK_SIZE
+
+    @property
+    def reserved_blocks(self) -> int:
+        return 1 if self.graphs is not None else 0  # the padding rows' null block
 
     def allocate(self, budget: int | None = None, device_budget: int | None = None) -> None:
         """Size the cache to ``budget`` bytes, at most the worst case (None: the worst case), and allocate it.
         ``device_budget``: what the device's models share, for the error when this share holds no block."""
         per_block = self.kv_bytes_per_token() * BLOCK_SIZE
-        reserved = 1 if self.graphs is not None else 0  # the padding rows' null block
-        blocks = -(-self.worst_case_tokens() // BLOCK_SIZE) + reserved
+        reserved = self.reserved_blocks
+        blocks = -(-self.worst_case_tokens() // BLOCK_SIZE)
         if budget is not None:
             blocks = min(budget // per_block, blocks)
         if blocks < 1 + reserved:
