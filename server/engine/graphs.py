@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from server.engine.kv_cache import NULL_BLOCK, SPLIT_BLOCKS, DecodeUnits, StepBatch
@@ -59,18 +60,19 @@ def unit_buckets(rows: int, max_seq: int, block_size: int, blocks: int | None = 
 
 @dataclass
 class Plan:
-    """A decode step's device inputs as host lists, padded to a bucket."""
+    """A decode step's device inputs on the host, padded to a bucket (int64 arrays)."""
 
-    tokens: list[int]
-    branch: list[int]
-    positions: list[int]
-    slots: list[int]
-    blocks: list[int]  # (units * SPLIT_BLOCKS,) flattened
-    row: list[int]
-    keys: list[int]
+    tokens: np.ndarray  # (rows,)
+    branch: np.ndarray
+    positions: np.ndarray
+    slots: np.ndarray
+    blocks: np.ndarray  # (units * SPLIT_BLOCKS,) flattened
+    row: np.ndarray  # (units,)
+    keys: np.ndarray
 
-    def flat(self) -> list[int]:
-        return self.tokens + self.branch + self.positions + self.slots + self.blocks + self.row + self.keys
+    def flat(self) -> np.ndarray:
+        return np.concatenate([self.tokens, self.branch, self.positions, self.slots, self.blocks, self.row,
+                               self.keys])
 
 
 def units_needed(positions: list[int], rows: int, block_size: int) -> int:
@@ -81,35 +83,34 @@ def units_needed(positions: list[int], rows: int, block_size: int) -> int:
 
 def plan(decode: list[tuple[list[int], int, int, int]], rows: int, units: int, block_size: int) -> Plan:
     """``decode``: (block table, position, token, branch) of each real row -> its plan padded to ``rows`` rows
-    and ``units`` units. A row's keys are its positions 0..position, in units of SPLIT_BLOCKS blocks."""
-    W = SPLIT_BLOCKS
-    p = Plan([], [], [], [], [], [], [])
-    for r, (table, pos, token, branch) in enumerate(decode):
-        p.tokens.append(token)
-        p.branch.append(branch)
-        p.positions.append(pos)
-        p.slots.append(table[pos // block_size] * block_size + pos % block_size)
-        span = pos // block_size + 1
-        for first in range(0, span, W):
-            part = table[first:min(first + W, span)]
-            p.blocks += part + [NULL_BLOCK] * (W - len(part))
-            p.row.append(r)
-            p.keys.append(min(W * block_size, pos + 1 - first * block_size))
-    fill = decode[0][3] if decode else 0
-    for r in range(len(decode), rows):  # padding rows: their own key, in the null block
-        p.tokens.append(0)
-        p.branch.append(fill)
-        p.positions.append(0)
-        p.slots.append(NULL_BLOCK * block_size + (r - len(decode)) % block_size)
-        p.blocks += [NULL_BLOCK] * W
-        p.row.append(r)
-        p.keys.append(1)
-    while len(p.row) < units:  # padding units: no keys
-        p.blocks += [NULL_BLOCK] * W
-        p.row.append(0)
-        p.keys.append(0)
-    assert len(p.row) == units, (len(p.row), units)
-    return p
+    and ``units`` units. A row's keys are its positions 0..position, in units of SPLIT_BLOCKS blocks, in row
+    order. Built with numpy: a step of 32 rows at 8k tokens plans 1024 units, whose Python loop took 3 ms."""
+    W, n = SPLIT_BLOCKS, len(decode)
+    pad = rows - n
+    pos = np.fromiter((d[1] for d in decode), np.int64, n)
+    spans = pos // block_size + 1  # blocks holding each row's keys
+    per_row = -(-spans // W)  # units of each row
+    most = int(per_row.max()) if n else 1
+    tables = np.full((n, most * W), NULL_BLOCK, np.int64)
+    for r, (table, *_) in enumerate(decode):
+        tables[r, :spans[r]] = table[:spans[r]]
+    unit = np.arange(most)
+    real = unit[None, :] < per_row[:, None]  # (n, most): the units each row has, row-major
+    row = np.repeat(np.arange(n), per_row)
+    keys = np.minimum(W * block_size, pos[row] + 1 - np.broadcast_to(unit, real.shape)[real] * W * block_size)
+    spare = units - len(row) - pad  # padding units: no keys
+    null = np.full(pad * W + spare * W, NULL_BLOCK, np.int64)
+    fill = decode[0][3] if n else 0
+    return Plan(
+        tokens=np.concatenate([np.fromiter((d[2] for d in decode), np.int64, n), np.zeros(pad, np.int64)]),
+        branch=np.concatenate([np.fromiter((d[3] for d in decode), np.int64, n), np.full(pad, fill, np.int64)]),
+        positions=np.concatenate([pos, np.zeros(pad, np.int64)]),
+        # padding rows: their own key, in the null block
+        slots=np.concatenate([tables[np.arange(n), pos // block_size] * block_size + pos % block_size,
+                              NULL_BLOCK * block_size + np.arange(pad, dtype=np.int64) % block_size]),
+        blocks=np.concatenate([tables.reshape(n, most, W)[real].reshape(-1), null]),
+        row=np.concatenate([row, np.arange(n, rows, dtype=np.int64), np.zeros(spare, np.int64)]),
+        keys=np.concatenate([keys, np.ones(pad, np.int64), np.zeros(spare, np.int64)]))
 
 
 class Static:
@@ -128,7 +129,7 @@ class Static:
         self.output: torch.Tensor | None = None
 
     def load(self, p: Plan) -> None:
-        values = torch.tensor(p.flat(), dtype=torch.long)
+        values = torch.from_numpy(p.flat())
         if self.inputs.device.type == "cuda":  # the previous step's copy is done: its tokens were fetched
             self.host.copy_(values)
             self.inputs.copy_(self.host, non_blocking=True)
