@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -201,16 +202,31 @@ class DecodeUnits:
 
     @classmethod
     def of(cls, rows: list[tuple[list[int], int, int]], block_size: int, device: torch.device) -> "DecodeUnits":
-        spans = [-(-(start + n) // block_size) for _, start, n in rows]  # blocks holding each row's keys
-        width = min(max(spans), SPLIT_BLOCKS)
-        blocks, row, keys = [], [], []
-        for r, ((table, start, n), span) in enumerate(zip(rows, spans)):
-            for first in range(0, span, width):
-                part = table[first:min(first + width, span)]
-                blocks.append(part + [0] * (width - len(part)))
-                row.append(r)
-                keys.append(min(width * block_size, start + n - first * block_size))
-        return cls(_device(blocks, device), _device(row, device), _device(keys, device))
+        last = np.fromiter((start + n - 1 for _, start, n in rows), np.int64, len(rows))  # each row's last key
+        width = min(int(last.max()) // block_size + 1, SPLIT_BLOCKS)
+        blocks, row, keys = decode_units([table for table, _, _ in rows], last, width, block_size)
+        return cls(_device(blocks.reshape(-1, width), device), _device(row, device), _device(keys, device))
+
+
+def decode_units(tables: list[list[int]], last: np.ndarray, width: int, block_size: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode rows whose keys are positions 0..last[r] of block table tables[r] -> their attention units of
+    ``width`` blocks, row by row: the blocks each reads (U * width,), padded with block 0 (``NULL_BLOCK``), its
+    row (U,) and how many of its keys are the row's (U,). With numpy: 32 rows at 8k tokens are 1024 units,
+    which a Python loop took 3 ms a step to list."""
+    n = len(tables)
+    spans = last // block_size + 1  # blocks holding each row's keys
+    per_row = -(-spans // width)  # units of each row
+    most = int(per_row.max()) if n else 1
+    padded = np.full((n, most * width), NULL_BLOCK, np.int64)
+    for r, table in enumerate(tables):
+        padded[r, :spans[r]] = table[:spans[r]]
+    unit = np.arange(most)
+    real = unit[None, :] < per_row[:, None]  # (n, most): the units each row has, row-major
+    row = np.repeat(np.arange(n), per_row)
+    first = np.broadcast_to(unit, real.shape)[real] * width * block_size  # each unit's first key
+    keys = np.minimum(width * block_size, last[row] + 1 - first)
+    return padded.reshape(n, most, width)[real].reshape(-1), row, keys
 
 
 class StepBatch:
@@ -324,7 +340,7 @@ class StepBatch:
 
 
 def _device(values, device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.long)
+    t = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=torch.long)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
