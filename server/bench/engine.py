@@ -304,6 +304,10 @@ def bench_engine(args) -> dict:
             r["read_bytes_per_s"] = r["read_bytes"] * r["decode_tok_s"] / batch
             r["of_copy_bandwidth"] = r["read_bytes_per_s"] / copy_bw
             r["weight_bytes"] = weight_bytes(model)
+            if runner.graphs is not None:  # whether the timed steps really went through the buckets
+                r["decode_graphs"] = {"enabled": runner.graphs.enabled, "buckets": len(runner.graphs.static),
+                                      "captured": any(s.graph is not None for s in runner.graphs.static.values()),
+                                      "replays": runner.graphs.replays}
             if batch == 1:
                 r["ttft_s"] = time_to_first_token(runner, args.ttft_prompt, vocab)
             results.append({"config": label, "batch": batch, **r})
@@ -406,6 +410,12 @@ def print_engine_report(report: dict, args, device: torch.device) -> None:
     print(f"copy bandwidth (read + write) {report['copy_bytes_per_s'] / gb:.1f} GB/s; MB read/step: weights the "
           f"step's branches use + every row's KV over the step's span at the mean context + KV copied; KV copied: "
           f"measured on one decode step by watching the aten ops that read the cache")
+    for r in report["results"]:
+        g = r.get("decode_graphs")
+        if g is not None:
+            state = (f"{g['buckets']} buckets {'captured' if g['captured'] else 'without capture'}, "
+                     f"{g['replays']} steps through them" if g["enabled"] else "capture failed: eager steps")
+            print(f"decode graphs, {r['config']} at batch {r['batch']}: {state}")
     if "mixed_lengths" in report:
         print_mixed_lengths(report["mixed_lengths"], args)
     if "memory" in report:
