@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from compression.artifact import Artifact
 from compression.compress import CompressOptions, compress
@@ -127,6 +128,48 @@ def test_decode_steps_over_padded_static_inputs_give_the_same_tokens(paths, kind
             assert runner.graphs.replays >= 11
     assert outputs[True] == outputs[False]
     assert len({r for r, _ in used}) >= 2 and any(u > r for r, u in used)
+
+
+class HostWork(TorchDispatchMode):
+    """What would break a CUDA graph's capture: reading a value back (item, bool, int: _local_scalar_dense;
+    tolist, cpu: a copy), a tensor made from host data (torch.tensor: lift_fresh), an output whose shape depends on
+    values (nonzero, masked_select, unique, indexing by a boolean mask)."""
+
+    BAD = {"aten._local_scalar_dense", "aten.item", "aten.lift_fresh", "aten._to_copy", "aten.nonzero",
+           "aten.masked_select", "aten._unique2", "aten.unique_consecutive", "aten.repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        indices = args[1] if name.startswith("aten.index") and len(args) > 1 and isinstance(args[1], (list, tuple)) \
+            else []
+        if name in self.BAD or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["family", "standalone"])
+def test_the_step_a_graph_captures_never_waits_on_the_host(paths, kind, monkeypatch):
+    """Every bucket's step (each branch alone and mixed; a transformers model's whole forward for a standalone
+    one) reads nothing back, builds no tensor from host data and has no value-dependent shape: what a CUDA
+    graph's capture would refuse, checked through the dispatcher (and at tolist/numpy, which it does not see)
+    on the CPU."""
+    runner = _runner(kind, paths, True, max_batch=4, max_seq=600)
+    mixes = set()
+    for (mix, rows, units), static in runner.graphs.static.items():
+        with torch.inference_mode(), HostWork() as work:
+            for name in ("tolist", "numpy"):
+                real = getattr(torch.Tensor, name)
+                monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k: (
+                    work.found.append(_n), _r(self, *a, **k))[1])
+            runner.graphs.step(static.tokens, static.branch, static.batch, mix)
+            monkeypatch.undo()
+        assert work.found == [], ((mix, rows, units), work.found)
+        mixes.add(mix)
+    assert mixes == ({0, 1, 2, None} if kind == "family" else {0})
 
 
 def test_compiled_decode_steps_over_padded_static_inputs_give_eagers_tokens(paths):
