@@ -8,7 +8,8 @@ layers' widths, so this script counts it on the CPU, on a tiny family of ``--lay
 branches, with the attention path CUDA takes (not the CPU's fused kernel): every aten call of one decode step
 of ``batch`` rows of 32 tokens, one branch and mixed. With ``limits.cuda_graphs`` the forward is one graph
 replay; what the host still dispatches is counted as the step's calls outside the forward (the padded inputs'
-copy, the lm_heads, sampling), on the same buckets run without capture. It prints a table and JSON.
+copy, the lm_heads, sampling), on the same buckets run without capture. A second table times the host's
+planning of one step (block tables to index tensors) at 1k and 8k tokens a row. It prints both and JSON.
 """
 
 from __future__ import annotations
@@ -72,6 +73,36 @@ def count(artifact: Path, batch: int, mixed: bool, graphs: bool, branches: int) 
     return counter.calls
 
 
+def planning_ms(rows: int, context: int, repeats: int = 30) -> dict[str, float]:
+    """Host ms to plan one decode step of ``rows`` rows at ``context`` tokens each (Llama-3-8B's heads): the eager
+    step's StepBatch, the compiled step's, and a graph bucket's padded inputs."""
+    import time
+
+    from server.engine.graphs import plan, units_needed
+    from server.engine.kv_cache import BLOCK_SIZE, StepBatch
+
+    per = context // BLOCK_SIZE
+    tables = [list(range(1 + i * per, 1 + (i + 1) * per)) for i in range(rows)]
+    decode = [(t, context - 1, 5, i % 3) for i, t in enumerate(tables)]
+    need = units_needed([context - 1] * rows, rows, BLOCK_SIZE)
+    cpu = torch.device("cpu")
+    runs = {
+        "eager": lambda: StepBatch([(t, context - 1, 1) for t in tables], rows, BLOCK_SIZE, 32, 8, torch.bfloat16,
+                                   cpu),
+        "compiled": lambda: StepBatch([(t, context - 1, 1) for t in tables], rows, BLOCK_SIZE, 32, 8,
+                                      torch.bfloat16, cpu, compiled=True),
+        "graph bucket": lambda: torch.from_numpy(plan(decode, rows, need, BLOCK_SIZE).flat()),
+    }
+    out = {}
+    for name, run in runs.items():
+        run()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        out[name] = 1000 * (time.perf_counter() - t0) / repeats
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=32)
@@ -104,13 +135,18 @@ def main() -> int:
                 graphed = count(root / "art", batch, mixed, True, args.branches)
                 rows.append({"batch": batch, "branches": "mixed" if mixed else "one", "eager": eager,
                              "graphs_outside_replay": graphed})
+    planning = [{"rows": max(batches), "context": c, **planning_ms(max(batches), c)} for c in (1024, 8192)]
     report = {"layers": args.layers, "branches": args.branches, "torch": torch.__version__,
-              "machine": platform.processor() or platform.machine(), "rows": rows}
+              "machine": platform.processor() or platform.machine(), "rows": rows, "planning_ms": planning}
     print(f"aten calls per decode step, family of {args.layers} layers and {args.branches} branches, CUDA's "
           f"attention path, counted on the CPU; torch {torch.__version__}")
     print(f"{'rows':>5}  {'branches':8}  {'eager':>6}  {'with graphs (outside the replay)':>32}")
     for r in rows:
         print(f"{r['batch']:>5}  {r['branches']:8}  {r['eager']:>6}  {r['graphs_outside_replay']:>32}")
+    print(f"\nhost ms to plan one decode step of {max(batches)} rows (block tables to the step's index tensors)")
+    print(f"{'context':>8}  {'eager':>6}  {'compiled':>8}  {'graph bucket':>12}")
+    for r in planning:
+        print(f"{r['context']:>8}  {r['eager']:>6.2f}  {r['compiled']:>8.2f}  {r['graph bucket']:>12.2f}")
     print(json.dumps(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
