@@ -188,8 +188,6 @@ class DecodeGraphs:
             table = [usable[(r + i) % len(usable)] if usable else NULL_BLOCK for i in range(span - 1)] + [own]
             branch = mix if mix is not None else r % max(1, len(self.mixes) - 1)  # mixed: every branch
             decode.append((table, pos, (17 * r + 3) % vocab, branch))
-        if units_needed([d[1] for d in decode], rows, self.block_size) > units:
-            decode = decode[:1]
         if len({d[0][-1] for d in decode}) < len(decode):  # too few blocks for a slot each: one real row
             decode = decode[:1]
         return plan(decode, rows, units, self.block_size)
@@ -199,7 +197,7 @@ class DecodeGraphs:
             return self.step(static.tokens, static.branch, static.batch, mix)
 
         if not self.capture:
-            static.output = run()
+            run()  # what a capture would run first (a compiled step compiles this bucket's shapes now)
             return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -285,30 +285,25 @@ class StepBatch:
         return self._sparse[pattern]
 
     def _decode_kind(self, rows, chunk: int) -> Kind:
-        """``_kind`` for decode rows without a block-sparse pattern, planned with numpy (32 rows at 8k tokens:
-        a Python loop over their chunks took 3 ms a step): each row's chunk holding its position is its masked
-        unit; the chunks before it are unmasked."""
-        n, per_chunk, dev = len(rows), chunk // self.block_size, self.device
+        """``_kind`` for decode rows without a block-sparse pattern, planned by ``decode_units`` (32 rows at 8k
+        tokens: a Python loop over their chunks took 3 ms a step): each row's last unit, the chunk holding its
+        position, is masked; the units before it are not."""
+        n, dev = len(rows), self.device
         pos = np.fromiter((start for _, start, _ in rows), np.int64, n)
-        below = pos // chunk  # unmasked units of each row
-        most = int(below.max()) + 1
-        spans = pos // self.block_size + 1
-        padded = np.zeros((n, most * per_chunk), np.int64)
-        for r, (table, _, _) in enumerate(rows):
-            padded[r, :spans[r]] = table[:spans[r]]
-        padded = padded.reshape(n, most, per_chunk)
-        full = np.arange(most)[None, :] < below[:, None]  # (n, most), row-major
-        full_tile = np.repeat(np.arange(n), below)
-        in_order = len(full_tile) == 0
-        kind = Kind(n, 1, None, None, None if in_order else _device(np.concatenate([np.arange(n), full_tile]), dev),
+        blocks, row, keys = decode_units([table for table, _, _ in rows], pos, chunk // self.block_size,
+                                         self.block_size)
+        blocks = blocks.reshape(len(row), -1)
+        edge = np.cumsum(pos // chunk + 1) - 1  # each row's last unit
+        full = np.ones(len(row), bool)
+        full[edge] = False
+        in_order = not full.any()
+        kind = Kind(n, 1, None, None, None if in_order else _device(np.concatenate([row[edge], row[full]]), dev),
                     None, [])
-        keys = _device(below * chunk, dev)[:, None] + torch.arange(chunk, device=dev)  # (n, chunk)
-        visible = keys <= _device(pos, dev)[:, None]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev).masked_fill_(~visible, float("-inf"))
-        kind.parts.append(Units(_device(np.arange(n), dev), _device(padded[np.arange(n), below], dev),
-                                mask[:, None, None]))
+        hidden = torch.arange(chunk, device=dev)[None, :] >= _device(keys[edge], dev)[:, None]  # (n, chunk)
+        mask = torch.zeros(hidden.shape, dtype=self.dtype, device=dev).masked_fill_(hidden, float("-inf"))
+        kind.parts.append(Units(_device(row[edge], dev), _device(blocks[edge], dev), mask[:, None, None]))
         if not in_order:
-            kind.parts.append(Units(_device(full_tile, dev), _device(padded[full], dev), None))
+            kind.parts.append(Units(_device(row[full], dev), _device(blocks[full], dev), None))
         return kind
 
     def _kind(self, rows, first_token: int, tile: int, chunk: int) -> Kind:
